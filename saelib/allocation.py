@@ -1,0 +1,179 @@
+"""Allocation rules: which (token, feature) entries of the pre-activation matrix an SAE keeps.
+
+An SAE variant is mostly its allocation rule (Ayonrinde 2024). Every rule here is one function
+
+    select(z, ctx) -> kept
+
+from pre-activations ``z`` (tokens x features) to the row-major flat indices of the kept entries,
+grouped by row in ascending row order (the layout the sparse decoder needs). Kept values are
+``z.flatten()[kept]``; a rule never keeps a non-positive entry.
+
+Adding a rule: write the function and decorate it with ``@register("name", ...)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AllocationContext:
+    """What a rule may read besides z."""
+
+    k: int
+    """Budget: active features per token (exact for topk, on average over the batch for FC and MC)."""
+    feature_rank: Tensor | None = None
+    """Rank of each feature by running firing density (0 = most frequent). Feature Choice gives
+    the Zipf capacity of rank r to the feature holding that rank."""
+    zipf_exponent: float = 1.0
+    """Exponent s of the Zipf capacity profile m_r proportional to (r + 1) ** -s."""
+    top_n: Callable[[Tensor, int], Tensor] | None = None
+    """Replaces ``top_n_indices`` (indices of the n largest of a 1-D tensor). The distributed trainer
+    sets it so that a rule budgeted over the batch selects over the GLOBAL batch."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    select: Callable[[Tensor, AllocationContext], Tensor]
+    inference_threshold: Literal["none", "global", "per_feature"]
+    """How the rule encodes at inference. Batch-level rules cannot encode one token on its own, so
+    the SAE tracks the smallest value the rule kept during training (as BatchTopK does) and keeps
+    entries above that threshold at inference: one global value (MC) or one per feature (FC)."""
+    l1_penalty: bool
+    """True for rules whose sparsity comes from an L1 penalty rather than a budget (relu)."""
+    feature_major: bool
+    """The rule reads z column by column, so the SAE computes z in feature-major memory layout."""
+
+
+RULES: dict[str, Rule] = {}
+
+
+def register(name: str, inference_threshold: str = "none", l1_penalty: bool = False,
+             feature_major: bool = False):
+    def add(fn: Callable[[Tensor, AllocationContext], Tensor]):
+        RULES[name] = Rule(fn, inference_threshold, l1_penalty, feature_major)  # type: ignore[arg-type]
+        return fn
+
+    return add
+
+
+def get_rule(name: str) -> Rule:
+    if name not in RULES:
+        raise ValueError(f"unknown allocation rule {name!r}; valid rules: {sorted(RULES)}")
+    return RULES[name]
+
+
+def _positive(z_flat: Tensor, flat_idx: Tensor) -> Tensor:
+    return flat_idx[z_flat[flat_idx] > 0]
+
+
+@register("relu", l1_penalty=True)
+def relu(z: Tensor, ctx: AllocationContext) -> Tensor:
+    """Keep every positive entry (a standard SAE; sparsity comes from the L1 penalty)."""
+    return torch.nonzero(z.flatten() > 0).squeeze(1)
+
+
+@register("topk")
+def topk(z: Tensor, ctx: AllocationContext) -> Tensor:
+    """Each token keeps its k largest pre-activations (Gao et al. 2024)."""
+    n_tokens, n_features = z.shape
+    idx = z.topk(ctx.k, dim=1, sorted=False).indices
+    flat = (idx + torch.arange(n_tokens, device=z.device)[:, None] * n_features).flatten()
+    return _positive(z.flatten(), flat)
+
+
+def top_n_indices(values: Tensor, n: int) -> Tensor:
+    """Indices of the n largest entries of a 1-D tensor (unordered; exact, ties aside).
+
+    A full top-n or selection over millions of entries is slow on a CPU, so a strided sample first
+    bounds the threshold from below; the exact n-th largest is then found among the few candidates
+    above that bound. If the bound was too high (too few candidates) it falls back to a full
+    linear-time selection, so the result never depends on the sample."""
+    total = values.numel()
+    if n >= total:
+        return torch.arange(total, device=values.device)
+    sample = values[:: max(1, total // 200_000)]
+    n_sample = min(sample.numel(), int(n * sample.numel() / total * 1.5) + 64)
+    bound = torch.kthvalue(sample, sample.numel() - n_sample + 1).values
+    candidates = torch.nonzero(values >= bound).squeeze(1)
+    if candidates.numel() < n:
+        candidates = torch.arange(total, device=values.device)
+    cand_values = values[candidates]
+    threshold = torch.kthvalue(cand_values, cand_values.numel() - n + 1).values
+    return candidates[cand_values >= threshold]
+
+
+@register("mutual_choice", inference_threshold="global")
+def mutual_choice(z: Tensor, ctx: AllocationContext) -> Tensor:
+    """The k * n_tokens largest entries of the whole matrix (the same selection as BatchTopK):
+    tokens and features compete freely for one shared budget."""
+    z_flat = z.flatten()
+    top_n = ctx.top_n or top_n_indices
+    return _positive(z_flat, top_n(z_flat, ctx.k * z.shape[0])).sort().values
+
+
+def zipf_profile(n_features: int, k: float, exponent: float) -> Tensor:
+    """Target matches per token for each feature rank: proportional to (r + 1) ** -exponent,
+    at most 1 (a feature matches a token at most once) and summing to k.
+
+    Mass cut from a capped rank is spread over the uncapped ranks in proportion to their Zipf
+    weight (water-filling)."""
+    if not 0 < k <= n_features:
+        raise ValueError(f"k must be in 1..{n_features} (the number of features), got {k}")
+    weight = torch.arange(1, n_features + 1, dtype=torch.float64) ** -exponent
+    capped = torch.zeros(n_features, dtype=torch.bool)
+    while True:
+        free = torch.where(capped, 0.0, weight)
+        profile = torch.where(capped, 1.0, (k - capped.sum()) * free / free.sum())
+        over = (profile > 1) & ~capped
+        if not over.any():
+            return profile
+        capped |= over
+
+
+@functools.lru_cache(maxsize=64)
+def zipf_capacities(n_features: int, n_tokens: int, k: int, exponent: float) -> Tensor:
+    """Integer capacities m_r per feature rank for a batch of n_tokens: the Zipf profile times
+    n_tokens, rounded by largest remainder so that sum m_r = k * n_tokens exactly."""
+    target = zipf_profile(n_features, k, exponent) * n_tokens
+    capacity = target.floor()
+    shortfall = k * n_tokens - int(capacity.sum())
+    remainder = torch.where(capacity < n_tokens, target - capacity, -1.0)
+    capacity[remainder.topk(shortfall).indices] += 1
+    return capacity.long()
+
+
+@register("feature_choice", inference_threshold="per_feature", feature_major=True)
+def feature_choice(z: Tensor, ctx: AllocationContext) -> Tensor:
+    """Each feature i keeps its top m_i tokens; m follows a Zipf profile over feature rank.
+
+    The feature of rank r (by running firing density, most frequent first) gets capacity m_r from
+    ``zipf_capacities``, so the batch total is exactly k * n_tokens. Features are processed in
+    buckets of similar capacity so each bucket needs one top-k with a small k (most features are in
+    the Zipf tail and need a handful of tokens), rather than a full sort of every column."""
+    n_tokens, n_features = z.shape
+    rank = ctx.feature_rank if ctx.feature_rank is not None else torch.arange(n_features)
+    capacity = zipf_capacities(n_features, n_tokens, ctx.k, ctx.zipf_exponent)[rank.cpu()].to(z.device)
+    z_by_feature = z.t()  # contiguous: the SAE computes z feature-major for this rule
+    kept = []
+    bucket = torch.ceil(torch.log2(capacity.clamp(min=1).double())).long()
+    for b in torch.unique(bucket[capacity > 0]).tolist():
+        features = torch.nonzero((bucket == b) & (capacity > 0)).squeeze(1)
+        width = min(2**b, n_tokens)
+        vals, tokens = z_by_feature[features].topk(width, dim=1, sorted=True)
+        keep = (torch.arange(width, device=z.device)[None, :] < capacity[features, None]) & (vals > 0)
+        kept.append((tokens * n_features + features[:, None])[keep])
+    if not kept:
+        return torch.zeros(0, dtype=torch.long, device=z.device)
+    return torch.cat(kept).sort().values
+
+
+def threshold_select(z: Tensor, threshold: Tensor) -> Tensor:
+    """Inference encoding for batch-level rules: keep entries above the tracked threshold."""
+    return torch.nonzero((z > threshold).flatten() & (z.flatten() > 0)).squeeze(1)

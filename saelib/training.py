@@ -1,0 +1,254 @@
+"""Train one or more SAEs on the same stream of activations, with checkpoints and exact resume.
+
+The data is a *table* of activations: anything with ``len(table)`` rows and ``table[idx]`` returning
+a float tensor [len(idx), d_in] for a LongTensor of row indices (a torch Tensor in memory, or
+``saelib.activations.ActivationCache`` on disk). The trainer shuffles by index with a seeded
+permutation per epoch, so batch ``step`` is a pure function of (seed, step): a run resumed from a
+checkpoint sees exactly the batches an uninterrupted run would, and reproduces its weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Protocol
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saelib import checkpoints as ckpt
+from saelib.losses import dead_weights, sae_loss
+from saelib.sae import SAE, SAEConfig
+
+
+class ActivationTable(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, idx: Tensor) -> Tensor: ...
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or inf in a batch of activations or in a loss."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train (shared by every SAE of one run). Saved with checkpoints and checked on resume."""
+
+    steps: int
+    """Optimizer steps; tokens seen = steps * batch_size."""
+    batch_size: int = 4096
+    """Tokens per step (the global batch when data-parallel)."""
+    lr: float = 4e-4
+    """Peak Adam learning rate."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0 to lr."""
+    decay_start: float = 0.8
+    """Fraction of training after which lr decays linearly to min_lr_frac * lr at the last step."""
+    min_lr_frac: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm of each SAE to this (0 disables)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's beta1, beta2."""
+    init_tokens: int = 16384
+    """Sample used for the input scale and the geometric-median b_dec."""
+    log_every: int = 50
+    """Record metrics every this many steps (and at the last step)."""
+    checkpoint_every: int = 1000
+    """Write a checkpoint every this many steps (and at the last step), when out_dir is set."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep."""
+    seed: int = 0
+    """Seed of the data order."""
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)  # JSON round-trips tuples as lists
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        start = int(self.decay_start * self.steps)
+        if step < start:
+            return self.lr
+        frac = (step - start) / max(1, self.steps - 1 - start)
+        return self.lr * (1 - (1 - self.min_lr_frac) * min(1.0, frac))
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n_rows: int, seed: int, epoch: int) -> Tensor:
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> Tensor:
+    """Row indices of batch ``step``: consecutive slices of a seeded permutation per epoch
+    (sorted within the batch, which makes disk reads sequential and changes nothing else)."""
+    per_epoch = n_rows // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the data ({n_rows} rows)")
+    epoch, i = divmod(step, per_epoch)
+    return _epoch_permutation(n_rows, seed, epoch)[i * batch_size:(i + 1) * batch_size].sort().values
+
+
+@dataclass
+class TrainResult:
+    saes: dict[str, SAE]
+    history: pd.DataFrame
+    """One row per (logged step, SAE): step, tokens, sae, lr, loss, nmse, l0, dead_frac, l1, aux,
+    tokens_per_s (that SAE's own training speed)."""
+    out_dir: Path | None
+
+
+def _fetch(data: ActivationTable, idx: Tensor, step: int, last_good: Path | None) -> Tensor:
+    x = data[idx]
+    x = x if isinstance(x, Tensor) else torch.as_tensor(x)
+    x = x.float()
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+        raise NonFiniteError(f"step {step}: the batch of activations contains {bad} NaN/inf values; "
+                             f"training stopped ({where}). Check the activation source (e.g. an "
+                             "fp16 overflow in the model or a corrupt cache).")
+    return x
+
+
+def train_saes(
+    saes: Mapping[str, SAEConfig],
+    data: ActivationTable,
+    cfg: TrainConfig,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+) -> TrainResult:
+    """Train several SAEs side by side on one activation stream.
+
+    With ``out_dir``, checkpoints go to out_dir/checkpoints and the final SAEs to out_dir/saes/NAME;
+    calling again with the same arguments resumes from the newest checkpoint (a checkpoint made with
+    other configs is refused). ``stop_at_step`` ends the call early after checkpointing that step,
+    as a kill would (used to test resume)."""
+    if not saes:
+        raise ValueError("train_saes needs at least one SAE config")
+    n_rows = len(data)
+    d_in = int(data[torch.arange(1)].shape[-1])
+    for name, sae_cfg in saes.items():
+        if sae_cfg.d_in != d_in:
+            raise ValueError(f"SAE {name!r} has d_in={sae_cfg.d_in} but the activations have width {d_in}")
+    out_dir = Path(out_dir) if out_dir is not None else None
+    models, optims, history, start = _start_or_resume(saes, data, cfg, out_dir, n_rows)
+
+    last_step = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
+    last_good = ckpt.latest_checkpoint(out_dir) if out_dir else None
+    seconds = {name: 0.0 for name in models}
+    tokens_timed = 0
+    bar = tqdm(range(start, last_step), initial=start, total=cfg.steps, disable=not progress,
+               desc="training " + ", ".join(models), unit="step")
+    for step in bar:
+        x = _fetch(data, batch_indices(step, cfg.batch_size, n_rows, cfg.seed), step, last_good)
+        lr = cfg.lr_at(step)
+        record = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        tokens_timed += len(x)
+        for name, sae in models.items():
+            t0 = time.perf_counter()
+            row = _train_step(sae, optims[name], x, lr, cfg.grad_clip, step, name)
+            seconds[name] += time.perf_counter() - t0
+            if record:
+                row.update(step=step + 1, tokens=(step + 1) * cfg.batch_size, sae=name, lr=lr,
+                           tokens_per_s=tokens_timed / max(seconds[name], 1e-9))
+                history.append(row)
+        if record:
+            bar.set_postfix_str(_postfix(history[-len(models):]))
+            tokens_timed, seconds = 0, {name: 0.0 for name in models}
+        if out_dir and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.steps, last_step)):
+            last_good = _write_checkpoint(out_dir, step + 1, models, optims, saes, cfg, history)
+    bar.close()
+    if out_dir and last_step == cfg.steps:
+        for name, sae in models.items():
+            ckpt.save_sae(sae, out_dir / "saes" / name)
+    for sae in models.values():
+        sae.eval()
+    return TrainResult(models, pd.DataFrame(history), out_dir)
+
+
+def _train_step(sae: SAE, opt: torch.optim.Optimizer, x: Tensor, lr: float, clip: float,
+                step: int, name: str) -> dict:
+    out = sae(x)
+    terms = sae_loss(sae, out)
+    if not torch.isfinite(terms.total):
+        raise NonFiniteError(f"step {step}: SAE {name!r} has a non-finite loss ({terms.total.item()}); "
+                             "try a lower learning rate")
+    opt.zero_grad(set_to_none=True)
+    terms.total.backward()
+    sae.remove_parallel_decoder_grad()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    sae.normalize_decoder()
+    return {"loss": terms.total.item(), "nmse": terms.nmse.item(), "l1": terms.l1.item(),
+            "aux": terms.aux.item(), "l0": out.codes.values.numel() / x.shape[0],
+            "dead_frac": dead_weights(sae).mean().item()}
+
+
+def _postfix(rows: list[dict]) -> str:
+    return " | ".join(f"{r['sae']}: nmse {r['nmse']:.3f} L0 {r['l0']:.1f} dead {100 * r['dead_frac']:.1f}%"
+                      for r in rows[:3])
+
+
+def _new_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+
+
+def _start_or_resume(saes, data, cfg, out_dir, n_rows):
+    latest = ckpt.latest_checkpoint(out_dir) if out_dir else None
+    if latest is None:
+        init_idx = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed))[:cfg.init_tokens]
+        sample = _fetch(data, init_idx.sort().values, 0, None)
+        models = {}
+        for name, sae_cfg in saes.items():
+            models[name] = SAE(sae_cfg)
+            models[name].init_from_sample(sample)
+        optims = {name: _new_optimizer(m, cfg) for name, m in models.items()}
+        return models, optims, [], 0
+    state = json.loads((latest / "state.json").read_text())
+    ckpt.check_same_config(_train_cfg_dict(cfg), state["train"], what=f"checkpoint {latest}")
+    ckpt.check_same_config({n: c.to_dict() for n, c in saes.items()}, state["saes"], what=f"checkpoint {latest}")
+    models, optims = {}, {}
+    for name, sae_cfg in saes.items():
+        models[name] = ckpt.load_sae(latest / name, expected=sae_cfg)
+        optims[name] = _new_optimizer(models[name], cfg)
+        ckpt.load_optimizer(optims[name], latest / f"{name}.adam.safetensors")
+    for sae in models.values():
+        sae.train()
+    return models, optims, state["history"], state["step"]
+
+
+def _train_cfg_dict(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["adam_betas"] = list(d["adam_betas"])
+    return d
+
+
+def _write_checkpoint(out_dir, step, models, optims, saes, cfg, history) -> Path:
+    final = out_dir / "checkpoints" / f"step_{step:08d}"
+    tmp = ckpt.atomic_dir(final)
+    for name, sae in models.items():
+        ckpt.write_sae(sae, tmp / name)
+        ckpt.save_optimizer(optims[name], tmp / f"{name}.adam.safetensors")
+    state = {"step": step, "train": _train_cfg_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()},
+             "history": history}
+    (tmp / "state.json").write_text(json.dumps(state))
+    ckpt.commit_dir(tmp, final)
+    ckpt.prune_checkpoints(out_dir, cfg.keep_checkpoints)
+    csv = out_dir / ".history.csv.tmp"
+    pd.DataFrame(history).to_csv(csv, index=False)
+    csv.replace(out_dir / "history.csv")
+    return final
