@@ -87,8 +87,19 @@ def load_sae(folder: str | Path, expected: SAEConfig | None = None) -> SAE:
     return sae
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def check_same_config(wanted: dict, found: dict, what: str) -> None:
-    """Raise CheckpointError naming every field where a checkpoint's config differs."""
+    """Raise CheckpointError naming every (nested) field where a checkpoint's config differs."""
+    wanted, found = _flatten(wanted), _flatten(found)
     diffs = [f"{k}: checkpoint has {found.get(k)!r}, this run has {wanted.get(k)!r}"
              for k in sorted(set(wanted) | set(found)) if wanted.get(k) != found.get(k)]
     if diffs:

@@ -59,7 +59,7 @@ class TrainConfig:
     init_tokens: int = 16384
     """Sample used for the input scale and the geometric-median b_dec."""
     log_every: int = 50
-    """Record metrics every this many steps (and at the last step)."""
+    """Record metrics every this many steps (and after the first and the last step)."""
     checkpoint_every: int = 1000
     """Write a checkpoint every this many steps (and at the last step), when out_dir is set."""
     keep_checkpoints: int = 2
@@ -153,7 +153,7 @@ def train_saes(
     for step in bar:
         x = _fetch(data, batch_indices(step, cfg.batch_size, n_rows, cfg.seed), step, last_good)
         lr = cfg.lr_at(step)
-        record = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        record = step == 0 or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
         tokens_timed += len(x)
         for name, sae in models.items():
             t0 = time.perf_counter()
