@@ -1,0 +1,80 @@
+"""Training speed of each allocation rule against this machine's fp32 matmul roofline.
+
+    python bench/bench_train.py [--d 576 --d-sae 4608 --k 32 --batch 4096 --steps 8 --json out.json]
+
+Roofline: a sparse SAE step cannot avoid one dense product, the encoder's forward pass
+(2 * batch * d * d_sae FLOPs); everything else touches only the kept entries. The encoder-bound
+roofline is that product's time at the matmul throughput measured here, in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from saelib.sae import SAE, SAEConfig
+from saelib.training import TrainConfig, _new_optimizer, _train_step
+
+
+def matmul_gflops(batch: int, d: int, d_sae: int, repeats: int = 5) -> float:
+    x, w = torch.randn(batch, d), torch.randn(d_sae, d)
+    x @ w.T
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        x @ w.T
+    return 2 * batch * d * d_sae * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def step_seconds(cfg: SAEConfig, x: torch.Tensor, steps: int) -> float:
+    sae = SAE(cfg)
+    sae.init_from_sample(x[:4096])
+    sae.train()
+    opt = _new_optimizer(sae, TrainConfig(steps=steps))
+    for _ in range(2):  # warm-up: allocator caches, thresholds, first Adam state
+        _train_step(sae, opt, x, 1e-4, 1.0, 0, "bench")
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        _train_step(sae, opt, x, 1e-4, 1.0, 0, "bench")
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d", type=int, default=576)
+    p.add_argument("--d-sae", type=int, default=4608)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rules", default="topk,mutual_choice,feature_choice,relu")
+    p.add_argument("--json", help="also write the results here")
+    a = p.parse_args()
+
+    gflops = matmul_gflops(a.batch, a.d, a.d_sae)
+    roofline = a.batch / (2 * a.batch * a.d * a.d_sae / (gflops * 1e9))
+    # Activation-like data: a shared offset plus anisotropic noise, as in a residual stream.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(a.batch, a.d, generator=gen) * torch.linspace(0.2, 3, a.d) + torch.randn(a.d, generator=gen)
+    rows = []
+    for rule in a.rules.split(","):
+        extra = {"l1_coeff": 1e-3} if rule == "relu" else {}
+        secs = step_seconds(SAEConfig(a.d, a.d_sae, rule=rule, k=a.k, **extra), x, a.steps)
+        rows.append({"rule": rule, "step_s": secs, "tokens_per_s": a.batch / secs})
+    topk = next((r["step_s"] for r in rows if r["rule"] == "topk"), None)
+    print(f"threads {torch.get_num_threads()}  fp32 matmul {gflops:.0f} GFLOP/s  "
+          f"encoder-bound roofline {roofline:,.0f} tokens/s  (d={a.d}, d_sae={a.d_sae}, k={a.k}, batch={a.batch})")
+    print(f"{'rule':16s} {'step ms':>8s} {'tokens/s':>10s} {'of roofline':>12s} {'vs topk step':>13s}")
+    for r in rows:
+        r["roofline_frac"] = r["tokens_per_s"] / roofline
+        r["vs_topk"] = r["step_s"] / topk if topk else None
+        vs = f"{r['vs_topk']:.2f}x" if topk else "-"
+        print(f"{r['rule']:16s} {1000 * r['step_s']:8.0f} {r['tokens_per_s']:10,.0f} {100 * r['roofline_frac']:11.0f}% {vs:>13s}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"matmul_gflops": gflops, "roofline_tokens_per_s": roofline, "args": vars(a), "rules": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
