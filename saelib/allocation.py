@@ -9,17 +9,23 @@ grouped by row in ascending row order (the layout the sparse decoder needs). Kep
 ``z.flatten()[kept]``; a rule never keeps a non-positive entry.
 
 Adding a rule: write the function and decorate it with ``@register("name", ...)``.
+
+Batch-level rules (mutual and feature choice) allocate over the GLOBAL batch when training is
+data-parallel: each rank sends its candidate values to the others, all ranks agree on the same
+thresholds, and each keeps its own entries above them, so N ranks with B/N tokens each select what
+one process with B tokens would.
 """
 
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
 from torch import Tensor
+
+from saelib import distributed
 
 
 @dataclass
@@ -29,13 +35,10 @@ class AllocationContext:
     k: int
     """Budget: active features per token (exact for topk, on average over the batch for FC and MC)."""
     feature_rank: Tensor | None = None
-    """Rank of each feature by running firing density (0 = most frequent). Feature Choice gives
-    the Zipf capacity of rank r to the feature holding that rank."""
+    """Rank of each feature (0 = first). Feature Choice gives the Zipf capacity of rank r to the
+    feature holding that rank; the SAE ranks features by running demand (see SAE.demand)."""
     zipf_exponent: float = 1.0
     """Exponent s of the Zipf capacity profile m_r proportional to (r + 1) ** -s."""
-    top_n: Callable[[Tensor, int], Tensor] | None = None
-    """Replaces ``top_n_indices`` (indices of the n largest of a 1-D tensor). The distributed trainer
-    sets it so that a rule budgeted over the batch selects over the GLOBAL batch."""
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,15 @@ def mutual_choice(z: Tensor, ctx: AllocationContext) -> Tensor:
     """The k * n_tokens largest entries of the whole matrix (the same selection as BatchTopK):
     tokens and features compete freely for one shared budget."""
     z_flat = z.flatten()
-    top_n = ctx.top_n or top_n_indices
-    return _positive(z_flat, top_n(z_flat, ctx.k * z.shape[0])).sort().values
+    budget = ctx.k * z.shape[0] * distributed.world_size()
+    # Whatever this rank contributes to the global winners is among its own top `budget`.
+    kept = top_n_indices(z_flat, budget)
+    if distributed.is_distributed():
+        values = z_flat[kept]
+        pooled = distributed.all_gather_ragged(values)
+        if pooled.numel() > budget:
+            kept = kept[values >= torch.kthvalue(pooled, pooled.numel() - budget + 1).values]
+    return _positive(z_flat, kept).sort().values
 
 
 def zipf_profile(n_features: int, k: float, exponent: float) -> Tensor:
@@ -153,13 +163,14 @@ def zipf_capacities(n_features: int, n_tokens: int, k: int, exponent: float) -> 
 def feature_choice(z: Tensor, ctx: AllocationContext) -> Tensor:
     """Each feature i keeps its top m_i tokens; m follows a Zipf profile over feature rank.
 
-    The feature of rank r (by running firing density, most frequent first) gets capacity m_r from
-    ``zipf_capacities``, so the batch total is exactly k * n_tokens. Features are processed in
-    buckets of similar capacity so each bucket needs one top-k with a small k (most features are in
-    the Zipf tail and need a handful of tokens), rather than a full sort of every column."""
+    The feature of rank r gets capacity m_r from ``zipf_capacities``, so the batch total is exactly
+    k * n_tokens. Features are processed in buckets of similar capacity so each bucket needs one
+    top-k with a small k (most features are in the Zipf tail and need a handful of tokens), rather
+    than a full sort of every column."""
     n_tokens, n_features = z.shape
     rank = ctx.feature_rank if ctx.feature_rank is not None else torch.arange(n_features)
-    capacity = zipf_capacities(n_features, n_tokens, ctx.k, ctx.zipf_exponent)[rank.cpu()].to(z.device)
+    n_global = n_tokens * distributed.world_size()
+    capacity = zipf_capacities(n_features, n_global, ctx.k, ctx.zipf_exponent)[rank.cpu()].to(z.device)
     z_by_feature = z.t()  # contiguous: the SAE computes z feature-major for this rule
     kept = []
     bucket = torch.ceil(torch.log2(capacity.clamp(min=1).double())).long()
@@ -167,7 +178,14 @@ def feature_choice(z: Tensor, ctx: AllocationContext) -> Tensor:
         features = torch.nonzero((bucket == b) & (capacity > 0)).squeeze(1)
         width = min(2**b, n_tokens)
         vals, tokens = z_by_feature[features].topk(width, dim=1, sorted=True)
-        keep = (torch.arange(width, device=z.device)[None, :] < capacity[features, None]) & (vals > 0)
+        if distributed.is_distributed():
+            # The m_i-th largest value of feature i over all ranks' candidates is its threshold.
+            pooled = distributed.all_gather(vals).permute(1, 0, 2).reshape(len(features), -1)
+            cutoff = pooled.topk(min(2**b, pooled.shape[1]), dim=1).values
+            threshold = cutoff.gather(1, capacity[features, None] - 1)
+            keep = (vals >= threshold) & (vals > 0)
+        else:
+            keep = (torch.arange(width, device=z.device)[None, :] < capacity[features, None]) & (vals > 0)
         kept.append((tokens * n_features + features[:, None])[keep])
     if not kept:
         return torch.zeros(0, dtype=torch.long, device=z.device)

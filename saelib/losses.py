@@ -22,23 +22,31 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saelib import distributed
 from saelib.allocation import zipf_profile
 from saelib.sae import SAE, SAEOutput, decode_sparse
 
 
-def mse(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Mean over tokens of the squared error summed over dimensions."""
-    return (x_hat - x).pow(2).sum(-1).mean()
+@torch.no_grad()
+def centered_sq_sum(x: Tensor) -> Tensor:
+    """sum_t ||x_t - mean(x)||^2 over the (global) batch, accumulated in float64."""
+    x64 = x.double()
+    stats = torch.cat([x64.new_tensor([len(x)]), x64.pow(2).sum()[None], x64.sum(0)])
+    n, sq, total = distributed.all_reduce(stats).split([1, 1, x.shape[1]])
+    return (sq - total.pow(2).sum() / n).clamp(min=1e-12).squeeze().to(x.dtype)
 
 
 def nmse(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Normalised MSE = fraction of variance unexplained: error relative to predicting the mean."""
-    return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp(min=1e-12)
+    """Normalised MSE = fraction of variance unexplained: error relative to predicting the mean.
+
+    Data-parallel: this rank's share, its squared error over the global batch's variance, so the
+    shares (and their gradients) sum over ranks to the global-batch NMSE."""
+    return (x_hat - x).pow(2).sum() / centered_sq_sum(x)
 
 
 def l1(out: SAEOutput) -> Tensor:
-    """Mean over tokens of the codes' L1 norm."""
-    return out.codes.values.abs().sum() / out.codes.shape[0]
+    """Mean over (global) tokens of the codes' L1 norm (this rank's share when data-parallel)."""
+    return out.codes.values.abs().sum() / (out.codes.shape[0] * distributed.world_size())
 
 
 def dead_weights(sae: SAE) -> Tensor:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from saelib import distributed
 from saelib.allocation import AllocationContext, get_rule, threshold_select
 
 # Above this fraction of kept entries the dense kernels are faster than the sparse ones
@@ -258,23 +259,24 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def _update_statistics(self, codes: SparseCodes, z: Tensor) -> None:
+        """Running statistics over the (global) batch; identical on every data-parallel rank."""
         decay = self.cfg.stats_decay
-        n_tokens = codes.shape[0]
-        fired = codes.fire_counts()
+        n_tokens = codes.shape[0] * distributed.world_size()
+        fired = distributed.all_reduce(codes.fire_counts())
         self.density.mul_(decay).add_(fired / n_tokens, alpha=1 - decay)
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fired > 0, 0)
         if self.rule.feature_major:
-            self.demand.mul_(decay).add_(z.t().clamp(min=0).sum(1) / n_tokens, alpha=1 - decay)
-        if self.rule.inference_threshold == "none" or codes.values.numel() == 0:
+            mass = distributed.all_reduce(z.t().clamp(min=0).sum(1))
+            self.demand.mul_(decay).add_(mass / n_tokens, alpha=1 - decay)
+        if self.rule.inference_threshold == "none":
             return
-        values = codes.values.detach()
+        # Smallest kept value per feature (inf where a feature kept nothing).
+        smallest = torch.full_like(self.threshold, float("inf")).scatter_reduce(
+            0, codes.cols, codes.values.detach(), reduce="amin")
         if self.rule.inference_threshold == "global":
-            smallest = values.min().expand(self.cfg.d_sae)
-            seen = torch.ones_like(fired, dtype=torch.bool)
-        else:
-            smallest = torch.full_like(self.threshold, float("inf")).scatter_reduce(
-                0, codes.cols, values, reduce="amin")
-            seen = fired > 0
+            smallest = smallest.min().expand_as(smallest).clone()
+        distributed.all_reduce(smallest, "min")
+        seen = torch.isfinite(smallest)
         blended = torch.where(torch.isinf(self.threshold), smallest,
                               decay * self.threshold + (1 - decay) * smallest)
         self.threshold.copy_(torch.where(seen, blended, self.threshold))

@@ -5,6 +5,11 @@ a float tensor [len(idx), d_in] for a LongTensor of row indices (a torch Tensor 
 ``saelib.activations.ActivationCache`` on disk). The trainer shuffles by index with a seeded
 permutation per epoch, so batch ``step`` is a pure function of (seed, step): a run resumed from a
 checkpoint sees exactly the batches an uninterrupted run would, and reproduces its weights.
+
+Data-parallel (under torchrun, see saelib.distributed): each rank reads its own contiguous slice of
+every global batch, gradients are summed over ranks (each rank's loss is its share of the global
+loss), batch-level rules allocate over the global batch, and rank 0 alone writes checkpoints.
+Batches are defined globally, so a run can resume with a different number of ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelib import checkpoints as ckpt
+from saelib import distributed
 from saelib.losses import dead_weights, sae_loss
 from saelib.sae import SAE, SAEConfig
 
@@ -111,8 +117,9 @@ def _fetch(data: ActivationTable, idx: Tensor, step: int, last_good: Path | None
     x = data[idx]
     x = x if isinstance(x, Tensor) else torch.as_tensor(x)
     x = x.float()
-    if not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).sum())
+    # Collective, so that every rank stops together rather than waiting on a stopped one.
+    bad = int(distributed.all_reduce((~torch.isfinite(x)).sum()))
+    if bad:
         where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
         raise NonFiniteError(f"step {step}: the batch of activations contains {bad} NaN/inf values; "
                              f"training stopped ({where}). Check the activation source (e.g. an "
@@ -136,6 +143,9 @@ def train_saes(
     as a kill would (used to test resume)."""
     if not saes:
         raise ValueError("train_saes needs at least one SAE config")
+    rank, world = distributed.rank(), distributed.world_size()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of ranks {world}")
     n_rows = len(data)
     d_in = int(data[torch.arange(1)].shape[-1])
     for name, sae_cfg in saes.items():
@@ -148,13 +158,14 @@ def train_saes(
     last_good = ckpt.latest_checkpoint(out_dir) if out_dir else None
     seconds = {name: 0.0 for name in models}
     tokens_timed = 0
-    bar = tqdm(range(start, last_step), initial=start, total=cfg.steps, disable=not progress,
+    bar = tqdm(range(start, last_step), initial=start, total=cfg.steps, disable=not progress or rank > 0,
                desc="training " + ", ".join(models), unit="step")
     for step in bar:
-        x = _fetch(data, batch_indices(step, cfg.batch_size, n_rows, cfg.seed), step, last_good)
+        idx = batch_indices(step, cfg.batch_size, n_rows, cfg.seed).chunk(world)[rank]
+        x = _fetch(data, idx, step, last_good)
         lr = cfg.lr_at(step)
         record = step == 0 or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
-        tokens_timed += len(x)
+        tokens_timed += cfg.batch_size
         for name, sae in models.items():
             t0 = time.perf_counter()
             row = _train_step(sae, optims[name], x, lr, cfg.grad_clip, step, name)
@@ -167,11 +178,14 @@ def train_saes(
             bar.set_postfix_str(_postfix(history[-len(models):]))
             tokens_timed, seconds = 0, {name: 0.0 for name in models}
         if out_dir and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.steps, last_step)):
-            last_good = _write_checkpoint(out_dir, step + 1, models, optims, saes, cfg, history)
+            if rank == 0:
+                _write_checkpoint(out_dir, step + 1, models, optims, saes, cfg, history)
+            last_good = out_dir / "checkpoints" / f"step_{step + 1:08d}"
     bar.close()
-    if out_dir and last_step == cfg.steps:
+    if out_dir and last_step == cfg.steps and rank == 0:
         for name, sae in models.items():
             ckpt.save_sae(sae, out_dir / "saes" / name)
+    distributed.barrier()
     for sae in models.values():
         sae.eval()
     return TrainResult(models, pd.DataFrame(history), out_dir)
@@ -186,6 +200,8 @@ def _train_step(sae: SAE, opt: torch.optim.Optimizer, x: Tensor, lr: float, clip
                              "try a lower learning rate")
     opt.zero_grad(set_to_none=True)
     terms.total.backward()
+    for p in sae.parameters():
+        distributed.all_reduce(p.grad)
     sae.remove_parallel_decoder_grad()
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
@@ -193,9 +209,12 @@ def _train_step(sae: SAE, opt: torch.optim.Optimizer, x: Tensor, lr: float, clip
         group["lr"] = lr
     opt.step()
     sae.normalize_decoder()
-    return {"loss": terms.total.item(), "nmse": terms.nmse.item(), "l1": terms.l1.item(),
-            "aux": terms.aux.item(), "l0": out.codes.values.numel() / x.shape[0],
-            "dead_frac": dead_weights(sae).mean().item()}
+    # Loss terms are this rank's shares of the global-batch values: sum them over ranks.
+    totals = torch.stack([terms.total, terms.nmse, terms.l1, terms.aux,
+                          terms.nmse.new_tensor(out.codes.values.numel())]).detach()
+    loss, recon, sparsity, aux, kept = distributed.all_reduce(totals).tolist()
+    return {"loss": loss, "nmse": recon, "l1": sparsity, "aux": aux,
+            "l0": kept / (x.shape[0] * distributed.world_size()), "dead_frac": dead_weights(sae).mean().item()}
 
 
 def _postfix(rows: list[dict]) -> str:
