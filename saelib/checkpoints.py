@@ -9,15 +9,18 @@ the previous complete checkpoint or the new one, never a half-written one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from saelib.corpora import cache_root
 from saelib.sae import SAE, SAEConfig
 
 
@@ -47,7 +50,7 @@ def write_sae(sae: SAE, folder: Path) -> None:
     """Write config.json and sae.safetensors into an (already temporary) folder."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(sae.cfg.to_dict(), indent=2))
-    save_file({k: v.detach().contiguous() for k, v in sae.state_dict().items()}, str(folder / "sae.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(folder / "sae.safetensors"))
 
 
 def save_sae(sae: SAE, folder: str | Path) -> Path:
@@ -109,7 +112,7 @@ def check_same_config(wanted: dict, found: dict, what: str) -> None:
 
 def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     sd = opt.state_dict()
-    tensors = {f"{idx}.{key}": value.contiguous() for idx, state in sd["state"].items()
+    tensors = {f"{idx}.{key}": value.cpu().contiguous() for idx, state in sd["state"].items()
                for key, value in state.items()}
     save_file(tensors, str(path), metadata={"param_groups": json.dumps(sd["param_groups"])})
 
@@ -138,3 +141,13 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     steps = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if p.is_dir())
     for old in steps[:-keep]:
         shutil.rmtree(old)
+
+
+def artifact_dir(kind: str, key: Mapping) -> Path:
+    """A cache folder for an expensive artefact (e.g. trained SAEs), named by a hash of ``key``.
+
+    ``key`` must hold everything that determines the artefact (configs, data identity), so a rerun
+    with the same key finds the finished result and a changed knob gets a folder of its own."""
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_root() / kind / digest
+

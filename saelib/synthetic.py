@@ -27,6 +27,8 @@ class SyntheticData:
     """[n_features, d], unit norm."""
     true_codes_l0: float
     """Mean number of ground-truth features active per token."""
+    true_l0_per_token: Tensor
+    """[n_tokens] number of ground-truth features active in each token."""
     feature_prob: Tensor
     """Firing probability of each true feature."""
 
@@ -41,4 +43,5 @@ def make_synthetic(n_tokens: int, d: int, n_features: int, active: float, zipf_e
     magnitude = -torch.log(torch.rand(n_tokens, n_features, generator=gen).clamp(min=1e-12))
     codes = fires * magnitude
     x = codes @ directions + noise * torch.randn(n_tokens, d, generator=gen)
-    return SyntheticData(x, directions, float(fires.sum(1).float().mean()), prob)
+    l0 = fires.sum(1)
+    return SyntheticData(x, directions, float(l0.float().mean()), l0, prob)

@@ -134,13 +134,15 @@ def train_saes(
     out_dir: str | Path | None = None,
     progress: bool = True,
     stop_at_step: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
     """Train several SAEs side by side on one activation stream.
 
     With ``out_dir``, checkpoints go to out_dir/checkpoints and the final SAEs to out_dir/saes/NAME;
     calling again with the same arguments resumes from the newest checkpoint (a checkpoint made with
     other configs is refused). ``stop_at_step`` ends the call early after checkpointing that step,
-    as a kill would (used to test resume)."""
+    as a kill would (used to test resume). ``device`` is where the SAEs train; batches are read on
+    the CPU and moved there."""
     if not saes:
         raise ValueError("train_saes needs at least one SAE config")
     rank, world = distributed.rank(), distributed.world_size()
@@ -152,7 +154,7 @@ def train_saes(
         if sae_cfg.d_in != d_in:
             raise ValueError(f"SAE {name!r} has d_in={sae_cfg.d_in} but the activations have width {d_in}")
     out_dir = Path(out_dir) if out_dir is not None else None
-    models, optims, history, start = _start_or_resume(saes, data, cfg, out_dir, n_rows)
+    models, optims, history, start = _start_or_resume(saes, data, cfg, out_dir, n_rows, device)
 
     last_step = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
     last_good = ckpt.latest_checkpoint(out_dir) if out_dir else None
@@ -162,7 +164,7 @@ def train_saes(
                desc="training " + ", ".join(models), unit="step")
     for step in bar:
         idx = batch_indices(step, cfg.batch_size, n_rows, cfg.seed).chunk(world)[rank]
-        x = _fetch(data, idx, step, last_good)
+        x = _fetch(data, idx, step, last_good).to(device, non_blocking=True)
         lr = cfg.lr_at(step)
         record = step == 0 or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
         tokens_timed += cfg.batch_size
@@ -189,6 +191,15 @@ def train_saes(
     for sae in models.values():
         sae.eval()
     return TrainResult(models, pd.DataFrame(history), out_dir)
+
+
+def train_cached(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: TrainConfig, data_key: object,
+                 progress: bool = True, device: str | torch.device = "cpu") -> TrainResult:
+    """``train_saes`` into a cache folder keyed by the configs and ``data_key`` (what identifies the
+    activations, e.g. a cache manifest): a finished run is reloaded at once, a killed one resumes."""
+    key = {"data": data_key, "train": _train_cfg_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()}}
+    return train_saes(saes, data, cfg, out_dir=ckpt.artifact_dir("saes", key), progress=progress,
+                      device=device)
 
 
 def _train_step(sae: SAE, opt: torch.optim.Optimizer, x: Tensor, lr: float, clip: float,
@@ -226,15 +237,15 @@ def _new_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
 
 
-def _start_or_resume(saes, data, cfg, out_dir, n_rows):
+def _start_or_resume(saes, data, cfg, out_dir, n_rows, device):
     latest = ckpt.latest_checkpoint(out_dir) if out_dir else None
     if latest is None:
         init_idx = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed))[:cfg.init_tokens]
         sample = _fetch(data, init_idx.sort().values, 0, None)
         models = {}
         for name, sae_cfg in saes.items():
-            models[name] = SAE(sae_cfg)
-            models[name].init_from_sample(sample)
+            models[name] = SAE(sae_cfg).to(device)
+            models[name].init_from_sample(sample.to(device))
         optims = {name: _new_optimizer(m, cfg) for name, m in models.items()}
         return models, optims, [], 0
     state = json.loads((latest / "state.json").read_text())
@@ -242,7 +253,7 @@ def _start_or_resume(saes, data, cfg, out_dir, n_rows):
     ckpt.check_same_config({n: c.to_dict() for n, c in saes.items()}, state["saes"], what=f"checkpoint {latest}")
     models, optims = {}, {}
     for name, sae_cfg in saes.items():
-        models[name] = ckpt.load_sae(latest / name, expected=sae_cfg)
+        models[name] = ckpt.load_sae(latest / name, expected=sae_cfg).to(device)
         optims[name] = _new_optimizer(models[name], cfg)
         ckpt.load_optimizer(optims[name], latest / f"{name}.adam.safetensors")
     for sae in models.values():

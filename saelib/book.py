@@ -1,0 +1,178 @@
+"""Build the book: execute the chapter notebooks with papermill for a profile, then render the HTML.
+
+    python -m saelib.book                          # every chapter on the cpu profile, then _build/html
+    python -m saelib.book --profile ci             # the quick validation run the tests use
+    python -m saelib.book --only 02 -p k=16        # one chapter with a changed knob
+    python -m saelib.book --list                   # chapters, their knobs and per-profile values
+
+Executed notebooks go to ``_build/executed/<profile>/``; the HTML is built from them (never from
+the sources, which stay output-free in git) with warnings treated as errors. Expensive artefacts
+(activation caches, subject models, trained SAEs) are cached by saelib under ``$SAELIB_CACHE``,
+keyed by their configuration, so a rerun re-executes the notebooks in a fraction of the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from saelib import profiles
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ChapterFailed(RuntimeError):
+    """A notebook raised; the message names the notebook and the failing cell."""
+
+
+def chapters(root: Path = ROOT) -> list[Path]:
+    """Chapter notebooks in table-of-contents order."""
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    files = [entry["file"] for part in toc.get("parts", [{"chapters": toc.get("chapters", [])}])
+             for entry in part["chapters"]]
+    return [root / f"{f}.ipynb" for f in files if f.startswith("notebooks/")]
+
+
+def notebook_parameters(path: Path) -> dict[str, Any]:
+    """Names and default values of the ``parameters`` cell of a notebook."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path.name} must have exactly one cell tagged 'parameters', found {len(cells)}")
+    out = {}
+    for node in ast.parse(cells[0].source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+    return out
+
+
+def check_parameters(path: Path, params: dict[str, Any]) -> None:
+    """Refuse parameter names the notebook does not declare (papermill would only warn)."""
+    valid = notebook_parameters(path)
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(f"{path.stem} has no parameter(s) {unknown}; valid: {sorted(valid)}")
+
+
+def execute(path: Path, out_path: Path, profile: str, params: dict[str, Any] | None = None) -> float:
+    """Run one notebook with papermill; return seconds taken. Raises ChapterFailed on an error."""
+    import papermill
+
+    params = {"profile": profile, **(params or {})}
+    check_parameters(path, params)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Progress bars inside the kernel end up in the saved outputs: one update per 30 s is plenty.
+    os.environ.setdefault("TQDM_MININTERVAL", "30")
+    t0 = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(path), str(out_path), parameters=params, kernel_name="python3",
+                                   cwd=str(path.parent), progress_bar=False)
+    except papermill.PapermillExecutionError as e:
+        raise ChapterFailed(f"{path.name} failed in cell {e.cell_index} (execution count {e.exec_count}): "
+                            f"{e.ename}: {e.evalue}\nthe executed notebook with the traceback: {out_path}"
+                            ) from None
+    return time.perf_counter() - t0
+
+
+def build_html(executed: Path, build_dir: Path, root: Path = ROOT) -> Path:
+    """Render the book from executed notebooks (copied beside the prose into a staging tree)."""
+    stage = build_dir / "src"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml", "book"):
+        src = root / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, stage / name)
+    (stage / "notebooks").mkdir()
+    for nb in executed.glob("*.ipynb"):
+        shutil.copy(nb, stage / "notebooks" / nb.name)
+    cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(stage), "--path-output",
+           str(build_dir.parent), "-W", "-n", "--keep-going"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"jupyter-book build failed (warnings are errors):\n{result.stdout[-4000:]}"
+                           f"\n{result.stderr[-4000:]}")
+    return build_dir / "html" / "index.html"
+
+
+def record_timing(build_dir: Path, profile: str, chapter: str, seconds: float) -> None:
+    path = build_dir / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    timings.setdefault(profile, {})[chapter] = round(seconds, 1)
+    path.write_text(json.dumps(timings, indent=1, sort_keys=True))
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value  # a bare string such as a model name
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m saelib.book", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="cpu", choices=profiles.PROFILES)
+    ap.add_argument("--only", nargs="+", metavar="CHAPTER", help="chapters whose file name contains this")
+    ap.add_argument("-p", "--param", action="append", type=_parse_param, default=[], metavar="KEY=VALUE",
+                    help="set a notebook parameter (repeatable)")
+    ap.add_argument("--build-dir", type=Path, default=ROOT / "_build")
+    ap.add_argument("--no-html", action="store_true", help="execute only; skip the HTML build")
+    ap.add_argument("--list", action="store_true", help="list chapters and their knobs, then exit")
+    a = ap.parse_args(argv)
+    notebooks = chapters()
+    if a.list:
+        for nb in notebooks:
+            print(f"{nb.stem}: {notebook_parameters(nb)}")
+        for name in profiles.CHAPTERS:
+            print(f"\n[{name}]")
+            for knob in profiles.knobs(name):
+                print(f"  {knob:28s}" + "  ".join(f"{p}={profiles.CHAPTERS[name][p][knob]!r}"
+                                                 for p in profiles.PROFILES))
+        return 0
+    if a.only:
+        notebooks = [nb for nb in notebooks if any(s in nb.stem for s in a.only)]
+        if not notebooks:
+            ap.error(f"--only {a.only} matches no chapter; chapters: {[nb.stem for nb in chapters()]}")
+    params = dict(a.param)
+    if a.profile != "gpu":  # the offline profiles must never wait on a hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for nb in notebooks:  # fail before running anything
+        check_parameters(nb, {"profile": a.profile, **params})
+    executed = a.build_dir / "executed" / a.profile
+    total = 0.0
+    for i, nb in enumerate(notebooks, 1):
+        print(f"[{i}/{len(notebooks)}] {nb.stem} ({a.profile}) ...", flush=True)
+        try:
+            seconds = execute(nb, executed / nb.name, a.profile, params)
+        except ChapterFailed as e:
+            print(f"FAILED: {e}", file=sys.stderr)
+            return 1
+        total += seconds
+        record_timing(a.build_dir, a.profile, nb.stem, seconds)
+        print(f"      done in {seconds:.1f} s", flush=True)
+    if a.no_html or a.only:
+        print(f"executed {len(notebooks)} notebook(s) in {total:.0f} s into {executed}")
+        return 0
+    t0 = time.perf_counter()
+    index = build_html(executed, a.build_dir)
+    print(f"executed {len(notebooks)} notebooks in {total:.0f} s; HTML in {time.perf_counter() - t0:.0f} s: "
+          f"{index}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

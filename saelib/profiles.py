@@ -1,0 +1,93 @@
+"""Run profiles: the sizes each chapter runs at, defined once for every notebook.
+
+* ``ci``: seconds to a minute per notebook on 2 CPU cores; tiny sizes that still exercise every code
+  path and every assertion a chapter makes. Used by the tests.
+* ``cpu``: the book's default, what the rendered book shows: the offline models (SmolLM2-135M and
+  the book's organism) at sizes that give meaningful figures on a laptop.
+* ``gpu``: the papers' own settings for Colab or a GPU: online models (gpt2-small) and datasets.
+
+A notebook's ``parameters`` cell names ``profile`` and every knob of its chapter (``None`` = take
+the profile's value), then calls ``resolve(chapter, profile, knob=value, ...)``. Every profile of a
+chapter has the same knobs, so a knob set for one profile works for all of them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Mapping
+
+PROFILES = ("ci", "cpu", "gpu")
+
+CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
+    # Chapter 0: SAEs on synthetic data with a known dictionary.
+    "synthetic": {
+        "ci": dict(n_tokens=100_000, d_model=32, n_features=64, active=4.0, zipf_exponent=0.5,
+                   noise=0.01, expansion=2, k=4, l1_coeff=2e-2, steps=400, batch_size=512, lr=3e-3,
+                   min_recovered=0.9, max_nmse=0.15),
+        "cpu": dict(n_tokens=400_000, d_model=64, n_features=256, active=8.0, zipf_exponent=0.5,
+                    noise=0.01, expansion=2, k=8, l1_coeff=1e-2, steps=2000, batch_size=1024,
+                    lr=2e-3, min_recovered=0.9, max_nmse=0.15),
+        "gpu": dict(n_tokens=4_000_000, d_model=256, n_features=2048, active=16.0, zipf_exponent=0.5,
+                    noise=0.01, expansion=2, k=16, l1_coeff=5e-3, steps=10_000, batch_size=4096,
+                    lr=1e-3, min_recovered=0.9, max_nmse=0.15),
+    },
+    # Chapter 1: the offline shelf, SmolLM2-135M and the book's model organism.
+    "subject_models": {
+        "ci": dict(corpus="mixed", pretrained="smollm2-135m", organism="ci", eval_windows=8,
+                   context_size=64, check_against_transformers=True),
+        "cpu": dict(corpus="mixed", pretrained="smollm2-135m", organism="cpu", eval_windows=64,
+                    context_size=128, check_against_transformers=True),
+        "gpu": dict(corpus="hf:Skylion007/openwebtext", pretrained="gpt2-small", organism="cpu",
+                    eval_windows=256, context_size=128, check_against_transformers=False),
+    },
+}
+
+
+class Params(dict):
+    """A chapter's resolved parameters; read them as attributes (``P.k``) or keys."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no parameter {name!r}; this chapter has {sorted(self)}") from None
+
+
+def knobs(chapter: str) -> list[str]:
+    """The knob names of a chapter (the same for every profile)."""
+    return sorted(_chapter(chapter)["cpu"])
+
+
+def resolve(chapter: str, profile: str = "cpu", **overrides: Any) -> Params:
+    """The parameters of ``chapter`` at ``profile``, with non-``None`` overrides applied.
+
+    Fails at once, listing the valid names, on an unknown chapter, profile or knob."""
+    table = _chapter(chapter)
+    if profile not in table:
+        raise ValueError(f"unknown profile {profile!r}; valid profiles: {list(PROFILES)}")
+    params = Params(table[profile])
+    for name, value in overrides.items():
+        if name not in params:
+            close = difflib.get_close_matches(name, params, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown parameter {name!r} for chapter {chapter!r}{hint}; "
+                             f"valid: ['profile'] + {sorted(params)}")
+        if value is not None:
+            params[name] = value
+    params["profile"] = profile
+    return params
+
+
+def from_parameters(chapter: str, namespace: Mapping[str, Any]) -> Params:
+    """``resolve`` with ``profile`` and the knobs read from a notebook's parameters cell
+    (pass ``globals()``). A knob missing from the cell is a bug in the notebook: say so."""
+    missing = [k for k in ["profile", *knobs(chapter)] if k not in namespace]
+    if missing:
+        raise NameError(f"the parameters cell of this {chapter!r} notebook lacks {missing}")
+    return resolve(chapter, namespace["profile"], **{k: namespace[k] for k in knobs(chapter)})
+
+
+def _chapter(chapter: str) -> dict[str, dict[str, Any]]:
+    if chapter not in CHAPTERS:
+        raise ValueError(f"unknown chapter {chapter!r}; valid: {sorted(CHAPTERS)}")
+    return CHAPTERS[chapter]
