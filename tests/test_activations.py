@@ -1,0 +1,157 @@
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from saelib import activations
+from saelib.activations import (CacheMismatchError, CacheSpec, NonFiniteActivationError, build_caches,
+                                get_or_build_cache, harvest, open_cache, token_windows)
+from saelib.metrics import evaluate
+from saelib.sae import SAEConfig
+from saelib.subject_models import load_subject_model, train_organism
+from saelib.training import TrainConfig, train_saes
+
+H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A 10-step 'ci' organism (weights barely trained, which is all these tests need)."""
+    root = tmp_path_factory.mktemp("act")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAELIB_CACHE", str(root / "cache"))
+        org = train_organism("ci", root / "organism", n_steps=10, progress=False)
+        yield load_subject_model(org), str(org), root
+
+
+def spec(env, **kw) -> CacheSpec:
+    return CacheSpec(**{"model": env[1], "hook": H0, "n_tokens": 500, "context_size": 32, "batch_size": 4, **kw})
+
+
+@pytest.fixture(scope="module")
+def cache(env):
+    return get_or_build_cache(spec(env), progress=False, model=env[0])
+
+
+def test_harvest_shapes_and_bos_excluded(env):
+    model = env[0]
+    windows = token_windows(model.tokenizer, "mixed", 6, 32)
+    assert windows.shape == (6, 32) and (windows[:, 0] == model.tokenizer.bos_token_id).all()
+    acts = harvest(model, [H0, H1], windows, batch_size=4, progress=False)
+    assert acts[H0].shape == acts[H1].shape == (6 * 31, model.cfg.d_model)
+    with_bos = harvest(model, [H0], windows, batch_size=4, exclude_bos=False, progress=False)[H0]
+    assert with_bos.shape == (6 * 32, model.cfg.d_model)
+    torch.testing.assert_close(with_bos.view(6, 32, -1)[:, 1:].reshape(-1, model.cfg.d_model), acts[H0])
+
+
+def test_harvest_stops_early_with_same_values(env, monkeypatch):
+    model = env[0]
+    windows = token_windows(model.tokenizer, "mixed", 4, 32)
+    calls = []
+    real = model.run_with_cache
+
+    def spy(*a, **kw):
+        calls.append(kw.get("stop_at_layer"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(model, "run_with_cache", spy)
+    early = harvest(model, [H0], windows, progress=False)[H0]
+    assert calls == [1]
+    _, full = real(windows)
+    torch.testing.assert_close(early, full[H0][:, 1:].reshape(-1, model.cfg.d_model), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_equals_direct_run(env, cache):
+    model = env[0]
+    assert len(cache) == 500 and cache.d_in == model.cfg.d_model
+    assert cache.tokens.shape == (17, 32)  # ceil(500 / 31) windows, the last one cut
+    assert cache.manifest["stop_at_layer"] == 1 and cache.manifest["harvest_tokens_per_s"] > 0
+    _, direct = model.run_with_cache(torch.from_numpy(np.array(cache.tokens)).long())
+    rows = torch.tensor([0, 30, 31, 250, 499])
+    w, p = cache.locate(rows)
+    expected = direct[H0][w, p]
+    torch.testing.assert_close(cache[rows], expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max()))
+    assert cache[rows].dtype == torch.float32
+    torch.testing.assert_close(cache[0:2], cache[torch.tensor([0, 1])])
+    assert cache[3].shape == (model.cfg.d_model,)
+    assert (p >= 1).all() and list(cache.token_ids(rows)) == [int(cache.tokens[a, b]) for a, b in zip(w, p)]
+
+
+def test_context_marks_the_row_token(env, cache):
+    tok = env[0].tokenizer
+    text = cache.context(40, tok, before=5, after=2)
+    marked = text.split("«")[1].split("»")[0]
+    assert marked == tok.decode([int(cache.token_ids(40))]).replace("\n", "↵")
+
+
+def test_reopen_is_fast_and_identical(env, cache, monkeypatch):
+    monkeypatch.setattr("saelib.subject_models.load_subject_model", lambda *a, **k: pytest.fail("reloaded the model"))
+    t0 = time.perf_counter()
+    again = get_or_build_cache(spec(env), progress=False)
+    assert time.perf_counter() - t0 < 1.0
+    assert again.path == cache.path and again.spec == cache.spec
+    idx = torch.arange(len(cache))
+    assert torch.equal(again[idx], cache[idx])
+
+
+def test_mismatched_manifest_is_refused(env, cache):
+    with pytest.raises(CacheMismatchError, match=f"hook: cache has '{H0}', requested '{H1}'"):
+        get_or_build_cache(spec(env, hook=H1), path=cache.path, progress=False)
+    with pytest.raises(CacheMismatchError, match="n_tokens"):
+        open_cache(cache.path, expect=spec(env, n_tokens=400))
+
+
+def test_build_caches_one_pass_several_hooks_and_dtypes(env, cache, tmp_path):
+    specs = [spec(env, dtype="float32"), spec(env, hook=H1, dtype="bfloat16"), spec(env, hook=H1, dtype="float32")]
+    f32, bf16, f32_h1 = build_caches(specs, root=tmp_path, model=env[0], progress=False)
+    idx = torch.arange(500)
+    assert f32.manifest["hooks_in_pass"] == [H0, H1, H1]
+    torch.testing.assert_close(cache[idx], f32[idx], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(bf16[idx], f32_h1[idx], rtol=1e-2, atol=1e-2)
+    assert not torch.equal(f32[idx], f32_h1[idx])
+
+
+def test_nonfinite_activations_raise(env):
+    model = env[0]
+    windows = token_windows(model.tokenizer, "mixed", 2, 32)
+    windows[1, 5] = 7
+    saved = model.W_E.data[7].clone()
+    model.W_E.data[7] = float("nan")
+    try:
+        with pytest.raises(NonFiniteActivationError, match="NaN/inf.*window 1"):
+            harvest(model, [H0], windows, progress=False)
+    finally:
+        model.W_E.data[7] = saved
+
+
+def test_unknown_hook_and_too_long_windows(env):
+    model = env[0]
+    windows = token_windows(model.tokenizer, "mixed", 2, 32)
+    with pytest.raises(ValueError, match="not a hook point.*hook_resid_post"):
+        harvest(model, ["blocks.9.hook_resid_post"], windows, progress=False)
+    with pytest.raises(ValueError, match="model's context is 64"):
+        harvest(model, [H0], token_windows(model.tokenizer, "mixed", 2, 65), progress=False)
+
+
+def test_heldout_windows_are_other_text(env):
+    tok = env[0].tokenizer
+    train = token_windows(tok, "mixed", 200, 32, seed=1)
+    held = token_windows(tok, "mixed", 50, 32, split="heldout")
+    assert torch.equal(train, token_windows(tok, "mixed", 200, 32, seed=1))
+    shingles = {tuple(r[i:i + 8].tolist()) for r in train[:, 1:] for i in range(0, 24)}
+    overlap = sum(tuple(r[i:i + 8].tolist()) in shingles for r in held[:, 1:] for i in range(0, 24))
+    assert overlap < 0.02 * 50 * 24  # only boilerplate 8-grams may recur
+    with pytest.raises(ValueError, match="split"):
+        token_windows(tok, "mixed", 2, 32, split="test")
+
+
+def test_cache_is_a_training_table(cache):
+    result = train_saes({"tk": SAEConfig(cache.d_in, 256, rule="topk", k=8)}, cache,
+                        TrainConfig(steps=5, batch_size=100, warmup_steps=1, init_tokens=400, log_every=1),
+                        progress=False)
+    ev = evaluate(result.saes["tk"], cache, n_tokens=400)
+    assert ev.n_tokens == 400 and np.isfinite(ev.nmse) and abs(ev.l0 - 8) < 1e-6
