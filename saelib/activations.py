@@ -129,7 +129,7 @@ def token_windows(tokenizer, corpus: str, n_windows: int, context_size: int, see
         complete = sum(map(len, docs)) < chars  # the corpus ran out before the budget
         keep = [d for i, d in enumerate(docs) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == (split == "heldout")]
         ids: list[int] = []
-        for enc in tokenizer(keep, add_special_tokens=False)["input_ids"]:
+        for enc in tokenizer(keep, add_special_tokens=False)["input_ids"] if keep else []:
             ids.extend(enc)
             ids.append(eos)
         if len(ids) >= need or complete:
