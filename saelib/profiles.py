@@ -33,12 +33,13 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # Chapter 1: the offline shelf, SmolLM2-135M and the book's model organism.
     "subject_models": {
-        "ci": dict(corpus="mixed", pretrained="smollm2-135m", organism="ci", eval_windows=8,
-                   context_size=64, check_against_transformers=True),
-        "cpu": dict(corpus="mixed", pretrained="smollm2-135m", organism="cpu", eval_windows=64,
-                    context_size=128, check_against_transformers=True),
-        "gpu": dict(corpus="hf:Skylion007/openwebtext", pretrained="gpt2-small", organism="cpu",
-                    eval_windows=256, context_size=128, check_against_transformers=False),
+        "ci": dict(corpus="mixed", shelf_max_chars=2_000_000, pretrained="smollm2-135m", organism="ci",
+                   eval_windows=8, context_size=64, check_against_transformers=True, max_pretrained_ce=4.5),
+        "cpu": dict(corpus="mixed", shelf_max_chars=None, pretrained="smollm2-135m", organism="cpu",
+                    eval_windows=48, context_size=128, check_against_transformers=True, max_pretrained_ce=4.0),
+        "gpu": dict(corpus="hf:Skylion007/openwebtext", shelf_max_chars=None, pretrained="gpt2-small",
+                    organism="cpu", eval_windows=256, context_size=128, check_against_transformers=False,
+                    max_pretrained_ce=3.6),
     },
 }
 
