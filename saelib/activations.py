@@ -37,7 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelib.corpora import cache_root, load_corpus
-from saelib.subject_models import check_hook_point, stop_layer
+from saelib.subject_models import check_hook_point, load_subject_model, stop_layer
 
 __all__ = [
     "CacheSpec", "ActivationCache", "CacheMismatchError", "NonFiniteActivationError", "harvest",
@@ -289,7 +289,8 @@ def get_or_build_cache(spec: CacheSpec, root: str | os.PathLike | None = None, m
     """The cache for ``spec``: opened if already built, harvested otherwise.
 
     It lives in ``path`` if given, else in ``root/<spec.key()>`` (``root`` defaults to
-    ``$SAELIB_CACHE/activations``). ``model`` avoids reloading a model already in memory."""
+    ``$SAELIB_CACHE/activations``). ``model`` (which must be the one ``spec.model`` names) avoids
+    reloading a model already in memory."""
     return build_caches([spec], root, model, progress, paths=None if path is None else [path])[0]
 
 
@@ -317,8 +318,6 @@ def build_caches(specs: Sequence[CacheSpec], root: str | os.PathLike | None = No
 
 
 def _build(todo: list[tuple[CacheSpec, Path]], model, progress: bool) -> None:
-    from saelib.subject_models import load_subject_model
-
     spec = todo[0][0]
     if model is None:
         model = load_subject_model(spec.model, checkpoint=spec.checkpoint)
@@ -326,43 +325,57 @@ def _build(todo: list[tuple[CacheSpec, Path]], model, progress: bool) -> None:
     if spec.checkpoint is not None and step is not None and step != spec.checkpoint:
         raise ValueError(f"the model passed is checkpoint {step} but the spec asks for checkpoint {spec.checkpoint}")
     hooks = [check_hook_point(model, s.hook) for s, _ in todo]
+    if spec.context_size > model.cfg.n_ctx:
+        raise ValueError(f"CacheSpec.context_size={spec.context_size} exceeds the model's context "
+                         f"{model.cfg.n_ctx}; use context_size <= {model.cfg.n_ctx}")
     windows = token_windows(model.tokenizer, spec.corpus, spec.n_windows, spec.context_size, spec.seed)
-
     tmps = []
-    for s, d in todo:
+    for _, d in todo:
         d.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_tmps(d)
-        tmp = d.with_name(f"{d.name}.tmp{os.getpid()}")
-        tmp.mkdir()
-        np.save(tmp / "tokens.npy", windows.numpy().astype(np.int32))
-        tmps.append(tmp)
-    mmaps: list[np.memmap | None] = [None] * len(todo)
-    row, t0 = 0, time.perf_counter()
-    for out in _iter_harvest(model, hooks, windows, spec.batch_size, spec.exclude_bos, progress):
-        n = min(len(out[hooks[0]]), spec.n_tokens - row)  # the last window is cut to n_tokens
-        for i, (s, _) in enumerate(todo):
-            act = out[s.hook][:n]
-            if mmaps[i] is None:
-                mmaps[i] = np.memmap(tmps[i] / "activations.bin", dtype=_STORAGE[s.dtype], mode="w+",
-                                     shape=(spec.n_tokens, act.shape[1]))
-            mmaps[i][row:row + n] = _to_storage(act, s)
-        row += n
-    seconds = time.perf_counter() - t0
-    for (s, d), tmp, mm in zip(todo, tmps, mmaps):
-        mm.flush()
-        manifest = {**asdict(s), "d_in": mm.shape[1], "n_rows": spec.n_tokens, "n_windows": len(windows),
+        tmps.append(d.with_name(f"{d.name}.tmp{os.getpid()}"))
+    try:
+        seconds, widths = _harvest_to_disk(model, [s for s, _ in todo], tmps, windows, progress)
+    except BaseException:
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for (s, d), tmp, d_in in zip(todo, tmps, widths):
+        manifest = {**asdict(s), "d_in": d_in, "n_rows": spec.n_tokens, "n_windows": len(windows),
                     "rows_per_window": s.rows_per_window, "first_position": int(s.exclude_bos),
                     "key": s.key(), "model_name": model.cfg.model_name, "checkpoint_step": step,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "harvest_seconds": seconds,
                     "harvest_tokens_per_s": len(windows) * spec.context_size / seconds,
                     "hooks_in_pass": hooks, "stop_at_layer": stop_layer(model, hooks),
                     "versions": _versions()}
-        del mm
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # written last: marks completion
         try:
             os.replace(tmp, d)
         except OSError:  # another process finished the same cache first; keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _harvest_to_disk(model, specs: list[CacheSpec], tmps: list[Path], windows: Tensor,
+                     progress: bool) -> tuple[float, list[int]]:
+    """Stream activations batch by batch into each tmp dir's memmap; return (seconds, widths)."""
+    spec = specs[0]
+    for tmp in tmps:
+        tmp.mkdir()
+        np.save(tmp / "tokens.npy", windows.numpy().astype(np.int32))
+    mmaps: list[np.memmap] = []
+    row, t0 = 0, time.perf_counter()
+    for out in _iter_harvest(model, [s.hook for s in specs], windows, spec.batch_size, spec.exclude_bos, progress):
+        n = min(len(out[spec.hook]), spec.n_tokens - row)  # the last window is cut to n_tokens
+        for i, s in enumerate(specs):
+            act = out[s.hook][:n]
+            if len(mmaps) == i:
+                mmaps.append(np.memmap(tmps[i] / "activations.bin", dtype=_STORAGE[s.dtype], mode="w+",
+                                       shape=(spec.n_tokens, act.shape[1])))
+            mmaps[i][row:row + n] = _to_storage(act, s)
+        row += n
+    for mm in mmaps:
+        mm.flush()
+    return time.perf_counter() - t0, [mm.shape[1] for mm in mmaps]
 
 
 def _remove_stale_tmps(d: Path) -> None:

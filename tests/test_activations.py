@@ -89,7 +89,7 @@ def test_context_marks_the_row_token(env, cache):
 
 
 def test_reopen_is_fast_and_identical(env, cache, monkeypatch):
-    monkeypatch.setattr("saelib.subject_models.load_subject_model", lambda *a, **k: pytest.fail("reloaded the model"))
+    monkeypatch.setattr(activations, "load_subject_model", lambda *a, **k: pytest.fail("reloaded the model"))
     t0 = time.perf_counter()
     again = get_or_build_cache(spec(env), progress=False)
     assert time.perf_counter() - t0 < 1.0
@@ -135,6 +135,20 @@ def test_unknown_hook_and_too_long_windows(env):
         harvest(model, ["blocks.9.hook_resid_post"], windows, progress=False)
     with pytest.raises(ValueError, match="model's context is 64"):
         harvest(model, [H0], token_windows(model.tokenizer, "mixed", 2, 65), progress=False)
+
+
+def test_failed_build_leaves_nothing(env, tmp_path):
+    with pytest.raises(ValueError, match="context_size=128 exceeds the model's context 64"):
+        get_or_build_cache(spec(env, context_size=128), root=tmp_path, model=env[0], progress=False)
+    model = env[0]
+    saved = model.blocks[0].mlp.b_out.data.clone()
+    model.blocks[0].mlp.b_out.data[0] = float("inf")
+    try:
+        with pytest.raises(NonFiniteActivationError):
+            get_or_build_cache(spec(env, n_tokens=100), root=tmp_path, model=model, progress=False)
+    finally:
+        model.blocks[0].mlp.b_out.data.copy_(saved)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_heldout_windows_are_other_text(env):

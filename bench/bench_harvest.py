@@ -1,0 +1,123 @@
+"""Activation-harvest speed: tokens/s of saelib.activations at a middle layer vs the full model.
+
+    python bench/bench_harvest.py [--batch 16 --context 128 --batches 4 --json out.json]
+
+Rows per model (tokens = windows x context, BOS included, as the model processes them):
+* harvest (stop_at_layer): ``harvest`` at the middle hook, which stops after that block;
+* harvest (full model): the same hook with the forward pass run to the end (no stop_at_layer);
+* full forward (logits): ``model(tokens)``, the cost of a splice-evaluation pass;
+* cache build: ``get_or_build_cache`` into a temporary directory (harvest + float16 memmap writes).
+
+SmolLM2-135M (30 layers) is read at blocks.15.hook_resid_post (stop_at_layer=16); the organism is
+'cpu' if it has been trained into the cache (4 layers, blocks.1.hook_resid_post), else 'ci'
+(2 layers, blocks.0.hook_resid_post; from the cache, or trained into a temporary directory).
+
+Each row runs at every ``--threads`` count. On a machine whose cores are shared with other busy
+processes, OpenMP's default spin-waiting makes 2 threads up to ~50x slower than 1; run with
+``OMP_WAIT_POLICY=PASSIVE`` (printed below) to avoid that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from saelib.activations import CacheSpec, get_or_build_cache, harvest, token_windows
+from saelib.subject_models import load_subject_model, organism_dir, stop_layer, train_organism
+
+
+def seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def drain(model, hook: str, windows: torch.Tensor, batch: int, stop: bool) -> None:
+    if stop:
+        harvest(model, [hook], windows, batch, progress=False)
+        return
+    with torch.no_grad():
+        for lo in range(0, len(windows), batch):
+            model.run_with_cache(windows[lo:lo + batch], names_filter=[hook])
+
+
+def full_forward(model, windows: torch.Tensor, batch: int) -> None:
+    with torch.no_grad():
+        for lo in range(0, len(windows), batch):
+            model(windows[lo:lo + batch])
+
+
+def bench_model(name: str, hook: str, a: argparse.Namespace) -> list[dict]:
+    model = load_subject_model(name)
+    ctx = min(a.context, model.cfg.n_ctx)
+    windows = token_windows(model.tokenizer, "mixed", a.batch * a.batches, ctx)
+    full_forward(model, windows[: a.batch], a.batch)  # warm-up
+    n = windows.numel()
+    label = model.cfg.model_name if Path(name).is_dir() else name
+    base = {"model": label, "hook": hook, "batch": a.batch, "context": ctx, "tokens": n}
+    rows = []
+    for threads in a.threads:
+        torch.set_num_threads(threads)
+        row = {**base, "threads": threads}
+        rows += [
+            {**row, "what": f"harvest (stop_at_layer={stop_layer(model, [hook])})",
+             "tokens_per_s": n / seconds(lambda: drain(model, hook, windows, a.batch, True))},
+            {**row, "what": "harvest (full model)",
+             "tokens_per_s": n / seconds(lambda: drain(model, hook, windows, a.batch, False))},
+            {**row, "what": "full forward (logits)",
+             "tokens_per_s": n / seconds(lambda: full_forward(model, windows, a.batch))},
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = CacheSpec(name, hook, n_tokens=len(windows) * (ctx - 1), context_size=ctx, batch_size=a.batch)
+            cache = get_or_build_cache(spec, root=tmp, model=model, progress=False)
+            rows.append({**row, "what": "cache build (float16)", "tokens_per_s": cache.manifest["harvest_tokens_per_s"]})
+    return rows
+
+
+def finished(organism: Path) -> bool:
+    meta = organism / "organism.json"
+    return meta.exists() and bool(json.loads(meta.read_text()).get("finished"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--batches", type=int, default=4, help="batches timed per row")
+    p.add_argument("--threads", type=lambda v: [int(t) for t in v.split(",")], default=[1, 2],
+                   help="comma-separated torch thread counts")
+    p.add_argument("--skip-smollm2", action="store_true")
+    p.add_argument("--json", help="also write the results here")
+    a = p.parse_args()
+
+    load_before = os.getloadavg()[0]
+    rows: list[dict] = []
+    if not a.skip_smollm2:
+        rows += bench_model("smollm2-135m", "blocks.15.hook_resid_post", a)
+    if finished(organism_dir("cpu")):
+        rows += bench_model("organism-cpu", "blocks.1.hook_resid_post", a)
+    elif finished(organism_dir("ci")):
+        rows += bench_model("organism-ci", "blocks.0.hook_resid_post", a)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += bench_model(str(train_organism("ci", tmp, progress=False)), "blocks.0.hook_resid_post", a)
+
+    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, cores={os.cpu_count()}, "
+          f"load average before: {load_before:.2f}, now: {os.getloadavg()[0]:.2f}")
+    print(f"{'model':<16} {'hook':<26} {'batch':>5} {'ctx':>4} {'thr':>3} {'what':<28} {'tokens/s':>10}")
+    for r in rows:
+        print(f"{r['model']:<16} {r['hook']:<26} {r['batch']:>5} {r['context']:>4} {r['threads']:>3} {r['what']:<28} "
+              f"{r['tokens_per_s']:>10,.0f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
