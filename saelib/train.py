@@ -26,6 +26,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import re
 import sys
 import textwrap
 import tomllib
@@ -110,15 +111,42 @@ def field_docs(cls: type) -> dict[str, tuple[str, str]]:
     return docs
 
 
-def _fields(target: type | Callable) -> dict[str, tuple[Any, Any]]:
-    """{name: (type, default or MISSING)} of a dataclass or a function's parameters."""
+class Field(typing.NamedTuple):
+    type: Any
+    default: Any
+    """The default value, or dataclasses.MISSING for a required field."""
+    doc: str
+
+
+def _fields(target: type | Callable) -> dict[str, Field]:
+    """The fields of a dataclass (documented by attribute docstrings) or a function's parameters."""
     hints = typing.get_type_hints(target)
     if dataclasses.is_dataclass(target):
-        return {f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else
-                         f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        docs = field_docs(target)
+        return {f.name: Field(hints[f.name], f.default if f.default is not dataclasses.MISSING else
+                              f.default_factory() if f.default_factory is not dataclasses.MISSING
+                              else dataclasses.MISSING, docs.get(f.name, ("", ""))[1])
                 for f in dataclasses.fields(target)}
-    return {p.name: (hints.get(p.name, Any), dataclasses.MISSING if p.default is inspect.Parameter.empty else p.default)
-            for p in inspect.signature(target).parameters.values()}
+    return {p.name: Field(hints.get(p.name, Any), dataclasses.MISSING if p.default is inspect.Parameter.empty
+                          else p.default, "") for p in inspect.signature(target).parameters.values()}
+
+
+def _suggest(key: str, known: dict[str, Field]) -> str | None:
+    """The field a mistyped key most likely meant: by name, else by the key's words against phrases of
+    each field's docstring (so that learning_rate finds lr, "Peak Adam learning rate")."""
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return close[0]
+    words = " ".join(key.lower().replace("_", " ").split())
+
+    def score(name: str) -> float:
+        doc = re.findall(r"[a-z0-9]+", known[name].doc.lower())
+        n = len(words.split())
+        return max((difflib.SequenceMatcher(None, words, " ".join(doc[i:i + n])).ratio()
+                    for i in range(len(doc))), default=0.0)
+
+    best = max(known, key=score, default=None)
+    return best if best is not None and score(best) >= 0.8 else None
 
 
 def _type_name(tp: Any) -> str:
@@ -153,24 +181,26 @@ def _check_table(table: Any, known: dict[str, tuple[Any, Any]], prefix: str) -> 
     out = {}
     for key, value in table.items():
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {prefix}.{close[0]}?" if close else f"valid keys: {', '.join(known)}"
+            close = _suggest(key, known)
+            hint = f"did you mean {prefix}.{close}?" if close else f"valid keys: {', '.join(known)}"
             raise ConfigError(f"{prefix}.{key}: unknown key; {hint}")
-        out[key] = _check_value(value, known[key][0], f"{prefix}.{key}")
+        out[key] = _check_value(value, known[key].type, f"{prefix}.{key}")
     return out
 
 
 def _build(cls: type, kwargs: dict, prefix: str) -> Any:
     """``cls(**kwargs)``, with missing required fields and the class's own validation errors
-    (e.g. k > d_sae) reported under ``prefix``."""
-    missing = [name for name, (_, default) in _fields(cls).items()
-               if default is dataclasses.MISSING and name not in kwargs]
+    (e.g. k > d_sae) reported under the key they name."""
+    known = _fields(cls)
+    missing = [name for name, f in known.items() if f.default is dataclasses.MISSING and name not in kwargs]
     if missing:
         raise ConfigError(f"{prefix}: missing required key(s) {', '.join(f'{prefix}.{m}' for m in missing)}")
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise ConfigError(f"{prefix}: {e}") from e
+        # Validation messages name the field they reject ("k must be ...", "unknown aux loss ...").
+        named = [w for w in re.findall(r"[A-Za-z_]\w*", str(e)) if w in known]
+        raise ConfigError(f"{prefix}.{named[0]}: {e}" if named else f"{prefix}: {e}") from e
 
 
 # ============================================================================ loading
@@ -211,14 +241,14 @@ def _check_data(raw: dict) -> dict:
                           f"(found: {', '.join(sources) or 'none'})")
     if spec:
         _build(_cache_spec_class(), {k: v for k, v in data.items() if k in spec}, "data")
-        return data | {k: default for k, (_, default) in spec.items() if k not in data}
+        return data | {k: f.default for k, f in spec.items() if k not in data}
     if "synthetic" in data:
         known = _fields(_make_synthetic())
         synthetic = _check_table(data["synthetic"], known, "data.synthetic")
-        missing = [k for k, (_, d) in known.items() if d is dataclasses.MISSING and k not in synthetic]
+        missing = [k for k, f in known.items() if f.default is dataclasses.MISSING and k not in synthetic]
         if missing:
             raise ConfigError(f"data.synthetic: missing required key(s) {', '.join(missing)}")
-        data["synthetic"] = {k: synthetic.get(k, default) for k, (_, default) in known.items()}
+        data["synthetic"] = {k: synthetic.get(k, f.default) for k, f in known.items()}
     return data
 
 
@@ -300,7 +330,7 @@ def help_config() -> str:
     def section(title: str, cls: type, notes: dict[str, str] | None = None) -> list[str]:
         lines = [f"[{title}]", textwrap.indent(inspect.cleandoc(cls.__doc__ or ""), "  # ")]
         for name, (annotation, doc) in field_docs(cls).items():
-            default = _fields(cls)[name][1]
+            default = _fields(cls)[name].default
             shown = (notes or {}).get(name) or ("required" if default is dataclasses.MISSING else
                                                 f"default {json.dumps(default)}")
             lines.append(f"  {name}: {annotation} ({shown})")
@@ -311,8 +341,8 @@ def help_config() -> str:
     synth = _fields(_make_synthetic())
     lines = section("data", DataConfig) + section("data (CacheSpec fields, with model + hook)", _cache_spec_class())
     lines += ["[data.synthetic]  (saelib.synthetic.make_synthetic)"]
-    lines += [f"  {k}: {_type_name(tp)} ({'required' if d is dataclasses.MISSING else f'default {d!r}'})"
-              for k, (tp, d) in synth.items()] + [""]
+    lines += [f"  {k}: {_type_name(f.type)} ({'required' if f.default is dataclasses.MISSING else f'default {f.default!r}'})"
+              for k, f in synth.items()] + [""]
     lines += section("train", TrainConfig)
     lines += section("sae.NAME", SAEConfig, {"d_in": "default: the data's width"})
     lines += section("export", ExportConfig)
