@@ -106,6 +106,26 @@ def build_html(executed: Path, build_dir: Path, root: Path = ROOT) -> Path:
     return build_dir / "html" / "index.html"
 
 
+def export_figures(executed: Path, out: Path) -> list[Path]:
+    """Write every PNG figure of the executed notebooks to out/<chapter>-figNN.png (for the README
+    gallery and for readers who want the images without the HTML)."""
+    import base64
+
+    import nbformat
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for nb_path in sorted(executed.glob("*.ipynb")):
+        nb = nbformat.read(nb_path, as_version=4)
+        pngs = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code"
+                for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+        for i, png in enumerate(pngs, 1):
+            path = out / f"{nb_path.stem}-fig{i:02d}.png"
+            path.write_bytes(base64.b64decode(png))
+            written.append(path)
+    return written
+
+
 def record_timing(build_dir: Path, profile: str, chapter: str, seconds: float) -> None:
     path = build_dir / "timings.json"
     timings = json.loads(path.read_text()) if path.exists() else {}
@@ -132,8 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-dir", type=Path, default=ROOT / "_build")
     ap.add_argument("--no-html", action="store_true", help="execute only; skip the HTML build")
     ap.add_argument("--list", action="store_true", help="list chapters and their knobs, then exit")
+    ap.add_argument("--timings", action="store_true", help="print the recorded chapter times, then exit")
     a = ap.parse_args(argv)
     notebooks = chapters()
+    if a.timings:
+        path = a.build_dir / "timings.json"
+        timings = json.loads(path.read_text()) if path.exists() else {}
+        print("| chapter | " + " | ".join(timings) + " |\n|---|" + "---|" * len(timings))
+        for nb in notebooks:
+            print(f"| {nb.stem} | " + " | ".join(f"{t[nb.stem]:.0f} s" if nb.stem in t else "-"
+                                                 for t in timings.values()) + " |")
+        return 0
     if a.list:
         for nb in notebooks:
             print(f"{nb.stem}: {notebook_parameters(nb)}")
@@ -167,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.no_html or a.only:
         print(f"executed {len(notebooks)} notebook(s) in {total:.0f} s into {executed}")
         return 0
+    export_figures(executed, a.build_dir / "figures" / a.profile)
     t0 = time.perf_counter()
     index = build_html(executed, a.build_dir)
     print(f"executed {len(notebooks)} notebooks in {total:.0f} s; HTML in {time.perf_counter() - t0:.0f} s: "

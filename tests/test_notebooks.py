@@ -72,3 +72,5 @@ def test_notebook_executes_on_the_ci_profile(path, tmp_path):
     executed = nbformat.read(out, as_version=4)
     text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
     assert "checks passed" in text, f"{path.name} did not reach its final assertion cell"
+    figures = book.export_figures(tmp_path, tmp_path / "figures")
+    assert len(figures) >= 2 and all(f.read_bytes().startswith(b"\x89PNG") for f in figures)
