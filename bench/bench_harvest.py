@@ -76,7 +76,8 @@ def bench_model(name: str, hook: str, a: argparse.Namespace) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             spec = CacheSpec(name, hook, n_tokens=len(windows) * (ctx - 1), context_size=ctx, batch_size=a.batch)
             cache = get_or_build_cache(spec, root=tmp, model=model, progress=False)
-            rows.append({**row, "what": "cache build (float16)", "tokens_per_s": cache.manifest["harvest_tokens_per_s"]})
+            rows.append({**row, "what": "cache build (float16)",
+                         "tokens_per_s": cache.manifest["harvest_tokens_per_s"]})
     return rows
 
 

@@ -79,8 +79,8 @@ class CacheSpec:
     """Storage dtype: float16 (half the disk of float32, ~3 significant digits), bfloat16 (float32's
     range, for models whose activations exceed 65504) or float32."""
     exclude_bos: bool = True
-    """Drop position 0 (BOS), whose activations are outliers (norms up to hundreds of times the
-    median) that would dominate an SAE's reconstruction loss."""
+    """Drop position 0 (BOS), whose activations are outliers (in SmolLM2's residual stream about 140x
+    the median token's norm at layer 15, 9x at layer 5) that would dominate an SAE's loss."""
     checkpoint: int | None = None
     """Organism training step (None: the final weights)."""
     seed: int = 0
@@ -112,6 +112,8 @@ def token_windows(tokenizer, corpus: str, n_windows: int, context_size: int, see
                   split: str = "train") -> Tensor:
     """[n_windows, context_size] token ids: the corpus's documents joined by EOS, cut into windows
     that each start with BOS (as TransformerLens's ``to_tokens`` would), in a seeded random order.
+    For SmolLM2 that is its tokenizer's BOS ``<|im_start|>`` with ``<|im_end|>`` between documents;
+    for the organisms ``<|endoftext|>`` is both, as in their training.
 
     ``split`` picks the documents (see ``HELDOUT_EVERY``). Only as much text as needed is read."""
     if split not in ("train", "heldout"):
@@ -182,8 +184,8 @@ def harvest(model, hooks: list[str], windows: Tensor, batch_size: int = 16, excl
 
     The forward pass stops after the deepest requested layer (``stop_at_layer``), which is what
     makes early-layer harvests cheap. ``exclude_bos`` drops position 0: BOS activations have
-    outlier norms (hundreds of times the median in SmolLM2) and carry no information about the
-    text. Raises ``NonFiniteActivationError`` on NaN/inf and ValueError (listing the valid names)
+    outlier norms (about 140x the median in SmolLM2's layer-15 residual) and carry no information
+    about the text. Raises ``NonFiniteActivationError`` on NaN/inf and ValueError (listing the valid names)
     on an unknown hook."""
     chunks: dict[str, list[Tensor]] = {h: [] for h in hooks}
     for out in _iter_harvest(model, hooks, windows, batch_size, exclude_bos, progress):

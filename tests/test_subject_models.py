@@ -65,7 +65,8 @@ def test_checkpoints_follow_schedule_and_load_by_step(organism):
 
 def test_hook_point_errors_list_valid_ones(organism):
     model = load_subject_model(organism)
-    with pytest.raises(ValueError, match=r"'blocks.5.hook_resid_post' is not a hook point[\s\S]*blocks.\{0..1\}.hook_resid_post"):
+    valid = r"'blocks.5.hook_resid_post' is not a hook point[\s\S]*blocks.\{0..1\}.hook_resid_post"
+    with pytest.raises(ValueError, match=valid):
         check_hook_point(model, "blocks.5.hook_resid_post")
     with pytest.raises(ValueError, match="Did you mean.*blocks.0.hook_resid_post"):
         check_hook_point(model, "blocks.0.hook_resid_pots")
