@@ -115,7 +115,9 @@ def token_windows(tokenizer, corpus: str, n_windows: int, context_size: int, see
     For SmolLM2 that is its tokenizer's BOS ``<|im_start|>`` with ``<|im_end|>`` between documents;
     for the organisms ``<|endoftext|>`` is both, as in their training.
 
-    ``split`` picks the documents (see ``HELDOUT_EVERY``). Only as much text as needed is read."""
+    ``split`` picks the documents (see ``HELDOUT_EVERY``). The held-out documents are held out from
+    SAE training only: ``train_organism`` trained the organisms on them too, so an organism's loss
+    on them is not a generalisation measure. Only as much text as needed is read."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     bos = tokenizer.bos_token_id
