@@ -163,6 +163,15 @@ def test_heldout_windows_are_other_text(env):
         token_windows(tok, "mixed", 2, 32, split="test")
 
 
+def test_heldout_reads_on_when_the_first_budget_has_no_heldout_document(env):
+    from saelib.corpora import KJV_DATA
+
+    if not KJV_DATA.exists():
+        pytest.skip("kjv corpus (Debian bible-kjv-text) is not installed")
+    # KJV chapters are ~4k characters, so the first budget (~23k) holds no 20th chapter.
+    assert token_windows(env[0].tokenizer, "kjv", 1, 32, split="heldout").shape == (1, 32)
+
+
 def test_cache_is_a_training_table(cache):
     result = train_saes({"tk": SAEConfig(cache.d_in, 256, rule="topk", k=8)}, cache,
                         TrainConfig(steps=5, batch_size=100, warmup_steps=1, init_tokens=400, log_every=1),
