@@ -1,0 +1,170 @@
+"""saelib vs SAELens 6.x: TopK SAE training speed and held-out NMSE on the same activations.
+
+    python bench/bench_saelens.py [--steps 20 --d-sae 4608 --k 32 --batch 4096 --cache DIR --json out.json]
+
+Both train the same size (d_in x d_sae, k) with Adam at the same lr, warm-up and decay point, on the
+same batches in the same order (saelib.training.batch_indices over one in-memory table), with no
+auxiliary loss (SAELens's dead-feature window is set past the run; saelib's aux = "none").
+Each runs through its own training entry point: saelib.training.train_saes, and SAELens's SAETrainer
+fed by an in-memory iterator (its TopKTrainingSAE with dense activations: its sparse-activation
+variant, --saelens sparse, fails in backward on CPU with torch 2.13, "aten::view" on SparseCPU).
+
+Speed: every batch fetch is timestamped, so a step's time is the gap between consecutive fetches
+(fetch included, same for both); tokens/s is the median over the steps after --warmup. The
+end-to-end column divides all tokens by the whole call (including set-up such as saelib's
+geometric-median b_dec). NMSE: one evaluation function over --heldout rows never trained on.
+The data is scaled to unit mean squared norm up front, so both libraries see it in the same units
+(SAELens with normalize_activations="none"; saelib's own scale is then ~1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch import Tensor
+
+from bench_train import matmul_gflops
+from saelib.metrics import per_token_error
+from saelib.sae import SAEConfig
+from saelib.training import TrainConfig, batch_indices, train_saes
+
+
+class TimedTable:
+    """An activation table that timestamps each fetch of a training batch."""
+
+    def __init__(self, x: Tensor, batch: int):
+        self.x, self.batch, self.stamps = x, batch, []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, idx: Tensor) -> Tensor:
+        if len(idx) == self.batch:
+            self.stamps.append(time.perf_counter())
+        return self.x[idx]
+
+
+def gaussian_plus_sparse(n: int, d: int, n_features: int = 4096, active: float = 32, seed: int = 0) -> Tensor:
+    """Residual-stream-like rows: a shared offset, anisotropic Gaussian noise, and a sparse
+    non-negative sum of unit directions with Zipf-like frequencies (built in chunks to bound memory)."""
+    gen = torch.Generator().manual_seed(seed)
+    directions = torch.randn(n_features, d, generator=gen)
+    directions /= directions.norm(dim=1, keepdim=True)
+    prob = 1.0 / torch.arange(1, n_features + 1) ** 0.5
+    prob *= active / prob.sum()
+    offset, spread = torch.randn(d, generator=gen), torch.linspace(0.05, 0.5, d)
+    chunks = []
+    for start in range(0, n, 4096):
+        m = min(4096, n - start)
+        codes = (torch.rand(m, n_features, generator=gen) < prob) * -torch.log(torch.rand(m, n_features, generator=gen).clamp(min=1e-12))
+        chunks.append(offset + spread * torch.randn(m, d, generator=gen) + codes @ directions)
+    x = torch.cat(chunks)
+    return x / x.pow(2).sum(1).mean().sqrt()
+
+
+def load_cache(path: str, n: int) -> Tensor:
+    from saelib.activations import open_cache
+
+    cache = open_cache(path)
+    x = cache[torch.arange(min(n, len(cache)))]
+    return x / x.pow(2).sum(1).mean().sqrt()
+
+
+@torch.no_grad()
+def heldout_nmse(reconstruct, x: Tensor) -> float:
+    """Squared error over the held-out rows relative to their mean squared deviation from the mean."""
+    x_hat = torch.cat([reconstruct(chunk) for chunk in x.split(4096)])
+    return float(per_token_error(x, x_hat).mean())
+
+
+def step_stats(stamps: list[float], batch: int, warmup: int) -> float:
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
+    return batch / statistics.median(gaps)
+
+
+def run_saelib(x: Tensor, held: Tensor, a: argparse.Namespace) -> dict:
+    table = TimedTable(x, a.batch)
+    cfg = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, warmup_steps=a.lr_warmup, log_every=a.steps)
+    t0 = time.perf_counter()
+    sae = train_saes({"topk": SAEConfig(a.d, a.d_sae, rule="topk", k=a.k)}, table, cfg, progress=False).saes["topk"]
+    wall = time.perf_counter() - t0
+    table.stamps.append(t0 + wall)  # the last step ends with the call (train_saes has no later fetch)
+    return {"library": "saelib", "tokens_per_s": step_stats(table.stamps, a.batch, a.warmup),
+            "end_to_end_tokens_per_s": a.steps * a.batch / wall, "nmse": heldout_nmse(sae.reconstruct, held)}
+
+
+def run_saelens(x: Tensor, held: Tensor, a: argparse.Namespace, sparse: bool) -> dict:
+    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=a.d, d_sae=a.d_sae, k=a.k, dtype="float32", device="cpu",
+                                                use_sparse_activations=sparse, normalize_activations="none"))
+    table = TimedTable(x, a.batch)
+
+    def batches():
+        for step in range(a.steps):
+            yield table[batch_indices(step, a.batch, len(x), 0)]
+        table.stamps.append(time.perf_counter())  # fit() asks for no batch after the last step
+
+    decay = a.steps - int(0.8 * a.steps)  # saelib's decay_start = 0.8
+    trainer = SAETrainer(SAETrainerConfig(
+        total_training_samples=a.steps * a.batch, train_batch_size_samples=a.batch, lr=a.lr, lr_end=a.lr / 10,
+        lr_warm_up_steps=a.lr_warmup, lr_decay_steps=decay, dead_feature_window=a.steps + 1,
+        feature_sampling_window=a.steps + 1, logger=LoggingConfig(log_to_wandb=False)), sae, batches())
+    t0 = time.perf_counter()
+    trainer.fit()
+    wall = time.perf_counter() - t0
+    sae.eval()
+    return {"library": f"SAELens ({'sparse' if sparse else 'dense'} acts)",
+            "tokens_per_s": step_stats(table.stamps, a.batch, a.warmup),
+            "end_to_end_tokens_per_s": a.steps * a.batch / wall, "nmse": heldout_nmse(sae, held)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d", type=int, default=576)
+    p.add_argument("--d-sae", type=int, default=4608)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3, help="steps left out of the median step time")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--lr-warmup", type=int, default=2, help="linear lr warm-up steps (both libraries)")
+    p.add_argument("--rows", type=int, default=65536, help="training rows (batches cycle through them)")
+    p.add_argument("--heldout", type=int, default=8192)
+    p.add_argument("--cache", help="an activation cache directory to use instead of synthetic rows")
+    p.add_argument("--saelens", default="dense", help="SAELens variants to run, comma-separated: dense, sparse")
+    p.add_argument("--json", help="also write the results here")
+    a = p.parse_args()
+
+    x = load_cache(a.cache, a.rows + a.heldout) if a.cache else gaussian_plus_sparse(a.rows + a.heldout, a.d)
+    a.d = x.shape[1]
+    train, held = x[:-a.heldout], x[-a.heldout:]
+    gflops = matmul_gflops(a.batch, a.d, a.d_sae)
+    roofline = gflops * 1e9 / (2 * a.d * a.d_sae)
+    rows = [run_saelib(train, held, a)]
+    rows += [run_saelens(train, held, a, sparse=v == "sparse") for v in a.saelens.split(",") if v]
+    best_lens = max((r["tokens_per_s"] for r in rows[1:]), default=None)
+    print(f"threads {torch.get_num_threads()}  fp32 matmul {gflops:.0f} GFLOP/s  encoder-bound roofline "
+          f"{roofline:,.0f} tokens/s  (d={a.d}, d_sae={a.d_sae}, k={a.k}, batch={a.batch}, steps={a.steps}, "
+          f"data={'cache ' + a.cache if a.cache else 'synthetic'})")
+    print(f"{'library':26s} {'tokens/s':>10s} {'end-to-end':>11s} {'of roofline':>12s} {'vs SAELens':>11s} "
+          f"{'held-out NMSE':>14s}")
+    for r in rows:
+        r["roofline_frac"] = r["tokens_per_s"] / roofline
+        r["vs_best_saelens"] = r["tokens_per_s"] / best_lens if best_lens else None
+        vs = f"{r['vs_best_saelens']:.2f}x" if best_lens else "-"
+        print(f"{r['library']:26s} {r['tokens_per_s']:10,.0f} {r['end_to_end_tokens_per_s']:11,.0f} "
+              f"{100 * r['roofline_frac']:11.0f}% {vs:>11s} {r['nmse']:14.4f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"matmul_gflops": gflops, "roofline_tokens_per_s": roofline, "args": vars(a), "results": rows},
+                      f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
