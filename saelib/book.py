@@ -75,6 +75,8 @@ def execute(path: Path, out_path: Path, profile: str, params: dict[str, Any] | N
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Progress bars inside the kernel end up in the saved outputs: one update per 30 s is plenty.
     os.environ.setdefault("TQDM_MININTERVAL", "30")
+    # PyTorch's OpenMP threads spin while waiting; on a shared 2-core machine that costs 10x or more.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     t0 = time.perf_counter()
     try:
         papermill.execute_notebook(str(path), str(out_path), parameters=params, kernel_name="python3",

@@ -25,10 +25,10 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                    noise=0.01, expansion=2, k=4, l1_coeff=2e-2, steps=400, batch_size=512, lr=3e-3,
                    min_recovered=0.9, max_nmse=0.15),
         "cpu": dict(n_tokens=400_000, d_model=64, n_features=256, active=8.0, zipf_exponent=0.5,
-                    noise=0.01, expansion=2, k=8, l1_coeff=1e-2, steps=2000, batch_size=1024,
+                    noise=0.01, expansion=2, k=8, l1_coeff=8e-2, steps=2000, batch_size=1024,
                     lr=2e-3, min_recovered=0.9, max_nmse=0.15),
         "gpu": dict(n_tokens=4_000_000, d_model=256, n_features=2048, active=16.0, zipf_exponent=0.5,
-                    noise=0.01, expansion=2, k=16, l1_coeff=5e-3, steps=10_000, batch_size=4096,
+                    noise=0.01, expansion=2, k=16, l1_coeff=8e-2, steps=10_000, batch_size=4096,
                     lr=1e-3, min_recovered=0.9, max_nmse=0.15),
     },
     # Chapter 1: the offline shelf, SmolLM2-135M and the book's model organism.
