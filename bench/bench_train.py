@@ -1,19 +1,28 @@
 """Training speed of each allocation rule against this machine's fp32 matmul roofline.
 
-    python bench/bench_train.py [--d 576 --d-sae 4608 --k 32 --batch 4096 --steps 8 --json out.json]
+    python bench/bench_train.py [--d 576 --d-sae 4608 --k 32 --batch 4096 --steps 8 --two-ranks --json out.json]
 
 Roofline: a sparse SAE step cannot avoid one dense product, the encoder's forward pass
 (2 * batch * d * d_sae FLOPs); everything else touches only the kept entries. The encoder-bound
 roofline is that product's time at the matmul throughput measured here, in the same run.
+
+--two-ranks also times each rule data-parallel: 2 gloo processes with 1 thread each, each stepping
+on half of the same global batch (gradients and statistics all-reduced), against 1 process with
+all threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
+import tempfile
 import time
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from saelib.sae import SAE, SAEConfig
 from saelib.training import TrainConfig, _new_optimizer, _train_step
@@ -28,9 +37,9 @@ def matmul_gflops(batch: int, d: int, d_sae: int, repeats: int = 5) -> float:
     return 2 * batch * d * d_sae * repeats / (time.perf_counter() - t0) / 1e9
 
 
-def step_seconds(cfg: SAEConfig, x: torch.Tensor, steps: int) -> float:
+def step_seconds(cfg: SAEConfig, x: torch.Tensor, steps: int, init: torch.Tensor | None = None) -> float:
     sae = SAE(cfg)
-    sae.init_from_sample(x[:4096])
+    sae.init_from_sample((x if init is None else init)[:4096])
     sae.train()
     opt = _new_optimizer(sae, TrainConfig(steps=steps))
     for _ in range(2):  # warm-up: allocator caches, thresholds, first Adam state
@@ -41,6 +50,40 @@ def step_seconds(cfg: SAEConfig, x: torch.Tensor, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def activation_like(batch: int, d: int) -> torch.Tensor:
+    """A shared offset plus anisotropic noise, as in a residual stream."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, d, generator=gen) * torch.linspace(0.2, 3, d) + torch.randn(d, generator=gen)
+
+
+def _rank_worker(rank: int, port: int, cfgs: list[dict], batch: int, steps: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        x = activation_like(batch, cfgs[0]["d_in"])
+        # Same initialisation on both ranks (as train_saes does), then each steps on its half.
+        secs = [step_seconds(SAEConfig(**c), x.chunk(2)[rank], steps, init=x) for c in cfgs]
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(secs, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def two_rank_step_seconds(cfgs: list[SAEConfig], batch: int, steps: int) -> list[float]:
+    """Step time of each config with the global batch split over 2 gloo ranks of 1 thread each."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "secs.json")
+        mp.start_processes(_rank_worker, args=(port, [c.to_dict() for c in cfgs], batch, steps, out),
+                           nprocs=2, start_method="spawn")
+        with open(out) as f:
+            return json.load(f)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d", type=int, default=576)
@@ -49,28 +92,31 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rules", default="topk,mutual_choice,feature_choice,relu")
+    p.add_argument("--two-ranks", action="store_true", help="also time 2 data-parallel ranks of 1 thread")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args()
 
     gflops = matmul_gflops(a.batch, a.d, a.d_sae)
     roofline = a.batch / (2 * a.batch * a.d * a.d_sae / (gflops * 1e9))
-    # Activation-like data: a shared offset plus anisotropic noise, as in a residual stream.
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(a.batch, a.d, generator=gen) * torch.linspace(0.2, 3, a.d) + torch.randn(a.d, generator=gen)
+    x = activation_like(a.batch, a.d)
+    cfgs = [SAEConfig(a.d, a.d_sae, rule=rule, k=a.k, l1_coeff=1e-3 if rule == "relu" else 0.0)
+            for rule in a.rules.split(",")]
     rows = []
-    for rule in a.rules.split(","):
-        extra = {"l1_coeff": 1e-3} if rule == "relu" else {}
-        secs = step_seconds(SAEConfig(a.d, a.d_sae, rule=rule, k=a.k, **extra), x, a.steps)
-        rows.append({"rule": rule, "step_s": secs, "tokens_per_s": a.batch / secs})
-    topk = next((r["step_s"] for r in rows if r["rule"] == "topk"), None)
+    for cfg in cfgs:
+        secs = step_seconds(cfg, x, a.steps)
+        rows.append({"rule": cfg.rule, "ranks": 1, "step_s": secs, "tokens_per_s": a.batch / secs})
+    if a.two_ranks:
+        for cfg, secs in zip(cfgs, two_rank_step_seconds(cfgs, a.batch, a.steps)):
+            rows.append({"rule": cfg.rule, "ranks": 2, "step_s": secs, "tokens_per_s": a.batch / secs})
+    topk = next((r["step_s"] for r in rows if r["rule"] == "topk" and r["ranks"] == 1), None)
     print(f"threads {torch.get_num_threads()}  fp32 matmul {gflops:.0f} GFLOP/s  "
           f"encoder-bound roofline {roofline:,.0f} tokens/s  (d={a.d}, d_sae={a.d_sae}, k={a.k}, batch={a.batch})")
-    print(f"{'rule':16s} {'step ms':>8s} {'tokens/s':>10s} {'of roofline':>12s} {'vs topk step':>13s}")
+    print(f"{'rule':16s} {'ranks':>5s} {'step ms':>8s} {'tokens/s':>10s} {'of roofline':>12s} {'vs topk step':>13s}")
     for r in rows:
         r["roofline_frac"] = r["tokens_per_s"] / roofline
         r["vs_topk"] = r["step_s"] / topk if topk else None
         vs = f"{r['vs_topk']:.2f}x" if topk else "-"
-        print(f"{r['rule']:16s} {1000 * r['step_s']:8.0f} {r['tokens_per_s']:10,.0f} {100 * r['roofline_frac']:11.0f}% {vs:>13s}")
+        print(f"{r['rule']:16s} {r['ranks']:5d} {1000 * r['step_s']:8.0f} {r['tokens_per_s']:10,.0f} {100 * r['roofline_frac']:11.0f}% {vs:>13s}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"matmul_gflops": gflops, "roofline_tokens_per_s": roofline, "args": vars(a), "rules": rows}, f, indent=2)
