@@ -31,9 +31,9 @@ from saelib.sae import SAE, SAEOutput, decode_sparse
 def centered_sq_sum(x: Tensor) -> Tensor:
     """sum_t ||x_t - mean(x)||^2 over the (global) batch, accumulated in float64."""
     x64 = x.double()
-    stats = torch.cat([x64.new_tensor([len(x)]), x64.pow(2).sum()[None], x64.sum(0)])
+    stats = torch.cat([x64.new_tensor([len(x)]), (x64 * x64).sum()[None], x64.sum(0)])
     n, sq, total = distributed.all_reduce(stats).split([1, 1, x.shape[1]])
-    return (sq - total.pow(2).sum() / n).clamp(min=1e-12).squeeze().to(x.dtype)
+    return (sq - (total * total).sum() / n).clamp(min=1e-12).squeeze().to(x.dtype)
 
 
 def nmse(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -41,7 +41,8 @@ def nmse(x: Tensor, x_hat: Tensor) -> Tensor:
 
     Data-parallel: this rank's share, its squared error over the global batch's variance, so the
     shares (and their gradients) sum over ranks to the global-batch NMSE."""
-    return (x_hat - x).pow(2).sum() / centered_sq_sum(x)
+    diff = (x_hat - x).flatten()
+    return diff.dot(diff) / centered_sq_sum(x)  # dot: one fused pass (pow/square are slow here)
 
 
 def l1(out: SAEOutput) -> Tensor:
