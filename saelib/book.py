@@ -80,7 +80,7 @@ def execute(path: Path, out_path: Path, profile: str, params: dict[str, Any] | N
     t0 = time.perf_counter()
     try:
         papermill.execute_notebook(str(path), str(out_path), parameters=params, kernel_name="python3",
-                                   cwd=str(path.parent), progress_bar=False)
+                                   language="python", cwd=str(path.parent), progress_bar=False)
     except papermill.PapermillExecutionError as e:
         raise ChapterFailed(f"{path.name} failed in cell {e.cell_index} (execution count {e.exec_count}): "
                             f"{e.ename}: {e.evalue}\nthe executed notebook with the traceback: {out_path}"

@@ -14,7 +14,8 @@ NOTEBOOKS = sorted((book.ROOT / "notebooks").glob("*.ipynb"))
 
 
 def chapter_of(path):
-    match = re.search(r'from_parameters\("(\w+)"', path.read_text())
+    source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells)
+    match = re.search(r'from_parameters\("(\w+)"', source)
     assert match, f"{path.name} does not resolve its parameters with saelib.profiles.from_parameters"
     return match.group(1)
 
