@@ -85,16 +85,23 @@ class CacheSpec:
     """Organism training step (None: the final weights)."""
     seed: int = 0
     """Seed of the window order."""
+    split: str = "train"
+    """Documents to cut windows from: "train", or "heldout" for evaluating SAEs (see token_windows)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in _STORAGE:
             raise ValueError(f"CacheSpec.dtype must be one of {list(_STORAGE)}, got {self.dtype!r}")
+        if self.split not in ("train", "heldout"):
+            raise ValueError(f"CacheSpec.split must be 'train' or 'heldout', got {self.split!r}")
         if self.n_tokens <= 0 or self.batch_size <= 0 or self.context_size < 2:
             raise ValueError(f"CacheSpec needs n_tokens > 0, batch_size > 0 and context_size >= 2: {self}")
 
     def key(self) -> str:
         """Short stable hash of the spec: the cache's directory name."""
-        blob = json.dumps(asdict(self), sort_keys=True)
+        fields_ = asdict(self)
+        if self.split == "train":  # caches built before the field existed keep their key
+            del fields_["split"]
+        blob = json.dumps(fields_, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
@@ -209,7 +216,7 @@ class ActivationCache:
                                     "with saelib.activations.get_or_build_cache(spec)")
         self.manifest: dict = json.loads(manifest.read_text())
         m = self.manifest
-        self.spec = CacheSpec(**{f.name: m[f.name] for f in fields(CacheSpec)})
+        self.spec = CacheSpec(**{f.name: m.get(f.name, f.default) for f in fields(CacheSpec)})
         n, d = m["n_rows"], m["d_in"]
         storage = np.dtype(_STORAGE[m["dtype"]])
         data = self.path / "activations.bin"
@@ -332,7 +339,8 @@ def _build(todo: list[tuple[CacheSpec, Path]], model, progress: bool) -> None:
     if spec.context_size > model.cfg.n_ctx:
         raise ValueError(f"CacheSpec.context_size={spec.context_size} exceeds the model's context "
                          f"{model.cfg.n_ctx}; use context_size <= {model.cfg.n_ctx}")
-    windows = token_windows(model.tokenizer, spec.corpus, spec.n_windows, spec.context_size, spec.seed)
+    windows = token_windows(model.tokenizer, spec.corpus, spec.n_windows, spec.context_size, spec.seed,
+                            split=spec.split)
     tmps = []
     for _, d in todo:
         d.parent.mkdir(parents=True, exist_ok=True)

@@ -192,6 +192,13 @@ def feature_choice(z: Tensor, ctx: AllocationContext) -> Tensor:
     return torch.cat(kept).sort().values
 
 
+def selection_mask(rule: str, z: Tensor, ctx: AllocationContext) -> Tensor:
+    """Boolean [tokens, features] matrix of the entries ``rule`` keeps from ``z`` (to draw or test)."""
+    mask = torch.zeros(z.numel(), dtype=torch.bool, device=z.device)
+    mask[get_rule(rule).select(z, ctx)] = True
+    return mask.view_as(z)
+
+
 def threshold_select(z: Tensor, threshold: Tensor) -> Tensor:
     """Inference encoding for batch-level rules: keep entries above the tracked threshold."""
     return torch.nonzero((z > threshold).flatten() & (z.flatten() > 0)).squeeze(1)

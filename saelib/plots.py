@@ -16,7 +16,8 @@ from matplotlib.figure import Figure
 RULE_COLORS = {"relu": "#7f7f7f", "topk": "#1f77b4", "topk+aux_k": "#17becf", "feature_choice": "#d62728",
                "mutual_choice": "#2ca02c", "mutual_choice+aux_zipf": "#98df8a", "organism": "#9467bd"}
 METRIC_LABELS = {"nmse": "NMSE (fraction of variance unexplained)", "l0": "L0 (active features per token)",
-                 "dead_frac": "fraction of dead features", "loss": "training loss", "aux": "auxiliary loss"}
+                 "dead_frac": "fraction of dead features",
+                 "underused_frac": "fraction under half their Zipf target", "loss": "training loss", "aux": "auxiliary loss"}
 
 
 def style() -> None:

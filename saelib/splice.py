@@ -10,7 +10,7 @@ hook that the SAE recovers. Evaluate on held-out text (``token_windows(..., spli
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from saelib.subject_models import check_hook_point
 
-__all__ = ["SpliceResult", "splice_metrics"]
+__all__ = ["SpliceResult", "splice_metrics", "splice_sweep"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,6 @@ def _replace(fn: Callable[[Tensor], Tensor], first: int):
     return hook
 
 
-@torch.no_grad()
 def splice_metrics(model, hook: str, reconstruct, windows: Tensor, batch_size: int = 8,
                    exclude_bos: bool = True, progress: bool = False) -> SpliceResult:
     """Clean, spliced and zero-ablated next-token losses of ``model`` on ``windows`` [n, ctx].
@@ -74,22 +73,41 @@ def splice_metrics(model, hook: str, reconstruct, windows: Tensor, batch_size: i
     With ``exclude_bos`` position 0 keeps its original activation in both modified runs, as the
     SAEs never saw BOS activations (see ``saelib.activations``). An identity ``reconstruct``
     reproduces the clean run exactly."""
+    return splice_sweep(model, hook, {"sae": reconstruct}, windows, batch_size, exclude_bos, progress)["sae"]
+
+
+@torch.no_grad()
+def splice_sweep(model, hook: str, reconstructs: Mapping[str, object], windows: Tensor, batch_size: int = 8,
+                 exclude_bos: bool = True, progress: bool = False) -> dict[str, SpliceResult]:
+    """``splice_metrics`` for several SAEs of one hook, sharing the clean and zero-ablated runs."""
     check_hook_point(model, hook)
-    fn = _as_function(reconstruct)
     first = int(exclude_bos)
-    replace = _replace(fn, first)
+    replace = {name: _replace(_as_function(r), first) for name, r in reconstructs.items()}
     zero = _replace(torch.zeros_like, first)
-    sums = torch.zeros(4, dtype=torch.float64)  # ce clean, ce spliced, kl, ce zero
+    clean_sums = torch.zeros(2, dtype=torch.float64)  # ce clean, ce zero
+    spliced_sums = {name: torch.zeros(2, dtype=torch.float64) for name in replace}  # ce spliced, kl
     n = 0
     for lo in tqdm(range(0, len(windows), batch_size), disable=not progress, desc="splicing", unit="batch"):
         tokens = windows[lo:lo + batch_size].to(model.cfg.device)
         target = tokens[:, 1:].reshape(-1)
-        clean = model(tokens)[:, :-1].log_softmax(-1).flatten(0, 1)
-        spliced = model.run_with_hooks(tokens, fwd_hooks=[(hook, replace)])[:, :-1].log_softmax(-1).flatten(0, 1)
-        zeroed = model.run_with_hooks(tokens, fwd_hooks=[(hook, zero)])[:, :-1].log_softmax(-1).flatten(0, 1)
-        kl = F.kl_div(spliced, clean, log_target=True, reduction="sum")
-        sums += torch.stack([F.nll_loss(clean, target, reduction="sum"), F.nll_loss(spliced, target, reduction="sum"),
-                             kl, F.nll_loss(zeroed, target, reduction="sum")]).double().cpu()
+
+        def log_probs(hooks):
+            return model.run_with_hooks(tokens, fwd_hooks=hooks)[:, :-1].log_softmax(-1).flatten(0, 1)
+
+        clean = log_probs([])
+        zeroed = log_probs([(hook, zero)])
+        clean_sums += torch.stack([F.nll_loss(clean, target, reduction="sum"),
+                                   F.nll_loss(zeroed, target, reduction="sum")]).double().cpu()
+        for name, fn in replace.items():
+            spliced = log_probs([(hook, fn)])
+            spliced_sums[name] += torch.stack([F.nll_loss(spliced, target, reduction="sum"),
+                                               F.kl_div(spliced, clean, log_target=True, reduction="sum")
+                                               ]).double().cpu()
         n += len(target)
-    ce_clean, ce_spliced, kl, ce_zero = (sums / n).tolist()
-    return SpliceResult(ce_clean=ce_clean, ce_spliced=ce_spliced, kl=kl, ce_zero_ablation=ce_zero, n_tokens=n)
+    ce_clean, ce_zero = (clean_sums / n).tolist()
+    results = {}
+    for name, sums in spliced_sums.items():
+        ce_spliced, kl = (sums / n).tolist()
+        results[name] = SpliceResult(ce_clean=ce_clean, ce_spliced=ce_spliced, kl=kl, ce_zero_ablation=ce_zero,
+                                     n_tokens=n)
+    return results

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from saelib import checkpoints as ckpt
 from saelib import distributed
-from saelib.losses import dead_weights, sae_loss
+from saelib.losses import dead_weights, sae_loss, zipf_shortfall_weights
 from saelib.sae import SAE, SAEConfig
 
 
@@ -108,7 +108,8 @@ def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> Tensor:
 class TrainResult:
     saes: dict[str, SAE]
     history: pd.DataFrame
-    """One row per (logged step, SAE): step, tokens, sae, lr, loss, nmse, l0, dead_frac, l1, aux,
+    """One row per (logged step, SAE): step, tokens, sae, lr, loss, nmse, l0, dead_frac, underused_frac
+    (features firing at under half their Zipf target density, dead ones included), l1, aux and
     tokens_per_s (that SAE's own training speed)."""
     out_dir: Path | None
 
@@ -225,7 +226,8 @@ def _train_step(sae: SAE, opt: torch.optim.Optimizer, x: Tensor, lr: float, clip
                           terms.nmse.new_tensor(out.codes.values.numel())]).detach()
     loss, recon, sparsity, aux, kept = distributed.all_reduce(totals).tolist()
     return {"loss": loss, "nmse": recon, "l1": sparsity, "aux": aux,
-            "l0": kept / (x.shape[0] * distributed.world_size()), "dead_frac": dead_weights(sae).mean().item()}
+            "l0": kept / (x.shape[0] * distributed.world_size()), "dead_frac": dead_weights(sae).mean().item(),
+            "underused_frac": (zipf_shortfall_weights(sae) > 0.5).float().mean().item()}
 
 
 def _postfix(rows: list[dict]) -> str:

@@ -7,7 +7,7 @@ import torch
 
 from saelib.activations import harvest, token_windows
 from saelib.sae import SAEConfig
-from saelib.splice import splice_metrics
+from saelib.splice import splice_metrics, splice_sweep
 from saelib.subject_models import load_subject_model, train_organism
 from saelib.training import TrainConfig, train_saes
 
@@ -58,6 +58,11 @@ def test_trained_sae_lies_between_clean_and_zero(model, heldout):
     assert 0 < r.fraction_recovered < 1
     via_callable = splice_metrics(model, HOOK, sae.reconstruct, heldout)
     assert via_callable.ce_spliced == pytest.approx(r.ce_spliced, abs=1e-6)
+    # A sweep shares the clean and zero runs but gives each SAE the numbers it gets on its own.
+    sweep = splice_sweep(model, HOOK, {"sae": sae, "zero": torch.zeros_like, "identity": lambda x: x}, heldout)
+    assert sweep["sae"] == r
+    assert sweep["zero"].ce_spliced == pytest.approx(r.ce_zero_ablation, abs=1e-6)
+    assert sweep["identity"].ce_increase == pytest.approx(0.0, abs=1e-6)
 
 
 def test_bad_inputs_are_explained(model, heldout):
