@@ -41,7 +41,8 @@ from saelib.subject_models import check_hook_point, load_subject_model, stop_lay
 
 __all__ = [
     "CacheSpec", "ActivationCache", "CacheMismatchError", "NonFiniteActivationError", "harvest",
-    "token_windows", "get_or_build_cache", "build_caches", "open_cache", "HELDOUT_EVERY",
+    "token_windows", "get_or_build_cache", "build_caches", "open_cache", "HELDOUT_EVERY", "RowSubset",
+    "drop_norm_outliers",
 ]
 
 HELDOUT_EVERY = 20
@@ -277,6 +278,38 @@ class ActivationCache:
             return "".join(tokenizer.decode([int(t)]) for t in ids[a:b]).replace("\n", "↵")
 
         return f"{text(lo, p)}{mark[0]}{text(p, p + 1)}{mark[-1]}{text(p + 1, hi)}"
+
+
+@dataclass
+class RowSubset:
+    """Some rows of an activation table, usable as a table of their own (``len``, ``[idx]``)."""
+
+    table: ActivationCache
+    rows: np.ndarray
+    """Ascending indices into ``table`` of the rows kept (``table.context(rows[i], ...)`` for text)."""
+    threshold: float
+    """Norm above which rows were dropped."""
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: Tensor | slice | np.ndarray) -> Tensor:
+        return self.table[self.rows[idx.cpu().numpy() if isinstance(idx, Tensor) else idx]]
+
+
+def drop_norm_outliers(table: ActivationCache, max_ratio: float = 10.0, threshold: float | None = None,
+                       batch_size: int = 65_536) -> RowSubset:
+    """``table`` without its rows of norm above ``threshold`` (default ``max_ratio`` x the median norm).
+
+    Besides BOS, a few tokens near the start of a window carry *massive activations* (Sun et al. 2024):
+    in SmolLM2's layer-15 residual about 3% of position-1 tokens reach 5-150x the median norm. Kept,
+    a handful of them hold most of the variance of a batch, so NMSE would measure little else.
+    Pass the training table's ``threshold`` when filtering its held-out table."""
+    norms = np.concatenate([table[slice(lo, lo + batch_size)].norm(dim=1).numpy()
+                            for lo in range(0, len(table), batch_size)])
+    if threshold is None:
+        threshold = float(max_ratio * np.median(norms))
+    return RowSubset(table, np.nonzero(norms <= threshold)[0], threshold)
 
 
 def _spec_diff(have: CacheSpec, want: CacheSpec) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -117,6 +118,17 @@ def zipf_fit(density: Tensor | np.ndarray, rank_range: tuple[int, int] | None = 
     pred = intercept + slope * lx
     r2 = 1 - ((ly - pred) ** 2).sum() / ((ly - ly.mean()) ** 2).sum()
     return ZipfFit(float(-slope), float(intercept), float(r2), int(keep.sum()))
+
+
+def frontier_nmse_at(l0: float, frontier_l0: Sequence[float], frontier_nmse: Sequence[float]) -> float:
+    """The NMSE a family of SAEs (one point per sparsity) reaches at ``l0``: log NMSE interpolated
+    linearly in log L0 between the family's points; nan outside their L0 range (no extrapolation)."""
+    order = np.argsort(frontier_l0)
+    x = np.log(np.asarray(frontier_l0, dtype=np.float64)[order])
+    y = np.log(np.asarray(frontier_nmse, dtype=np.float64)[order])
+    if not x[0] <= np.log(l0) <= x[-1]:
+        return float("nan")
+    return float(np.exp(np.interp(np.log(l0), x, y)))
 
 
 def max_cosine(directions: Tensor, dictionary: Tensor) -> Tensor:

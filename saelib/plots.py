@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 RULE_COLORS = {"relu": "#7f7f7f", "topk": "#1f77b4", "topk+aux_k": "#17becf", "feature_choice": "#d62728",
@@ -68,5 +69,65 @@ def count_histograms(counts: Mapping[str, np.ndarray], xlabel: str = "active fea
     ax.set_xlabel(xlabel)
     ax.set_ylabel("fraction of tokens")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def allocation_picture(masks: Mapping[str, np.ndarray]) -> Figure:
+    """Which (token, feature) entries each rule keeps from the same pre-activations: one panel per
+    rule with kept entries coloured, and the number kept per token beside it."""
+    fig, axes = plt.subplots(1, len(masks) + 1, figsize=(3.2 * (len(masks) + 1), 3.6),
+                             gridspec_kw={"width_ratios": [3] * len(masks) + [2]})
+    for ax, (name, mask) in zip(axes, masks.items()):
+        mask = np.asarray(mask)
+        ax.imshow(mask, aspect="auto", interpolation="nearest", cmap=ListedColormap(["white", color(name)]))
+        ax.set_title(f"{name}: {int(mask.sum())} kept", fontsize=9)
+        ax.set_xlabel("feature")
+        ax.grid(False)
+    axes[0].set_ylabel("token")
+    counts = axes[-1]
+    for name, mask in masks.items():
+        per_token = np.asarray(mask).sum(1)
+        counts.plot(per_token, np.arange(len(per_token)), "o-", ms=2.5, lw=1, color=color(name), label=name)
+    counts.invert_yaxis()
+    counts.set_xlabel("kept per token")
+    counts.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def sorted_densities(densities: Mapping[str, np.ndarray], fits: Mapping[str, tuple[float, float]] | None = None,
+                     target: np.ndarray | None = None) -> Figure:
+    """Feature densities sorted from most to least frequent on log-log axes, one line per SAE;
+    ``fits`` maps a name to (exponent s, log10 C) of a Zipf line C * rank ** -s drawn dashed;
+    ``target`` (density per rank) is drawn in black."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, density in densities.items():
+        d = np.sort(np.asarray(density))[::-1]
+        ranks = np.arange(1, len(d) + 1)
+        ax.loglog(ranks[d > 0], d[d > 0], color=color(name), lw=1.6, label=name)
+        if fits and name in fits:
+            s, log_c = fits[name]
+            ax.loglog(ranks, 10**log_c * ranks**-s, "--", color=color(name), lw=1, label=f"Zipf fit, s = {s:.2f}")
+    if target is not None:
+        ax.loglog(np.arange(1, len(target) + 1), target, "k:", lw=1.2, label="Feature Choice target")
+    ax.set_xlabel("feature rank (by density)")
+    ax.set_ylabel("density (fraction of tokens)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def frontiers(table: pd.DataFrame, ys: Sequence[str], x: str = "L0", family: str = "family") -> Figure:
+    """One panel per metric in ``ys`` against ``x`` (log-log), a line through each family's points."""
+    fig, axes = plt.subplots(1, len(ys), figsize=(5 * len(ys), 3.8), squeeze=False)
+    for ax, y in zip(axes[0], ys):
+        for name, rows in table.sort_values(x).groupby(family, sort=False):
+            ax.plot(rows[x], rows[y], "o-", ms=4, color=color(name), label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -41,6 +41,22 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     organism="cpu", eval_windows=256, context_size=128, check_against_transformers=False,
                     max_pretrained_ce=3.6),
     },
+    # Chapter 2: Feature Choice and Mutual Choice against TopK and ReLU on a real residual stream.
+    "allocation": {
+        "ci": dict(model="smollm2-135m", hook="blocks.15.hook_resid_post", corpus="mixed", n_tokens=16_384,
+                   eval_tokens=4096, context_size=64, splice_windows=4, expansion=2, k=16, k_sweep=(8, 32),
+                   l1_sweep=(0.01, 0.04), steps=120, batch_size=512, lr=2e-3, dead_after_tokens=16_384,
+                   zipf_exponent=1.0, expect_claims=None),
+        "cpu": dict(model="smollm2-135m", hook="blocks.15.hook_resid_post", corpus="mixed", n_tokens=200_000,
+                    eval_tokens=16_384, context_size=128, splice_windows=16, expansion=8, k=32,
+                    k_sweep=(16, 64), l1_sweep=(0.005, 0.01, 0.02), steps=300, batch_size=2048, lr=1e-3,
+                    dead_after_tokens=100_000, zipf_exponent=1.0, expect_claims=None),
+        "gpu": dict(model="gpt2-small", hook="blocks.8.hook_resid_pre", corpus="hf:Skylion007/openwebtext",
+                    n_tokens=8_000_000, eval_tokens=131_072, context_size=128, splice_windows=256, expansion=32,
+                    k=32, k_sweep=(16, 64, 128), l1_sweep=(0.002, 0.005, 0.01, 0.02), steps=12_000,
+                    batch_size=4096, lr=4e-4, dead_after_tokens=5_000_000, zipf_exponent=1.0,
+                    expect_claims=None),
+    },
 }
 
 

@@ -55,35 +55,43 @@ def _as_function(reconstruct) -> Callable[[Tensor], Tensor]:
     return fn
 
 
-def _replace(fn: Callable[[Tensor], Tensor], first: int):
+def _replace(fn: Callable[[Tensor], Tensor], first: int, max_norm: float | None = None):
     def hook(act: Tensor, hook=None) -> Tensor:
-        x_hat = fn(act[:, first:])
-        if x_hat.shape != act[:, first:].shape:
-            raise ValueError(f"reconstruct returned shape {tuple(x_hat.shape)} for input {tuple(act[:, first:].shape)}")
-        return torch.cat([act[:, :first], x_hat.to(act.dtype)], dim=1)
+        x = act[:, first:]
+        x_hat = fn(x)
+        if x_hat.shape != x.shape:
+            raise ValueError(f"reconstruct returned shape {tuple(x_hat.shape)} for input {tuple(x.shape)}")
+        x_hat = x_hat.to(act.dtype)
+        if max_norm is not None:
+            x_hat = torch.where(x.norm(dim=-1, keepdim=True) > max_norm, x, x_hat)
+        return torch.cat([act[:, :first], x_hat], dim=1)
 
     return hook
 
 
 def splice_metrics(model, hook: str, reconstruct, windows: Tensor, batch_size: int = 8,
-                   exclude_bos: bool = True, progress: bool = False) -> SpliceResult:
+                   exclude_bos: bool = True, progress: bool = False, max_norm: float | None = None
+                   ) -> SpliceResult:
     """Clean, spliced and zero-ablated next-token losses of ``model`` on ``windows`` [n, ctx].
 
     ``reconstruct`` is an SAE trained on ``hook`` or any function x -> x_hat on [..., d] tensors.
     With ``exclude_bos`` position 0 keeps its original activation in both modified runs, as the
-    SAEs never saw BOS activations (see ``saelib.activations``). An identity ``reconstruct``
-    reproduces the clean run exactly."""
-    return splice_sweep(model, hook, {"sae": reconstruct}, windows, batch_size, exclude_bos, progress)["sae"]
+    SAEs never saw BOS activations (see ``saelib.activations``); likewise, with ``max_norm``, so
+    do positions whose activation norm exceeds it (the rows ``drop_norm_outliers`` removed from the
+    SAEs' data). An identity ``reconstruct`` reproduces the clean run exactly."""
+    return splice_sweep(model, hook, {"sae": reconstruct}, windows, batch_size, exclude_bos, progress,
+                        max_norm)["sae"]
 
 
 @torch.no_grad()
 def splice_sweep(model, hook: str, reconstructs: Mapping[str, object], windows: Tensor, batch_size: int = 8,
-                 exclude_bos: bool = True, progress: bool = False) -> dict[str, SpliceResult]:
+                 exclude_bos: bool = True, progress: bool = False, max_norm: float | None = None
+                 ) -> dict[str, SpliceResult]:
     """``splice_metrics`` for several SAEs of one hook, sharing the clean and zero-ablated runs."""
     check_hook_point(model, hook)
     first = int(exclude_bos)
-    replace = {name: _replace(_as_function(r), first) for name, r in reconstructs.items()}
-    zero = _replace(torch.zeros_like, first)
+    replace = {name: _replace(_as_function(r), first, max_norm) for name, r in reconstructs.items()}
+    zero = _replace(torch.zeros_like, first, max_norm)
     clean_sums = torch.zeros(2, dtype=torch.float64)  # ce clean, ce zero
     spliced_sums = {name: torch.zeros(2, dtype=torch.float64) for name in replace}  # ce spliced, kl
     n = 0

@@ -178,7 +178,7 @@ def train_saes(
                            tokens_per_s=tokens_timed / max(seconds[name], 1e-9))
                 history.append(row)
         if record:
-            bar.set_postfix_str(_postfix(history[-len(models):]))
+            bar.set_postfix_str(_postfix(history[-len(models):]), refresh=False)  # tqdm's own rate limit
             tokens_timed, seconds = 0, {name: 0.0 for name in models}
         if out_dir and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.steps, last_step)):
             if rank == 0:

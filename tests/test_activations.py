@@ -9,7 +9,7 @@ import torch
 
 from saelib import activations
 from saelib.activations import (CacheMismatchError, CacheSpec, NonFiniteActivationError, build_caches,
-                                get_or_build_cache, harvest, open_cache, token_windows)
+                                drop_norm_outliers, get_or_build_cache, harvest, open_cache, token_windows)
 from saelib.metrics import evaluate
 from saelib.sae import SAEConfig
 from saelib.subject_models import load_subject_model, train_organism
@@ -171,6 +171,17 @@ def test_heldout_cache_holds_heldout_windows(env, cache):
     assert np.array_equal(held.tokens, windows.numpy())
     with pytest.raises(ValueError, match="split must be"):
         spec(env, split="test")
+
+
+def test_drop_norm_outliers_keeps_the_typical_rows():
+    x = torch.randn(1000, 8)
+    x[[3, 500, 999]] *= 100
+    kept = drop_norm_outliers(x, max_ratio=10.0)
+    assert len(kept) == 997 and not np.isin([3, 500, 999], kept.rows).any()
+    assert torch.equal(kept[torch.tensor([0, 3])], x[[0, 4]])  # subset row 3 is table row 4
+    assert kept.threshold == pytest.approx(10 * float(x.norm(dim=1).median()), rel=1e-3)
+    held = drop_norm_outliers(x[:10], threshold=kept.threshold)  # a held-out table, same cut
+    assert held.rows.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
 
 
 def test_heldout_reads_on_when_the_first_budget_has_no_heldout_document(env):

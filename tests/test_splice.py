@@ -65,6 +65,17 @@ def test_trained_sae_lies_between_clean_and_zero(model, heldout):
     assert sweep["identity"].ce_increase == pytest.approx(0.0, abs=1e-6)
 
 
+def test_positions_above_max_norm_keep_their_activation(model, heldout, clean):
+    zero = splice_metrics(model, HOOK, torch.zeros_like, heldout[:4], max_norm=0.0)  # every position is "above"
+    assert zero.ce_spliced == pytest.approx(clean_of(model, heldout[:4]), abs=1e-6)
+    none = splice_metrics(model, HOOK, torch.zeros_like, heldout[:4], max_norm=float("inf"))
+    assert none.ce_spliced == pytest.approx(none.ce_zero_ablation, abs=1e-6)
+
+
+def clean_of(model, windows):
+    return splice_metrics(model, HOOK, lambda x: x, windows).ce_clean
+
+
 def test_bad_inputs_are_explained(model, heldout):
     with pytest.raises(ValueError, match="reconstruct returned shape"):
         splice_metrics(model, HOOK, lambda x: x[..., :3], heldout[:2])
