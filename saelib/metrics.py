@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -53,16 +54,22 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(sae: SAE, data, n_tokens: int | None = None, batch_size: int = 4096,
-             start: int = 0, progress: bool = False) -> Evaluation:
-    """Inference-mode metrics over rows [start, start + n_tokens) of an activation table.
+             start: int = 0, progress: bool = False, batch_allocation: bool = False) -> Evaluation:
+    """Metrics over rows [start, start + n_tokens) of an activation table.
 
+    By default in inference mode (batch-level rules encode each token by their tracked thresholds).
+    ``batch_allocation`` instead lets FC and MC allocate their budget within each batch of
+    ``batch_size`` tokens, as in training (on a copy, so the SAE's running statistics are untouched).
     NMSE and explained variance are pooled over the whole window (mean of the window, not of
     each batch)."""
     n_tokens = min(n_tokens or len(data), len(data) - start)
     if n_tokens <= 0:
         raise ValueError(f"no tokens to evaluate (table has {len(data)} rows, start={start})")
     was_training = sae.training
-    sae.eval()
+    if batch_allocation:
+        sae = copy.deepcopy(sae).train()
+    else:
+        sae.eval()
     fires = torch.zeros(sae.cfg.d_sae)
     l0s, sq_err, xs_sum, xs_sq, errs = [], 0.0, 0.0, 0.0, []
     resid_sum, resid_sq = 0.0, 0.0

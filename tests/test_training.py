@@ -56,9 +56,24 @@ def test_budget_rules_hold_their_budget_at_inference(trained):
         assert 3 <= l0 <= 4.0 + 1e-6, (rule, l0)
 
 
+def test_batch_allocation_spends_exactly_the_budget_and_leaves_the_sae_alone(synthetic, trained):
+    heldout = synthetic.activations[-8192:]
+    for rule in ("mutual_choice", "feature_choice"):
+        sae = trained.saes[rule]
+        before = {k: v.clone() for k, v in sae.state_dict().items()}
+        ev = evaluate(sae, heldout, batch_size=512, batch_allocation=True)
+        # k per token over each batch: exactly for MC; FC's capacities go unfilled where z <= 0.
+        assert ev.l0 == pytest.approx(4.0, abs=1e-6) if rule == "mutual_choice" else 3.5 < ev.l0 <= 4.0, (rule, ev.l0)
+        assert all(torch.equal(before[k], v) for k, v in sae.state_dict().items()), "running statistics changed"
+        assert not sae.training
+        assert ev.nmse == pytest.approx(evaluate(sae, heldout).nmse, rel=0.5)  # thresholds approximate the batch rule
+
+
 def test_training_lowers_the_loss_and_logs_history(trained):
     h = trained.history
-    assert set(h.columns) >= {"step", "tokens", "sae", "lr", "loss", "nmse", "l0", "dead_frac", "tokens_per_s"}
+    assert set(h.columns) >= {"step", "tokens", "sae", "lr", "loss", "nmse", "l0", "dead_frac", "underused_frac",
+                              "tokens_per_s"}
+    assert h.underused_frac.between(0, 1).all()
     for name, g in h.groupby("sae"):
         assert g.step.iloc[0] == 1
         assert g.nmse.iloc[-1] < 0.2 * g.nmse.iloc[0], name
