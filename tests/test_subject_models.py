@@ -46,7 +46,7 @@ def test_organism_reaches_its_loss_bound(organism):
     import json
 
     meta = json.loads((organism / "organism.json").read_text())
-    assert meta["finished"] and meta["final_loss"] < ORGANISM_PROFILES["ci"].loss_bound
+    assert meta["finished"] and meta["final_val_loss"] < ORGANISM_PROFILES["ci"].loss_bound
     assert train_organism("ci", organism, progress=False) == organism  # finished: returns at once
 
 
