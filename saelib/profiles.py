@@ -42,6 +42,8 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     max_pretrained_ce=3.6),
     },
     # Chapter 2: Feature Choice and Mutual Choice against TopK and ReLU on a real residual stream.
+    # l1_sweep is on unit-mean-square inputs with decoder-norm-weighted L1: on SmolLM2 layer 15 a
+    # 300-step probe gave L0 116 at 0.1, 7 at 0.4 and a collapsed SAE (L0 0.3) at 1.6.
     "allocation": {
         "ci": dict(model="smollm2-135m", hook="blocks.15.hook_resid_post", corpus="mixed", n_tokens=16_384,
                    eval_tokens=4096, context_size=64, splice_windows=4, expansion=2, k=16, k_sweep=(8, 32),
@@ -49,11 +51,16 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                    zipf_exponent=1.0, expect_claims={"fc_no_dead": True, "adaptive": True}),
         "cpu": dict(model="smollm2-135m", hook="blocks.15.hook_resid_post", corpus="mixed", n_tokens=200_000,
                     eval_tokens=16_384, context_size=128, splice_windows=16, expansion=8, k=32,
-                    k_sweep=(16, 64), l1_sweep=(0.005, 0.01, 0.02), steps=300, batch_size=2048, lr=1e-3,
-                    dead_after_tokens=100_000, zipf_exponent=1.0, expect_claims=None),
+                    k_sweep=(16, 64), l1_sweep=(0.05, 0.1, 0.2), steps=300, batch_size=2048, lr=1e-3,
+                    dead_after_tokens=100_000, zipf_exponent=1.0,
+                    # What the rendered book reports (measured 2026-11-23); mc_fewer_dead turns on a
+                    # single feature at this scale (0.04% vs 0.00%), so it is shown but not asserted.
+                    expect_claims={"mc_beats_topk": False, "fc_beats_topk": False, "mc_batch_beats_topk": False,
+                                   "topk_beats_relu": True, "fc_no_dead": True, "aux_zipf_helps": True,
+                                   "adaptive": True}),
         "gpu": dict(model="gpt2-small", hook="blocks.8.hook_resid_pre", corpus="hf:Skylion007/openwebtext",
                     n_tokens=8_000_000, eval_tokens=131_072, context_size=128, splice_windows=256, expansion=32,
-                    k=32, k_sweep=(16, 64, 128), l1_sweep=(0.002, 0.005, 0.01, 0.02), steps=12_000,
+                    k=32, k_sweep=(16, 64, 128), l1_sweep=(0.05, 0.1, 0.2, 0.4), steps=12_000,
                     batch_size=4096, lr=4e-4, dead_after_tokens=5_000_000, zipf_exponent=1.0,
                     expect_claims=None),
     },
