@@ -4,7 +4,8 @@
 
 Both train the same size (d_in x d_sae, k) with Adam at the same lr, warm-up and decay point, on the
 same batches in the same order (saelib.training.batch_indices over one in-memory table), with no
-auxiliary loss (SAELens's dead-feature window is set past the run; saelib's aux = "none").
+auxiliary loss (SAELens's dead-feature window is set past the run; saelib's aux = "none"), and the
+same start for b_dec (the geometric median of the same sample of rows saelib's trainer draws).
 Each runs through its own training entry point: saelib.training.train_saes, and SAELens's SAETrainer
 fed by an in-memory iterator (its TopKTrainingSAE with dense activations: its sparse-activation
 variant, --saelens sparse, fails in backward on CPU with torch 2.13, "aten::view" on SparseCPU).
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from bench_train import matmul_gflops
 from saelib.metrics import per_token_error
-from saelib.sae import SAEConfig
+from saelib.sae import SAEConfig, geometric_median
 from saelib.training import TrainConfig, batch_indices, train_saes
 
 
@@ -103,6 +104,10 @@ def run_saelens(x: Tensor, held: Tensor, a: argparse.Namespace, sparse: bool) ->
 
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=a.d, d_sae=a.d_sae, k=a.k, dtype="float32", device="cpu",
                                                 use_sparse_activations=sparse, normalize_activations="none"))
+    with torch.no_grad():  # the same b_dec start as saelib (SAELens's runner offers it too), so NMSE compares training
+        init = TrainConfig(steps=a.steps)
+        sample = torch.randperm(len(x), generator=torch.Generator().manual_seed(init.seed))[:init.init_tokens]
+        sae.b_dec.copy_(geometric_median(x[sample.sort().values]))
     table = TimedTable(x, a.batch)
 
     def batches():

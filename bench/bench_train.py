@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import tempfile
 import time
 
@@ -28,13 +29,18 @@ from saelib.sae import SAE, SAEConfig
 from saelib.training import TrainConfig, _new_optimizer, _train_step
 
 
-def matmul_gflops(batch: int, d: int, d_sae: int, repeats: int = 5) -> float:
+def matmul_gflops(batch: int, d: int, d_sae: int, repeats: int = 10) -> float:
+    """fp32 GEMM throughput at the encoder's shape: the median of `repeats` products into a
+    preallocated output (so page faults of fresh 75 MB outputs do not count against the machine)."""
     x, w = torch.randn(batch, d), torch.randn(d_sae, d)
-    x @ w.T
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        x @ w.T
-    return 2 * batch * d * d_sae * repeats / (time.perf_counter() - t0) / 1e9
+    out = torch.empty(batch, d_sae)
+    times = []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        torch.mm(x, w.T, out=out)
+        if i >= 2:  # the first two warm up the GEMM kernels and thread pool
+            times.append(time.perf_counter() - t0)
+    return 2 * batch * d * d_sae / statistics.median(times) / 1e9
 
 
 def step_seconds(cfg: SAEConfig, x: torch.Tensor, steps: int, init: torch.Tensor | None = None) -> float:
@@ -44,10 +50,12 @@ def step_seconds(cfg: SAEConfig, x: torch.Tensor, steps: int, init: torch.Tensor
     opt = _new_optimizer(sae, TrainConfig(steps=steps))
     for _ in range(2):  # warm-up: allocator caches, thresholds, first Adam state
         _train_step(sae, opt, x, 1e-4, 1.0, 0, "bench")
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         _train_step(sae, opt, x, 1e-4, 1.0, 0, "bench")
-    return (time.perf_counter() - t0) / steps
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def activation_like(batch: int, d: int) -> torch.Tensor:
