@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, FormatStrFormatter, FuncFormatter
 
 RULE_COLORS = {"relu": "#7f7f7f", "topk": "#1f77b4", "topk+aux_k": "#17becf", "feature_choice": "#d62728",
                "mutual_choice": "#2ca02c", "mutual_choice+aux_zipf": "#98df8a", "organism": "#9467bd"}
@@ -46,9 +47,11 @@ def training_curves(history: pd.DataFrame, metrics: Sequence[str] = ("nmse", "l0
         for name, rows in history.groupby("sae", sort=False):
             ax.plot(rows["tokens"], rows[metric], label=name, color=color(name), lw=1.5)
         ax.set_xlabel("training tokens")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 600k, not overlapping 600000 labels
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         if metric in log_y:
             ax.set_yscale("log")
+            plain_log_labels(ax.yaxis)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -118,6 +121,18 @@ def sorted_densities(densities: Mapping[str, np.ndarray], fits: Mapping[str, tup
     return fig
 
 
+def _label_2_3_5(value: float, _pos: int) -> str:
+    leading = value / 10 ** np.floor(np.log10(value))
+    return f"{value:g}" if round(leading) in (2, 3, 5) else ""
+
+
+def plain_log_labels(axis) -> None:
+    """Label a log axis with plain numbers (0.2, not 2x10^-1), minor ticks at 2, 3 and 5 only, so
+    labels never overlap on axes spanning less than a decade or two."""
+    axis.set_major_formatter(FormatStrFormatter("%g"))
+    axis.set_minor_formatter(FuncFormatter(_label_2_3_5))
+
+
 def frontiers(table: pd.DataFrame, ys: Sequence[str], x: str = "L0", family: str = "family") -> Figure:
     """One panel per metric in ``ys`` against ``x`` (log-log), a line through each family's points."""
     fig, axes = plt.subplots(1, len(ys), figsize=(5 * len(ys), 3.8), squeeze=False)
@@ -126,6 +141,8 @@ def frontiers(table: pd.DataFrame, ys: Sequence[str], x: str = "L0", family: str
             ax.plot(rows[x], rows[y], "o-", ms=4, color=color(name), label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        plain_log_labels(ax.xaxis)
+        plain_log_labels(ax.yaxis)
         ax.set_xlabel(x)
         ax.set_ylabel(y)
     axes[0][0].legend(fontsize=8)
