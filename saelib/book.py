@@ -88,6 +88,19 @@ def execute(path: Path, out_path: Path, profile: str, params: dict[str, Any] | N
     return time.perf_counter() - t0
 
 
+def mathjax_script() -> Path:
+    """MathJax 3 as one self-contained file (SVG output, no web fonts) from the `django-static-mathjax`
+    wheel, so the book renders its formulas offline instead of fetching MathJax from a CDN."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mathjax")
+    script = Path(spec.submodule_search_locations[0]) / "static/mathjax/es5/tex-svg.js" if spec else None
+    if script is None or not script.is_file():
+        raise RuntimeError("MathJax is missing: pip install django-static-mathjax==3.2.2.1 "
+                           "(in requirements.txt; it ships the MathJax 3 scripts the book serves)")
+    return script
+
+
 def build_html(executed: Path, build_dir: Path, root: Path = ROOT) -> Path:
     """Render the book from executed notebooks (copied beside the prose into a staging tree)."""
     stage = build_dir / "src"
@@ -99,6 +112,8 @@ def build_html(executed: Path, build_dir: Path, root: Path = ROOT) -> Path:
     (stage / "notebooks").mkdir()
     for nb in executed.glob("*.ipynb"):
         shutil.copy(nb, stage / "notebooks" / nb.name)
+    (stage / "_static" / "mathjax").mkdir(parents=True)
+    shutil.copy(mathjax_script(), stage / "_static" / "mathjax" / "tex-svg.js")
     cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(stage), "--path-output",
            str(build_dir.parent), "-W", "-n", "--keep-going"]
     result = subprocess.run(cmd, capture_output=True, text=True)

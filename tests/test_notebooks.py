@@ -3,6 +3,7 @@
 Each chapter asserts its own key numbers (like d2l's notebooks), so executing it is a regression test
 of the results the book states, not just a check that the code runs."""
 
+import json
 import re
 
 import nbformat
@@ -66,12 +67,64 @@ def test_runner_names_the_failing_notebook_and_cell(tmp_path):
         book.execute(path, tmp_path / "out" / "broken.ipynb", "ci")
 
 
+@pytest.fixture(scope="session")
+def ci_executed(tmp_path_factory):
+    """One folder of executed ci notebooks, shared so the HTML test renders what the chapter tests ran."""
+    return tmp_path_factory.mktemp("executed_ci")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes_on_the_ci_profile(path, tmp_path):
-    out = tmp_path / path.name
+def test_notebook_executes_on_the_ci_profile(path, ci_executed, tmp_path):
+    out = ci_executed / path.name
     book.execute(path, out, "ci")
     executed = nbformat.read(out, as_version=4)
     text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
     assert "checks passed" in text, f"{path.name} did not reach its final assertion cell"
-    figures = book.export_figures(tmp_path, tmp_path / "figures")
+    figures = [f for f in book.export_figures(ci_executed, tmp_path / "figures") if f.name.startswith(path.stem)]
     assert len(figures) >= 2 and all(f.read_bytes().startswith(b"\x89PNG") for f in figures)
+
+
+def test_allocation_chapter_through_the_online_routes(tmp_path, monkeypatch):
+    """Colab's path, offline: chapter 2 at the ci sizes on a model from a local Hugging Face
+    directory (the loader online names take) and an `hf:` dataset streamed by `datasets`."""
+    from transformers import AutoModelForCausalLM
+
+    from saelib.corpora import load_corpus
+    from saelib.subject_models import load_smollm2_hf
+
+    hf, tokenizer = load_smollm2_hf()
+    model_dir = tmp_path / "smollm2-hf"
+    plain = AutoModelForCausalLM.from_config(hf.config)  # a GGUF-loaded model cannot save_pretrained
+    plain.load_state_dict(hf.state_dict())
+    plain.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    del hf, plain
+    data = tmp_path / "shelf"
+    data.mkdir()
+    docs = load_corpus("mixed", max_chars=2_000_000)
+    (data / "train.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    monkeypatch.setenv("SAELIB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "02_allocation.ipynb"
+    book.execute(book.ROOT / "notebooks" / "02_allocation.ipynb", out, "ci",
+                 {"model": str(model_dir), "corpus": f"hf:{data}"})
+    executed = nbformat.read(out, as_version=4)
+    text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "")
+                   for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"'model': '{model_dir}'" in text and f"'corpus': 'hf:{data}'" in text
+    assert "all chapter-2 checks passed" in text
+
+
+def test_book_renders_to_html_with_figures_and_offline_math(ci_executed):
+    """The runner's last step on the ci chapters: jupyter-book with warnings as errors (so a broken
+    cross-reference fails), every chapter a page with its figures, MathJax served locally."""
+    for path in NOTEBOOKS:  # chapters a -k selection skipped above
+        if not (ci_executed / path.name).exists():
+            book.execute(path, ci_executed / path.name, "ci")
+    index = book.build_html(ci_executed, ci_executed.parent / "_build")
+    html = index.parent
+    assert index.is_file() and (html / "_static" / "mathjax" / "tex-svg.js").stat().st_size > 1_000_000
+    for path in NOTEBOOKS:
+        page = (html / "notebooks" / f"{path.stem}.html").read_text()
+        figures = re.findall(r'<img alt="[^"]*" src="\.\./(_images/\w+\.png)"', page)
+        assert len(figures) >= 2 and all((html / f).is_file() for f in figures), f"{path.stem}: figures missing"
+        assert "_static/mathjax/tex-svg.js" in page and "cdn.jsdelivr.net" not in page
