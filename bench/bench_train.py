@@ -1,10 +1,12 @@
 """Training speed of each allocation rule against this machine's fp32 matmul roofline.
 
-    python bench/bench_train.py [--d 576 --d-sae 4608 --k 32 --batch 4096 --steps 8 --two-ranks --json out.json]
+    python bench/bench_train.py [--d 576 --d-sae 4608 --k 32 --batch 4096 --steps 16 --two-ranks --json out.json]
 
 Roofline: a sparse SAE step cannot avoid one dense product, the encoder's forward pass
 (2 * batch * d * d_sae FLOPs); everything else touches only the kept entries. The encoder-bound
-roofline is that product's time at the matmul throughput measured here, in the same run.
+roofline is that product's time at the matmul throughput measured here, in the same run: the rules
+and the GEMM are timed round-robin (one step of each per round, medians over rounds), so the ratios
+hold even when a shared machine's speed drifts during the run.
 
 --two-ranks also times each rule data-parallel: 2 gloo processes with 1 thread each, each stepping
 on half of the same global batch (gradients and statistics all-reduced), against 1 process with
@@ -29,33 +31,52 @@ from saelib.sae import SAE, SAEConfig
 from saelib.training import TrainConfig, _new_optimizer, _train_step
 
 
+def gemm_operands(batch: int, d: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs and a preallocated output for the encoder-shaped product (so page faults of a fresh
+    75 MB output do not count against the machine), warmed up twice."""
+    a, w, out = torch.randn(batch, d), torch.randn(d_sae, d), torch.empty(batch, d_sae)
+    for _ in range(2):
+        torch.mm(a, w.T, out=out)
+    return a, w, out
+
+
+def gemm_seconds(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    torch.mm(a, w.T, out=out)
+    return time.perf_counter() - t0
+
+
 def matmul_gflops(batch: int, d: int, d_sae: int, repeats: int = 10) -> float:
-    """fp32 GEMM throughput at the encoder's shape: the median of `repeats` products into a
-    preallocated output (so page faults of fresh 75 MB outputs do not count against the machine)."""
-    x, w = torch.randn(batch, d), torch.randn(d_sae, d)
-    out = torch.empty(batch, d_sae)
-    times = []
-    for i in range(repeats + 2):
-        t0 = time.perf_counter()
-        torch.mm(x, w.T, out=out)
-        if i >= 2:  # the first two warm up the GEMM kernels and thread pool
-            times.append(time.perf_counter() - t0)
-    return 2 * batch * d * d_sae / statistics.median(times) / 1e9
+    """fp32 GEMM throughput at the encoder's shape: the median of `repeats` products."""
+    operands = gemm_operands(batch, d, d_sae)
+    return 2 * batch * d * d_sae / statistics.median(gemm_seconds(*operands) for _ in range(repeats)) / 1e9
 
 
-def step_seconds(cfg: SAEConfig, x: torch.Tensor, steps: int, init: torch.Tensor | None = None) -> float:
-    sae = SAE(cfg)
-    sae.init_from_sample((x if init is None else init)[:4096])
-    sae.train()
-    opt = _new_optimizer(sae, TrainConfig(steps=steps))
-    for _ in range(2):  # warm-up: allocator caches, thresholds, first Adam state
-        _train_step(sae, opt, x, 1e-4, 1.0, 0, "bench")
-    times = []
+def step_seconds(cfgs: list[SAEConfig], x: torch.Tensor, steps: int, init: torch.Tensor | None = None,
+                 gemm_shape: tuple[int, int, int] | None = None) -> tuple[list[float], float | None]:
+    """Median step time of each config, and the median time of one fp32 GEMM of `gemm_shape`
+    (batch, d, d_sae). Timed round-robin, one step of each per round, so a drift in the machine's
+    speed during the run shifts every rule and the roofline alike."""
+    runs = []
+    for cfg in cfgs:
+        sae = SAE(cfg)
+        sae.init_from_sample((x if init is None else init)[:4096])
+        sae.train()
+        opt = _new_optimizer(sae, TrainConfig(steps=steps))
+        for _ in range(2):  # warm-up: allocator caches, thresholds, first Adam state
+            _train_step(sae, opt, x, 1e-4, 1.0, 0, "bench")
+        runs.append((sae, opt))
+    operands = gemm_operands(*gemm_shape) if gemm_shape else None
+    times: list[list[float]] = [[] for _ in cfgs]
+    gemm: list[float] = []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        _train_step(sae, opt, x, 1e-4, 1.0, 0, "bench")
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for (sae, opt), t in zip(runs, times):
+            t0 = time.perf_counter()
+            _train_step(sae, opt, x, 1e-4, 1.0, 0, "bench")
+            t.append(time.perf_counter() - t0)
+        if operands:
+            gemm.append(gemm_seconds(*operands))
+    return [statistics.median(t) for t in times], statistics.median(gemm) if gemm else None
 
 
 def activation_like(batch: int, d: int) -> torch.Tensor:
@@ -71,7 +92,7 @@ def _rank_worker(rank: int, port: int, cfgs: list[dict], batch: int, steps: int,
     try:
         x = activation_like(batch, cfgs[0]["d_in"])
         # Same initialisation on both ranks (as train_saes does), then each steps on its half.
-        secs = [step_seconds(SAEConfig(**c), x.chunk(2)[rank], steps, init=x) for c in cfgs]
+        secs, _ = step_seconds([SAEConfig(**c) for c in cfgs], x.chunk(2)[rank], steps, init=x)
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(secs, f)
@@ -98,21 +119,19 @@ def main() -> None:
     p.add_argument("--d-sae", type=int, default=4608)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=16, help="timed rounds")
     p.add_argument("--rules", default="topk,mutual_choice,feature_choice,relu")
     p.add_argument("--two-ranks", action="store_true", help="also time 2 data-parallel ranks of 1 thread")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args()
 
-    gflops = matmul_gflops(a.batch, a.d, a.d_sae)
-    roofline = a.batch / (2 * a.batch * a.d * a.d_sae / (gflops * 1e9))
     x = activation_like(a.batch, a.d)
     cfgs = [SAEConfig(a.d, a.d_sae, rule=rule, k=a.k, l1_coeff=1e-3 if rule == "relu" else 0.0)
             for rule in a.rules.split(",")]
-    rows = []
-    for cfg in cfgs:
-        secs = step_seconds(cfg, x, a.steps)
-        rows.append({"rule": cfg.rule, "ranks": 1, "step_s": secs, "tokens_per_s": a.batch / secs})
+    secs, gemm_s = step_seconds(cfgs, x, a.steps, gemm_shape=(a.batch, a.d, a.d_sae))
+    flops = 2 * a.batch * a.d * a.d_sae
+    gflops, roofline = flops / gemm_s / 1e9, a.batch / gemm_s
+    rows = [{"rule": cfg.rule, "ranks": 1, "step_s": s_, "tokens_per_s": a.batch / s_} for cfg, s_ in zip(cfgs, secs)]
     if a.two_ranks:
         for cfg, secs in zip(cfgs, two_rank_step_seconds(cfgs, a.batch, a.steps)):
             rows.append({"rule": cfg.rule, "ranks": 2, "step_s": secs, "tokens_per_s": a.batch / secs})

@@ -5,7 +5,7 @@ import torch
 
 from saelib.allocation import RULES
 from saelib.losses import sae_loss
-from saelib.sae import SAE, SAEConfig
+from saelib.sae import SAE, SAEConfig, positive_mass
 
 D, F, K = 16, 64, 4
 
@@ -38,6 +38,12 @@ def test_gradients_equal_dense_autograd_through_kept_entries_only(rule):
     assert not mask[:, :3].any()
     assert (sae.encoder.grad[:3] == 0).all(), "a feature that kept no entry got an encoder gradient"
     assert (sae.b_enc.grad[:3] == 0).all()
+
+
+def test_positive_mass_equals_the_clamped_row_sums_exactly():
+    rows = torch.randn(300, 70)  # 300 rows: chunks of 256 and a remainder of 44
+    assert torch.equal(positive_mass(rows), rows.clamp(min=0).sum(1))
+    assert torch.equal(positive_mass(rows[:5]), rows[:5].clamp(min=0).sum(1))
 
 
 def test_output_is_in_input_units_and_scale_is_stored():
