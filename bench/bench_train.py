@@ -1,12 +1,18 @@
 """Training speed of each allocation rule against this machine's fp32 matmul roofline.
 
     python bench/bench_train.py [--d 576 --d-sae 4608 --k 32 --batch 4096 --steps 16 --two-ranks --json out.json]
+    python bench/bench_train.py --dtypes float32,bfloat16 --quality-steps 200   # the bf16 encoder product
 
 Roofline: a sparse SAE step cannot avoid one dense product, the encoder's forward pass
 (2 * batch * d * d_sae FLOPs); everything else touches only the kept entries. The encoder-bound
 roofline is that product's time at the matmul throughput measured here, in the same run: the rules
 and the GEMM are timed round-robin (one step of each per round, medians over rounds), so the ratios
 hold even when a shared machine's speed drifts during the run.
+
+--dtypes times each rule with each encoder precision (SAEConfig.encoder_dtype); the roofline stays
+the fp32 product's. --quality-steps then trains TopK in each precision on the same synthetic stream
+for that many steps and prints the held-out NMSE of each beside fp32's, so a faster path is only
+reported together with what it costs in quality.
 
 --two-ranks also times each rule data-parallel: 2 gloo processes with 1 thread each, each stepping
 on half of the same global batch (gradients and statistics all-reduced), against 1 process with
@@ -27,8 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from saelib import seeding
+from saelib.metrics import evaluate
 from saelib.sae import SAE, SAEConfig
-from saelib.training import TrainConfig, _new_optimizer, _train_step
+from saelib.training import TrainConfig, _new_optimizer, _train_step, train_saes
 
 
 def gemm_operands(batch: int, d: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,9 +87,39 @@ def step_seconds(cfgs: list[SAEConfig], x: torch.Tensor, steps: int, init: torch
     return [statistics.median(t) for t in times], statistics.median(gemm) if gemm else None
 
 
+def gaussian_plus_sparse(n: int, d: int, n_features: int = 4096, active: float = 32, seed: int = 0) -> torch.Tensor:
+    """Residual-stream-like rows: a shared offset, anisotropic Gaussian noise, and a sparse
+    non-negative sum of unit directions with Zipf-like frequencies (built in chunks to bound memory).
+    Drawn from the "bench_data" stream, independent of any SAE's initialisation."""
+    gen = seeding.generator("bench_data", seed)
+    directions = torch.randn(n_features, d, generator=gen)
+    directions /= directions.norm(dim=1, keepdim=True)
+    prob = 1.0 / torch.arange(1, n_features + 1) ** 0.5
+    prob *= active / prob.sum()
+    offset, spread = torch.randn(d, generator=gen), torch.linspace(0.05, 0.5, d)
+    chunks = []
+    for start in range(0, n, 4096):
+        m = min(4096, n - start)
+        fires = torch.rand(m, n_features, generator=gen) < prob
+        codes = fires * -torch.log(torch.rand(m, n_features, generator=gen).clamp(min=1e-12))
+        chunks.append(offset + spread * torch.randn(m, d, generator=gen) + codes @ directions)
+    x = torch.cat(chunks)
+    return x / x.pow(2).sum(1).mean().sqrt()
+
+
+def quality_by_dtype(dtypes: list[str], d: int, d_sae: int, k: int, batch: int, steps: int) -> dict[str, float]:
+    """Held-out NMSE of TopK SAEs that differ only in encoder precision, trained side by side on the
+    same batches of synthetic rows (65,536 training, 8,192 held out)."""
+    x = gaussian_plus_sparse(65536 + 8192, d)
+    cfgs = {dt: SAEConfig(d, d_sae, rule="topk", k=k, encoder_dtype=dt) for dt in dtypes}
+    run = train_saes(cfgs, x[:65536], TrainConfig(steps=steps, batch_size=batch, lr=4e-4, log_every=steps),
+                     progress=False)
+    return {dt: evaluate(sae, x[65536:]).nmse for dt, sae in run.saes.items()}
+
+
 def activation_like(batch: int, d: int) -> torch.Tensor:
     """A shared offset plus anisotropic noise, as in a residual stream."""
-    gen = torch.Generator().manual_seed(0)
+    gen = seeding.generator("bench_data", 0)
     return torch.randn(batch, d, generator=gen) * torch.linspace(0.2, 3, d) + torch.randn(d, generator=gen)
 
 
@@ -121,32 +159,45 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--steps", type=int, default=16, help="timed rounds")
     p.add_argument("--rules", default="topk,mutual_choice,feature_choice,relu")
+    p.add_argument("--dtypes", default="float32", help="encoder precisions to time: float32, bfloat16")
+    p.add_argument("--quality-steps", type=int, default=0,
+                   help="train TopK this many steps per precision and compare held-out NMSE (0: skip)")
     p.add_argument("--two-ranks", action="store_true", help="also time 2 data-parallel ranks of 1 thread")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args()
 
     x = activation_like(a.batch, a.d)
-    cfgs = [SAEConfig(a.d, a.d_sae, rule=rule, k=a.k, l1_coeff=1e-3 if rule == "relu" else 0.0)
-            for rule in a.rules.split(",")]
+    dtypes = a.dtypes.split(",")
+    cfgs = [SAEConfig(a.d, a.d_sae, rule=rule, k=a.k, l1_coeff=1e-3 if rule == "relu" else 0.0, encoder_dtype=dt)
+            for dt in dtypes for rule in a.rules.split(",")]
     secs, gemm_s = step_seconds(cfgs, x, a.steps, gemm_shape=(a.batch, a.d, a.d_sae))
     flops = 2 * a.batch * a.d * a.d_sae
     gflops, roofline = flops / gemm_s / 1e9, a.batch / gemm_s
-    rows = [{"rule": cfg.rule, "ranks": 1, "step_s": s_, "tokens_per_s": a.batch / s_} for cfg, s_ in zip(cfgs, secs)]
+    rows = [{"rule": cfg.rule, "dtype": cfg.encoder_dtype, "ranks": 1, "step_s": s_, "tokens_per_s": a.batch / s_}
+            for cfg, s_ in zip(cfgs, secs)]
     if a.two_ranks:
         for cfg, secs in zip(cfgs, two_rank_step_seconds(cfgs, a.batch, a.steps)):
-            rows.append({"rule": cfg.rule, "ranks": 2, "step_s": secs, "tokens_per_s": a.batch / secs})
-    topk = next((r["step_s"] for r in rows if r["rule"] == "topk" and r["ranks"] == 1), None)
+            rows.append({"rule": cfg.rule, "dtype": cfg.encoder_dtype, "ranks": 2, "step_s": secs,
+                         "tokens_per_s": a.batch / secs})
+    topk = {r["dtype"]: r["step_s"] for r in rows if r["rule"] == "topk" and r["ranks"] == 1}
     print(f"threads {torch.get_num_threads()}  fp32 matmul {gflops:.0f} GFLOP/s  "
           f"encoder-bound roofline {roofline:,.0f} tokens/s  (d={a.d}, d_sae={a.d_sae}, k={a.k}, batch={a.batch})")
-    print(f"{'rule':16s} {'ranks':>5s} {'step ms':>8s} {'tokens/s':>10s} {'of roofline':>12s} {'vs topk step':>13s}")
+    print(f"{'rule':16s} {'encoder':>8s} {'ranks':>5s} {'step ms':>8s} {'tokens/s':>10s} {'of roofline':>12s} "
+          f"{'vs topk step':>13s}")
     for r in rows:
         r["roofline_frac"] = r["tokens_per_s"] / roofline
-        r["vs_topk"] = r["step_s"] / topk if topk else None
-        vs = f"{r['vs_topk']:.2f}x" if topk else "-"
-        print(f"{r['rule']:16s} {r['ranks']:5d} {1000 * r['step_s']:8.0f} {r['tokens_per_s']:10,.0f} {100 * r['roofline_frac']:11.0f}% {vs:>13s}")
+        r["vs_topk"] = r["step_s"] / topk[r["dtype"]] if r["dtype"] in topk else None
+        vs = f"{r['vs_topk']:.2f}x" if r["vs_topk"] else "-"
+        print(f"{r['rule']:16s} {r['dtype']:>8s} {r['ranks']:5d} {1000 * r['step_s']:8.0f} {r['tokens_per_s']:10,.0f} "
+              f"{100 * r['roofline_frac']:11.0f}% {vs:>13s}")
+    quality = quality_by_dtype(dtypes, a.d, a.d_sae, a.k, a.batch, a.quality_steps) if a.quality_steps else {}
+    for dt, nmse in quality.items():
+        print(f"held-out NMSE after {a.quality_steps} TopK steps, {dt} encoder: {nmse:.4f} "
+              f"({nmse / quality[dtypes[0]]:.4f}x {dtypes[0]}'s)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"matmul_gflops": gflops, "roofline_tokens_per_s": roofline, "args": vars(a), "rules": rows}, f, indent=2)
+            json.dump({"matmul_gflops": gflops, "roofline_tokens_per_s": roofline, "args": vars(a), "rules": rows,
+                       "heldout_nmse": quality}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """saelib: sparse autoencoders as sparse allocation rules, and the notebooks of the book built on it.
 
 One module per concept: allocation (the rules), sae (the model), losses, training, metrics,
-checkpoints, corpora, subject_models, activations, splice, synthetic, plots, profiles, book.
+checkpoints, corpora, subject_models, activations, splice, synthetic, seeding (random streams),
+progress, plots, profiles, book.
 """
 
 __version__ = "0.1.0"
 
 import warnings
 
-# tqdm.auto falls back to text bars where ipywidgets is missing (e.g. papermill); that is fine.
+# tqdm.auto (saelib.progress) falls back to text bars where ipywidgets is missing (e.g. papermill); that is fine.
 warnings.filterwarnings("ignore", message="IProgress not found")

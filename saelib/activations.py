@@ -34,9 +34,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from saelib import seeding
 from saelib.corpora import cache_root, load_corpus
+from saelib.progress import bar as progress_bar
 from saelib.subject_models import check_hook_point, load_subject_model, stop_layer
 
 __all__ = [
@@ -100,8 +101,7 @@ class CacheSpec:
     def key(self) -> str:
         """Short stable hash of the spec: the cache's directory name."""
         fields_ = asdict(self)
-        if self.split == "train":  # caches built before the field existed keep their key
-            del fields_["split"]
+        fields_["random_streams"] = seeding.VERSION  # the window order depends on it
         blob = json.dumps(fields_, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -152,7 +152,7 @@ def token_windows(tokenizer, corpus: str, n_windows: int, context_size: int, see
         raise ValueError(f"corpus {corpus!r} ({split} split) holds only {n} windows of {context_size} tokens, "
                          f"{n_windows} requested; ask for fewer tokens or use a larger corpus")
     windows = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_windows]
+    order = torch.randperm(n, generator=seeding.generator("token_windows", seed))[:n_windows]
     return torch.cat([torch.full((n_windows, 1), bos), windows[order]], dim=1)
 
 
@@ -170,7 +170,7 @@ def _iter_harvest(model, hooks: Sequence[str], windows: Tensor, batch_size: int,
     first = int(exclude_bos)
     device = model.cfg.device
     with torch.no_grad():
-        for lo in tqdm(range(0, len(windows), batch_size), disable=not progress, desc="harvesting", unit="batch"):
+        for lo in progress_bar(range(0, len(windows), batch_size), show=progress, desc="harvesting", unit="batch"):
             batch = windows[lo:lo + batch_size].to(device)
             _, cache = model.run_with_cache(batch, names_filter=list(hooks), stop_at_layer=stop)
             out = {}

@@ -92,7 +92,8 @@ def topk(z: Tensor, ctx: AllocationContext) -> Tensor:
 
 
 def top_n_indices(values: Tensor, n: int) -> Tensor:
-    """Indices of the n largest entries of a 1-D tensor (unordered; exact, ties aside).
+    """Indices of exactly n largest entries of a 1-D tensor (unordered). Ties at the n-th value are
+    broken by position, which matters for bfloat16 pre-activations, where equal values are common.
 
     A full top-n or selection over millions of entries is slow on a CPU, so a strided sample first
     bounds the threshold from below; the exact n-th largest is then found among the few candidates
@@ -109,7 +110,9 @@ def top_n_indices(values: Tensor, n: int) -> Tensor:
         candidates = torch.arange(total, device=values.device)
     cand_values = values[candidates]
     threshold = torch.kthvalue(cand_values, cand_values.numel() - n + 1).values
-    return candidates[cand_values >= threshold]
+    above = candidates[cand_values > threshold]
+    ties = candidates[cand_values == threshold][: n - above.numel()]
+    return torch.cat([above, ties])
 
 
 @register("mutual_choice", inference_threshold="global")

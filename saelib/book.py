@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from saelib import profiles
+from saelib import profiles, progress
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,19 +73,43 @@ def execute(path: Path, out_path: Path, profile: str, params: dict[str, Any] | N
     params = {"profile": profile, **(params or {})}
     check_parameters(path, params)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    # Progress bars inside the kernel end up in the saved outputs: one update per 30 s is plenty.
-    os.environ.setdefault("TQDM_MININTERVAL", "30")
-    # PyTorch's OpenMP threads spin while waiting; on a shared 2-core machine that costs 10x or more.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The kernel inherits this environment. saelib's progress bars honour SAELIB_PROGRESS=0
+    # (saelib.progress), so no bar ends up in the saved outputs or the rendered pages; the terminal
+    # shows papermill's cell bar instead. PyTorch's OpenMP threads spin while waiting unless told
+    # otherwise; on a shared 2-core machine that costs 10x or more.
+    kernel_env = {progress.ENV: "0", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    saved = {k: os.environ.get(k) for k in kernel_env}
+    os.environ.update(kernel_env)
     t0 = time.perf_counter()
     try:
         papermill.execute_notebook(str(path), str(out_path), parameters=params, kernel_name="python3",
-                                   language="python", cwd=str(path.parent), progress_bar=False)
+                                   language="python", cwd=str(path.parent),
+                                   progress_bar=sys.stderr.isatty())
     except papermill.PapermillExecutionError as e:
         raise ChapterFailed(f"{path.name} failed in cell {e.cell_index} (execution count {e.exec_count}): "
                             f"{e.ename}: {e.evalue}\nthe executed notebook with the traceback: {out_path}"
                             ) from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    hide_injected_parameters(out_path)
     return time.perf_counter() - t0
+
+
+def hide_injected_parameters(path: Path) -> None:
+    """Tag papermill's injected-parameters cell ``remove-cell``: the rendered page shows the chapter's
+    resolved parameters as a table (``saelib.profiles.Params``), not the injected assignments."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            tags.append("remove-cell")
+    nbformat.write(nb, path)
 
 
 def mathjax_script() -> Path:

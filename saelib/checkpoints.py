@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from saelib import seeding
 from saelib.corpora import cache_root
 from saelib.sae import SAE, SAEConfig
 
@@ -130,11 +131,18 @@ def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+def step_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """Every complete checkpoint of a training run, by step (oldest first). Each holds one folder
+    per SAE that ``load_sae`` reads; ``TrainConfig.keep_checkpoints`` decides how many survive."""
+    folder = Path(run_dir) / "checkpoints"
+    done = sorted(p for p in folder.glob("step_*") if p.is_dir() and (p / "state.json").exists())
+    return {int(p.name.removeprefix("step_")): p for p in done}
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete step_* folder under run_dir/checkpoints, or None."""
-    folder = Path(run_dir) / "checkpoints"
-    steps = sorted(p for p in folder.glob("step_*") if p.is_dir() and (p / "state.json").exists())
-    return steps[-1] if steps else None
+    steps = step_checkpoints(run_dir)
+    return steps[max(steps)] if steps else None
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
@@ -148,6 +156,7 @@ def artifact_dir(kind: str, key: Mapping) -> Path:
 
     ``key`` must hold everything that determines the artefact (configs, data identity), so a rerun
     with the same key finds the finished result and a changed knob gets a folder of its own."""
+    key = {**key, "random_streams": seeding.VERSION}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return cache_root() / kind / digest
 

@@ -9,9 +9,9 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from saelib.losses import nmse
+from saelib.progress import bar as progress_bar
 from saelib.sae import SAE
 
 
@@ -73,7 +73,7 @@ def evaluate(sae: SAE, data, n_tokens: int | None = None, batch_size: int = 4096
     fires = torch.zeros(sae.cfg.d_sae)
     l0s, sq_err, xs_sum, xs_sq, errs = [], 0.0, 0.0, 0.0, []
     resid_sum, resid_sq = 0.0, 0.0
-    for lo in tqdm(range(start, start + n_tokens, batch_size), disable=not progress, desc="evaluating"):
+    for lo in progress_bar(range(start, start + n_tokens, batch_size), show=progress, desc="evaluating"):
         x = torch.as_tensor(data[torch.arange(lo, min(lo + batch_size, start + n_tokens))]).float()
         out = sae(x)
         fires += out.codes.fire_counts()

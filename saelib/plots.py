@@ -16,10 +16,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FormatStrFormatter, FuncFormatter
 
 RULE_COLORS = {"relu": "#7f7f7f", "topk": "#1f77b4", "topk+aux_k": "#17becf", "feature_choice": "#d62728",
+               "feature_choice_matched": "#ff9896",
                "mutual_choice": "#2ca02c", "mutual_choice+aux_zipf": "#98df8a", "organism": "#9467bd"}
 METRIC_LABELS = {"nmse": "NMSE (fraction of variance unexplained)", "l0": "L0 (active features per token)",
                  "dead_frac": "fraction of dead features",
-                 "underused_frac": "fraction under half their Zipf target", "loss": "training loss", "aux": "auxiliary loss"}
+                 "underused_frac": "fraction under half their Zipf target", "loss": "training loss",
+                 "aux": "auxiliary loss", "recovered": "true directions recovered (cos > 0.9)",
+                 "heldout_nmse": "held-out NMSE"}
 
 
 def style() -> None:
@@ -148,3 +151,10 @@ def frontiers(table: pd.DataFrame, ys: Sequence[str], x: str = "L0", family: str
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def table(frame: pd.DataFrame, formats: Mapping[str, str] | None = None, digits: int = 3):
+    """A DataFrame as the book shows it: a blank where a value does not apply (NaN: the k of a ReLU
+    SAE, the L1 coefficient of a TopK one), ``formats`` per column (e.g. ``{"k": "{:.0f}"}``), other
+    numbers to ``digits`` decimals with thousands separated. Returns a pandas Styler."""
+    return frame.style.format(formats or {}, precision=digits, na_rep="", thousands=",")

@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saelib import distributed
+from saelib import distributed, seeding
 from saelib.allocation import AllocationContext, get_rule, threshold_select
 
 # Above this fraction of kept entries the dense kernels are faster than the sparse ones
 # (a ReLU SAE early in training keeps about half of all entries).
 SPARSE_MAX_DENSITY = 0.05
 AUX_LOSSES = ("none", "aux_k", "aux_zipf")
+ENCODER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -67,7 +68,12 @@ class SAEConfig:
     normalize_input: bool = True
     """Scale activations to unit mean squared norm (the scale is stored; outputs are unscaled)."""
     seed: int = 0
-    """Seed of the weight initialisation."""
+    """Seed of the weight initialisation (its own random stream, see saelib.seeding)."""
+    encoder_dtype: str = "float32"
+    """Precision of the encoder's dense product, the one dense GEMM of a step: float32, or bfloat16
+    (twice as fast on CPUs with AVX-512 BF16 and on GPUs). Weights, gradients, the optimizer and the
+    decoder stay float32; with bfloat16 the rule selects from bfloat16 pre-activations and the kept
+    values carry bfloat16's ~3 significant digits."""
 
     def __post_init__(self) -> None:
         rule = get_rule(self.rule)
@@ -81,6 +87,8 @@ class SAEConfig:
             raise ValueError("l1_coeff and aux_coeff must be >= 0")
         if self.k_aux <= 0:
             raise ValueError(f"k_aux must be positive, got {self.k_aux}")
+        if self.encoder_dtype not in ENCODER_DTYPES:
+            raise ValueError(f"unknown encoder_dtype {self.encoder_dtype!r}; valid: {list(ENCODER_DTYPES)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -136,11 +144,12 @@ class _KeptPreacts(torch.autograd.Function):
     def forward(ctx, encoder, bias, x_norm, preacts, rows, cols):  # type: ignore[override]
         ctx.save_for_backward(x_norm, rows, cols)
         ctx.n_features = preacts.shape[1]
-        return preacts[rows, cols]
+        return preacts[rows, cols].float()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x_norm, rows, cols = ctx.saved_tensors
+        grad = grad.float()
         n_tokens, n_features = x_norm.shape[0], ctx.n_features
         grad_bias = grad.new_zeros(n_features).index_add_(0, cols, grad)
         if rows.numel() > SPARSE_MAX_DENSITY * n_tokens * n_features:
@@ -157,12 +166,12 @@ class _KeptPreacts(torch.autograd.Function):
 def positive_mass(rows: Tensor, chunk: int = 256) -> Tensor:
     """Sum of the positive entries of each row: rows.clamp(min=0).sum(1), bit for bit, but through a
     small reused buffer; a fresh full-size clamped copy (75 MB per step) costs twice the sum itself."""
-    out = rows.new_empty(rows.shape[0])
+    out = rows.new_empty(rows.shape[0], dtype=torch.float32)
     buf = rows.new_empty(min(chunk, rows.shape[0]), rows.shape[1])
     for start in range(0, rows.shape[0], chunk):
         part = buf[: min(chunk, rows.shape[0] - start)]
         torch.clamp(rows[start:start + chunk], min=0, out=part)
-        torch.sum(part, 1, out=out[start:start + chunk])
+        out[start:start + chunk] = part.sum(1, dtype=torch.float32)
     return out
 
 
@@ -192,7 +201,7 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.rule = get_rule(cfg.rule)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = seeding.generator("sae_init", cfg.seed)
         decoder = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
         decoder /= decoder.norm(dim=1, keepdim=True)
         self.decoder = nn.Parameter(decoder)
@@ -235,13 +244,16 @@ class SAE(nn.Module):
         return rank
 
     def preactivations(self, x_norm: Tensor) -> tuple[Tensor, Tensor]:
-        """(z without gradient, effective bias b_enc - W_enc b_dec with gradient)."""
+        """(z without gradient, in ``cfg.encoder_dtype``; effective bias b_enc - W_enc b_dec with
+        gradient, float32)."""
         bias = self.b_enc - self.encoder @ self.b_dec
         with torch.no_grad():
+            dtype = ENCODER_DTYPES[self.cfg.encoder_dtype]
+            encoder, x_in, b = self.encoder.to(dtype), x_norm.to(dtype), bias.to(dtype)
             if self.rule.feature_major:
-                z = torch.addmm(bias[:, None], self.encoder, x_norm.T).T
+                z = torch.addmm(b[:, None], encoder, x_in.T).T
             else:
-                z = torch.addmm(bias, x_norm, self.encoder.T)
+                z = torch.addmm(b, x_in, encoder.T)
         return z, bias
 
     def kept_values(self, x_norm: Tensor, z: Tensor, bias: Tensor, rows: Tensor, cols: Tensor) -> Tensor:

@@ -15,8 +15,8 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from saelib.progress import bar as progress_bar
 from saelib.subject_models import check_hook_point
 
 __all__ = ["SpliceResult", "splice_metrics", "splice_sweep"]
@@ -95,7 +95,7 @@ def splice_sweep(model, hook: str, reconstructs: Mapping[str, object], windows: 
     clean_sums = torch.zeros(2, dtype=torch.float64)  # ce clean, ce zero
     spliced_sums = {name: torch.zeros(2, dtype=torch.float64) for name in replace}  # ce spliced, kl
     n = 0
-    for lo in tqdm(range(0, len(windows), batch_size), disable=not progress, desc="splicing", unit="batch"):
+    for lo in progress_bar(range(0, len(windows), batch_size), show=progress, desc="splicing", unit="batch"):
         tokens = windows[lo:lo + batch_size].to(model.cfg.device)
         target = tokens[:, 1:].reshape(-1)
 

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
+from saelib import seeding
 from saelib.corpora import cache_root, load_corpus
+from saelib.progress import bar as progress_bar
 
 __all__ = [
     "load_subject_model", "valid_hook_points", "check_hook_point", "hook_layer", "stop_layer",
@@ -287,8 +288,9 @@ ORGANISM_PROFILES: dict[str, OrganismProfile] = {
 
 
 def organism_dir(profile: str, root: str | os.PathLike | None = None) -> Path:
-    """Where organism ``profile`` lives: ``root`` or ``$SAELIB_CACHE/organisms/<profile>``."""
-    return Path(root) if root is not None else cache_root() / "organisms" / profile
+    """Where organism ``profile`` lives: ``root`` or ``$SAELIB_CACHE/organisms/<profile>-streams<V>``
+    (V = ``seeding.VERSION``: an organism drawn from other random streams is another organism)."""
+    return Path(root) if root is not None else cache_root() / "organisms" / f"{profile}-streams{seeding.VERSION}"
 
 
 def _organism_cfg(p: OrganismProfile, device: str = "cpu"):
@@ -296,7 +298,8 @@ def _organism_cfg(p: OrganismProfile, device: str = "cpu"):
     return HookedTransformerConfig(
         n_layers=p.n_layers, d_model=p.d_model, n_heads=p.n_heads, d_head=p.d_model // p.n_heads,
         d_mlp=p.d_mlp, n_ctx=p.n_ctx, d_vocab=p.d_vocab, act_fn="gelu_new", normalization_type="LN",
-        positional_embedding_type="standard", default_prepend_bos=True, seed=p.seed, device=device,
+        positional_embedding_type="standard", default_prepend_bos=True,
+        seed=seeding.derived_seed("organism_init", p.seed), device=device,
         model_name="organism", init_weights=True,
     )
 
@@ -385,7 +388,7 @@ def _batch_indices(step: int, p: OrganismProfile, n: int) -> torch.Tensor:
     epoch, offset = divmod(start, n)
     out = []
     while len(out) < p.batch_size:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(p.seed * 100_003 + epoch))
+        perm = torch.randperm(n, generator=seeding.generator(f"organism_data_order:{epoch}", p.seed))
         take = perm[offset: offset + p.batch_size - len(out)].tolist()
         out.extend(take)
         epoch, offset = epoch + 1, 0
@@ -442,7 +445,7 @@ def train_organism(profile: str | OrganismProfile = "cpu", out_dir: str | os.Pat
     _atomic_json(meta, meta_path)
 
     train, val = _organism_windows(tokenizer, p, corpus)
-    torch.manual_seed(p.seed)
+    torch.manual_seed(seeding.derived_seed("organism_init", p.seed))
     model = HookedTransformer(_organism_cfg(p, device), tokenizer=tokenizer).to(device)
     decay = [w for n, w in model.named_parameters() if w.dim() >= 2]
     no_decay = [w for n, w in model.named_parameters() if w.dim() < 2]
@@ -467,7 +470,7 @@ def train_organism(profile: str | OrganismProfile = "cpu", out_dir: str | os.Pat
         _atomic_json(history, out / "history.json")
 
     model.train()
-    bar = tqdm(total=p.n_steps, initial=step, desc=f"organism-{name}", disable=not progress)
+    bar = progress_bar(total=p.n_steps, initial=step, desc=f"organism-{name}", show=progress)
     t_last, step_last = time.perf_counter(), step
     while True:
         if step in schedule and not (out / "checkpoints" / f"step_{step:06d}.pt").exists():
@@ -548,7 +551,7 @@ def _load_organism(path: Path, device: str, checkpoint: int | None):
 def generate_text(model, prompt: str, max_new_tokens: int = 40, *, temperature: float = 0.8,
                   top_k: int | None = 50, seed: int = 0) -> str:
     """Sample a continuation of ``prompt`` (seeded, so the book's output is reproducible)."""
-    torch.manual_seed(seed)
+    torch.manual_seed(seeding.derived_seed("sampling", seed))
     n_prompt = len(model.to_tokens(prompt)[0])
     if n_prompt + max_new_tokens > model.cfg.n_ctx:
         max_new_tokens = model.cfg.n_ctx - n_prompt

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saelib import seeding
 from saelib.allocation import zipf_profile
 
 
@@ -35,7 +36,7 @@ class SyntheticData:
 
 def make_synthetic(n_tokens: int, d: int, n_features: int, active: float, zipf_exponent: float = 0.5,
                    noise: float = 0.01, seed: int = 0) -> SyntheticData:
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeding.generator("synthetic_data", seed)
     directions = torch.randn(n_features, d, generator=gen)
     directions /= directions.norm(dim=1, keepdim=True)
     prob = zipf_profile(n_features, active, zipf_exponent).float()

@@ -25,11 +25,11 @@ from typing import Mapping, Protocol
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from saelib import checkpoints as ckpt
-from saelib import distributed
+from saelib import distributed, seeding
 from saelib.losses import dead_weights, sae_loss, zipf_shortfall_weights
+from saelib.progress import bar as progress_bar
 from saelib.sae import SAE, SAEConfig
 
 
@@ -91,7 +91,7 @@ class TrainConfig:
 
 @functools.lru_cache(maxsize=2)
 def _epoch_permutation(n_rows: int, seed: int, epoch: int) -> Tensor:
-    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return torch.randperm(n_rows, generator=seeding.generator(f"data_order:{epoch}", seed))
 
 
 def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> Tensor:
@@ -155,13 +155,13 @@ def train_saes(
         if sae_cfg.d_in != d_in:
             raise ValueError(f"SAE {name!r} has d_in={sae_cfg.d_in} but the activations have width {d_in}")
     out_dir = Path(out_dir) if out_dir is not None else None
-    models, optims, history, start = _start_or_resume(saes, data, cfg, out_dir, n_rows, device)
+    models, optims, history, start = _start_or_resume(saes, data, cfg, out_dir, device)
 
     last_step = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
     last_good = ckpt.latest_checkpoint(out_dir) if out_dir else None
     seconds = {name: 0.0 for name in models}
     tokens_timed = 0
-    bar = tqdm(range(start, last_step), initial=start, total=cfg.steps, disable=not progress or rank > 0,
+    bar = progress_bar(range(start, last_step), initial=start, total=cfg.steps, show=progress and rank == 0,
                desc="training " + ", ".join(models), unit="step")
     for step in bar:
         idx = batch_indices(step, cfg.batch_size, n_rows, cfg.seed).chunk(world)[rank]
@@ -240,15 +240,25 @@ def _new_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
 
 
-def _start_or_resume(saes, data, cfg, out_dir, n_rows, device):
+def initial_saes(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: TrainConfig,
+                 device: str | torch.device = "cpu") -> dict[str, SAE]:
+    """The SAEs exactly as ``train_saes`` starts them (step 0): random weights from each config's
+    seed, input scale and geometric-median b_dec from a seeded sample of ``cfg.init_tokens`` rows.
+    What "before training" means wherever the book compares a result with its starting point."""
+    n_rows = len(data)
+    init_idx = torch.randperm(n_rows, generator=seeding.generator("init_sample", cfg.seed))[:cfg.init_tokens]
+    sample = _fetch(data, init_idx.sort().values, 0, None).to(device)
+    models = {}
+    for name, sae_cfg in saes.items():
+        models[name] = SAE(sae_cfg).to(device)
+        models[name].init_from_sample(sample)
+    return models
+
+
+def _start_or_resume(saes, data, cfg, out_dir, device):
     latest = ckpt.latest_checkpoint(out_dir) if out_dir else None
     if latest is None:
-        init_idx = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed))[:cfg.init_tokens]
-        sample = _fetch(data, init_idx.sort().values, 0, None)
-        models = {}
-        for name, sae_cfg in saes.items():
-            models[name] = SAE(sae_cfg).to(device)
-            models[name].init_from_sample(sample.to(device))
+        models = initial_saes(saes, data, cfg, device)
         optims = {name: _new_optimizer(m, cfg) for name, m in models.items()}
         return models, optims, [], 0
     state = json.loads((latest / "state.json").read_text())

@@ -166,7 +166,7 @@ def test_heldout_windows_are_other_text(env):
 def test_heldout_cache_holds_heldout_windows(env, cache):
     held = get_or_build_cache(spec(env, split="heldout"), progress=False, model=env[0])
     assert held.spec.split == "heldout" and held.path != cache.path
-    assert spec(env).key() == cache.path.name  # the default split leaves earlier cache keys unchanged
+    assert spec(env).key() == cache.path.name  # a cache lives under its spec's key
     windows = token_windows(env[0].tokenizer, "mixed", held.spec.n_windows, 32, split="heldout")
     assert np.array_equal(held.tokens, windows.numpy())
     with pytest.raises(ValueError, match="split must be"):

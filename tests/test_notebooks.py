@@ -3,6 +3,7 @@
 Each chapter asserts its own key numbers (like d2l's notebooks), so executing it is a regression test
 of the results the book states, not just a check that the code runs."""
 
+import html as html_module
 import json
 import re
 
@@ -128,3 +129,23 @@ def test_book_renders_to_html_with_figures_and_offline_math(ci_executed):
         figures = re.findall(r'<img alt="[^"]*" src="\.\./(_images/\w+\.png)"', page)
         assert len(figures) >= 2 and all((html / f).is_file() for f in figures), f"{path.stem}: figures missing"
         assert "_static/mathjax/tex-svg.js" in page and "cdn.jsdelivr.net" not in page
+        check_reader_view(html, path.stem, page)
+
+
+CODE_WIDTH = 90  # characters: the book's text column; wider lines scroll sideways
+
+
+def check_reader_view(html_root, stem, page):
+    """What a reader sees (issue 19): results, not progress streams; code that fits the column;
+    blanks, not NaN, where a value does not apply; images that load offline."""
+    assert not re.search(r"\d+%\|", page), f"{stem}: a progress bar was rendered"
+    for cell in re.findall(r'<div class="cell_input[^"]*">(.*?)</div>\s*</div>', page, re.S):
+        text = html_module.unescape(re.sub(r"<[^>]+>", "", cell))
+        wide = [line for line in text.split("\n") if len(line) > CODE_WIDTH]
+        assert not wide, f"{stem}: code lines wider than {CODE_WIDTH} characters: {wide}"
+    nan_cells = re.findall(r"<td[^>]*>\s*(?:nan|NaN|None)\s*</td>", page)
+    assert not nan_cells, f"{stem}: table cells show {nan_cells[:3]} instead of a blank"
+    for src in re.findall(r'<img [^>]*src="([^"]+)"', page):
+        assert not src.startswith(("http:", "https:", "//")), f"{stem}: image from the network: {src}"
+        assert (html_root / "notebooks" / src).resolve().is_file(), f"{stem}: missing image {src}"
+    assert "# Parameters" not in page, f"{stem}: papermill's injected-parameters cell is shown"

@@ -1,0 +1,72 @@
+"""The bfloat16 encoder product: close to float32, the same budgets, and resumable exactly."""
+
+import pytest
+import torch
+
+from saelib.allocation import RULES, AllocationContext, zipf_capacities
+from saelib.losses import sae_loss
+from saelib.sae import SAE, SAEConfig
+from saelib.training import TrainConfig, train_saes
+
+D, F, K = 64, 512, 8
+
+
+def batch(n=2048):
+    gen = torch.Generator().manual_seed(7)
+    return torch.randn(n, D, generator=gen) * torch.linspace(0.2, 2, D) + 1
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_bf16_reconstruction_and_gradients_match_fp32(rule):
+    x = batch()
+    ref = SAE(SAEConfig(D, F, rule=rule, k=K, l1_coeff=0.05))
+    ref.init_from_sample(x)
+    low = SAE(SAEConfig(D, F, rule=rule, k=K, l1_coeff=0.05, encoder_dtype="bfloat16"))
+    low.load_state_dict(ref.state_dict())
+    outs = {}
+    for name, sae in (("fp32", ref), ("bf16", low)):
+        out = sae(x)
+        sae_loss(sae, out).total.backward()
+        outs[name] = out
+    assert outs["bf16"].codes.values.dtype == torch.float32
+    # Measured at this untrained start: 99.3-99.9% of kept entries are the same (a few near the cut
+    # differ), the reconstructions differ by 0.01-0.7% of the data's variance (the fp32 NMSE is
+    # 0.74-0.95 here), and every parameter's gradient has cosine > 0.997 with fp32's.
+    kept = {n: set((o.codes.rows * F + o.codes.cols).tolist()) for n, o in outs.items()}
+    assert len(kept["fp32"] & kept["bf16"]) >= 0.98 * len(kept["fp32"])
+    err = float((outs["bf16"].x_hat - outs["fp32"].x_hat).detach().pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert err < 0.01, err
+    for p_ref, p_low in zip(ref.parameters(), low.parameters()):
+        cos = torch.nn.functional.cosine_similarity(p_ref.grad.flatten(), p_low.grad.flatten(), dim=0)
+        assert cos > 0.99, (rule, float(cos))
+        assert p_low.grad.dtype == torch.float32 and p_low.dtype == torch.float32
+
+
+def test_every_rule_keeps_exactly_its_budget_under_bf16_ties():
+    """bfloat16 has 8 bits of mantissa: many pre-activations tie. Budgets must still be exact."""
+    gen = torch.Generator().manual_seed(3)
+    z = (torch.randn(256, 96, generator=gen).abs() + 0.5).to(torch.bfloat16)
+    assert z.flatten().unique().numel() < 0.2 * z.numel()  # heavily tied
+    ctx = AllocationContext(k=K, feature_rank=torch.arange(96))
+    topk = RULES["topk"].select(z, ctx)
+    assert torch.equal(torch.bincount(topk // 96, minlength=256), torch.full((256,), K))
+    assert RULES["mutual_choice"].select(z, ctx).numel() == K * 256
+    fc = RULES["feature_choice"].select(z, ctx)
+    assert torch.equal(torch.bincount(fc % 96, minlength=96), zipf_capacities(96, 256, K, 1.0))
+
+
+@pytest.mark.parametrize("rule", ["topk", "mutual_choice", "feature_choice"])
+def test_bf16_training_resumes_bit_identically(tmp_path, rule):
+    x = batch(4096)
+    cfgs = {rule: SAEConfig(D, 128, rule=rule, k=K, encoder_dtype="bfloat16")}
+    cfg = TrainConfig(steps=30, batch_size=256, lr=1e-3, warmup_steps=3, checkpoint_every=10, init_tokens=1024)
+    straight = train_saes(cfgs, x, cfg, out_dir=tmp_path / "a", progress=False).saes[rule]
+    train_saes(cfgs, x, cfg, out_dir=tmp_path / "b", progress=False, stop_at_step=13)
+    resumed = train_saes(cfgs, x, cfg, out_dir=tmp_path / "b", progress=False).saes[rule]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_unknown_encoder_dtype_is_refused():
+    with pytest.raises(ValueError, match="unknown encoder_dtype 'fp16'.*bfloat16"):
+        SAEConfig(D, F, encoder_dtype="fp16")
