@@ -6,7 +6,10 @@ Rows per model (tokens = windows x context, BOS included, as the model processes
 * harvest (stop_at_layer): ``harvest`` at the middle hook, which stops after that block;
 * harvest (full model): the same hook with the forward pass run to the end (no stop_at_layer);
 * full forward (logits): ``model(tokens)``, the cost of a splice-evaluation pass;
-* cache build: ``get_or_build_cache`` into a temporary directory (harvest + float16 memmap writes).
+* cache build: ``get_or_build_cache`` into a temporary directory (harvest + float16 memmap writes);
+* harvest bfloat16 (stop_at_layer): the same harvest with the model's weights in bfloat16
+  (``CacheSpec.model_dtype``), with its speed ratio and the relative error of its activations
+  against the float32 harvest of the same windows (||a_bf16 - a_fp32|| / ||a_fp32||).
 
 SmolLM2-135M (30 layers) is read at blocks.15.hook_resid_post (stop_at_layer=16); the organism is
 'cpu' if it has been trained into the cache (4 layers, blocks.1.hook_resid_post), else 'ci'
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from saelib.activations import CacheSpec, get_or_build_cache, harvest, token_windows
+from saelib.activations import CacheSpec, at_precision, get_or_build_cache, harvest, token_windows
 from saelib.subject_models import load_subject_model, organism_dir, stop_layer, train_organism
 
 
@@ -58,6 +61,8 @@ def bench_model(name: str, hook: str, a: argparse.Namespace) -> list[dict]:
     ctx = min(a.context, model.cfg.n_ctx)
     windows = token_windows(model.tokenizer, "mixed", a.batch * a.batches, ctx)
     full_forward(model, windows[: a.batch], a.batch)  # warm-up
+    low = at_precision(model, "bfloat16")
+    full_forward(low, windows[: a.batch], a.batch)
     n = windows.numel()
     label = model.cfg.model_name if Path(name).is_dir() else name
     base = {"model": label, "hook": hook, "batch": a.batch, "context": ctx, "tokens": n}
@@ -78,6 +83,16 @@ def bench_model(name: str, hook: str, a: argparse.Namespace) -> list[dict]:
             cache = get_or_build_cache(spec, root=tmp, model=model, progress=False)
             rows.append({**row, "what": "cache build (float16)",
                          "tokens_per_s": cache.manifest["harvest_tokens_per_s"]})
+        # fp32 and bf16 harvests timed alternately (drift on a shared machine hits both alike).
+        fp32, bf16, acts = [], [], {}
+        for _ in range(2):
+            for model_, times, key in ((model, fp32, "fp32"), (low, bf16, "bf16")):
+                t0 = time.perf_counter()
+                acts[key] = harvest(model_, [hook], windows, a.batch, progress=False)[hook]
+                times.append(time.perf_counter() - t0)
+        rel = float((acts["bf16"] - acts["fp32"]).norm() / acts["fp32"].norm())
+        rows.append({**row, "what": "harvest bfloat16 (stop_at_layer)", "tokens_per_s": n / min(bf16),
+                     "vs_fp32": min(fp32) / min(bf16), "relative_error": rel})
     return rows
 
 
@@ -111,10 +126,12 @@ def main() -> None:
 
     print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, cores={os.cpu_count()}, "
           f"load average before: {load_before:.2f}, now: {os.getloadavg()[0]:.2f}")
-    print(f"{'model':<16} {'hook':<26} {'batch':>5} {'ctx':>4} {'thr':>3} {'what':<28} {'tokens/s':>10}")
+    print(f"{'model':<16} {'hook':<26} {'batch':>5} {'ctx':>4} {'thr':>3} {'what':<32} {'tokens/s':>10}")
     for r in rows:
-        print(f"{r['model']:<16} {r['hook']:<26} {r['batch']:>5} {r['context']:>4} {r['threads']:>3} {r['what']:<28} "
-              f"{r['tokens_per_s']:>10,.0f}")
+        extra = (f"  {r['vs_fp32']:.2f}x fp32's harvest, relative error {r['relative_error']:.2%}"
+                 if "vs_fp32" in r else "")
+        print(f"{r['model']:<16} {r['hook']:<26} {r['batch']:>5} {r['context']:>4} {r['threads']:>3} {r['what']:<32} "
+              f"{r['tokens_per_s']:>10,.0f}{extra}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
