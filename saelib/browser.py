@@ -119,7 +119,7 @@ class FeatureData:
     """[F, n_top] rows of the highest activations, descending."""
     top_values: Tensor
     quantile_edges: Tensor
-    """[F, n_quantiles + 1] smallest activation of each quantile bin (ascending), then the max."""
+    """[F, n_quantiles + 1] smallest activation of each quantile bin (ascending; 0 if empty), then the max."""
     sample_rows: Tensor
     """[F, n_quantiles, n_samples] rows sampled (stratified) from each quantile bin, lowest bin first."""
     sample_values: Tensor
@@ -236,9 +236,9 @@ def _summarise(name: str, rows: Tensor, cols: Tensor, vals: Tensor, n_features: 
     within = torch.where(size >= n_samples, cut[..., :-1] + (u * (cut[..., 1:] - cut[..., :-1])).long(), s)
     rank = lo_rank[:, :-1, None] + within
     sample = torch.where(s < size, start[:, None, None] + count[:, None, None] - 1 - rank, len(v))
-    edge_pos = start[:, None] + count[:, None] - 1 - lo_rank.clamp(max=(count[:, None] - 1).clamp(min=0))
-    edges = torch.where(count[:, None] > 0, v_pad[edge_pos.clamp(0, len(v))], float("nan"))
-    edges[:, -1] = torch.where(count > 0, vmax, float("nan"))
+    # Edges: each bin's smallest value (its lowest ascending rank; 0 for an empty bin), then the max.
+    lowest = torch.where(size[..., 0] > 0, start[:, None] + count[:, None] - 1 - lo_rank[:, :-1], len(v))
+    edges = torch.cat([v_pad[lowest], vmax[:, None]], 1)
 
     keys, perm = torch.sort(rows.long() * n_features + cols.long())
     lookup = (keys, vals[perm])
@@ -429,7 +429,7 @@ def histogram_svg(counts: list[int], vmax: float, width: int = 340, height: int 
     rects = "".join(f'<rect x="{5 + i * bar:.1f}" y="{height - 20 - h:.1f}" width="{bar - 1:.1f}" height="{h:.1f}">'
                     f'<title>{c} tokens</title></rect>'
                     for i, c in enumerate(counts) if c > 0
-                    for h in [(height - 30) * math.log1p(c) / top])
+                    for h in [(height - 34) * math.log1p(c) / top])
     return (f'<svg class="hist" width="{width}" height="{height}" viewBox="0 0 {width} {height}">{rects}'
             f'<text x="5" y="{height - 5}">0</text><text x="{width - 5}" y="{height - 5}" text-anchor="end">'
             f'{_fmt(vmax)}</text><text x="5" y="10">tokens per activation bin (log scale)</text></svg>')

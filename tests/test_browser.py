@@ -255,3 +255,21 @@ def test_command_errors_say_what_to_do(organism, capsys, monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0 and "SAE_DIR" in capsys.readouterr().out
+
+
+def test_a_dead_feature_and_no_model_are_said_plainly(setup, tok, tmp_path):
+    _, windows, table, sae, _, _ = setup
+    dead = SAE(sae.cfg)
+    dead.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        dead.b_enc[0] = -1e3  # feature 0 never reaches a positive pre-activation
+    summary = write_browser({"dead": dead}, None, table, tmp_path / "site", tokens=TokenIndex.from_windows(windows),
+                            tokenizer=tok, progress=False)
+    d = summary.features["dead"]
+    assert d.count[0] == 0 and (d.top_rows[0] == -1).all() and d.promoted is None
+    page = d.view(0, tok)._repr_html_()
+    assert "did not fire on the 660 scanned tokens" in page and "no model given" in page
+    chunk = (tmp_path / "site" / "dead" / "data" / "f0.js").read_text()
+    assert chunk.startswith('SAEB.put("f0",[{"h":[],"t":[],"q":[],"p":[],"s":[]},')
+    with pytest.raises(ValueError, match="tokenizer"):
+        write_browser({"dead": dead}, None, table, tmp_path / "x", tokens=TokenIndex.from_windows(windows))

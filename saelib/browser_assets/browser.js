@@ -66,7 +66,7 @@ var SAEB = (function () {
     var svg = svgEl("svg", {"class": "hist", width: W, height: H, viewBox: "0 0 " + W + " " + H});
     counts.forEach(function (c, i) {
       if (!c) return;
-      var h = (H - 30) * Math.log1p(c) / top;
+      var h = (H - 34) * Math.log1p(c) / top;
       var r = svgEl("rect", {x: (5 + i * bar).toFixed(1), y: (H - 20 - h).toFixed(1),
                              width: (bar - 1).toFixed(1), height: h.toFixed(1)});
       r.appendChild(svgEl("title", {}, c + " tokens"));
