@@ -304,6 +304,15 @@ class RowSubset:
     def __getitem__(self, idx: Tensor | slice | np.ndarray) -> Tensor:
         return self.table[self.rows[idx.cpu().numpy() if isinstance(idx, Tensor) else idx]]
 
+    @property
+    def tokens(self) -> np.ndarray:
+        """The cache's token windows (see ``locate``)."""
+        return self.table.tokens
+
+    def locate(self, rows: Tensor | np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+        """(window, position) in ``tokens`` of each of these rows, so the feature browser can show them."""
+        return self.table.locate(self.rows[np.asarray(rows.cpu() if isinstance(rows, Tensor) else rows)])
+
 
 def drop_norm_outliers(table: ActivationCache, max_ratio: float = 10.0, threshold: float | None = None,
                        batch_size: int = 65_536) -> RowSubset:
