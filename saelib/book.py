@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from saelib import profiles, progress
+from saelib.browser import BROWSER_DIR_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +78,9 @@ def execute(path: Path, out_path: Path, profile: str, params: dict[str, Any] | N
     # (saelib.progress), so no bar ends up in the saved outputs or the rendered pages; the terminal
     # shows papermill's cell bar instead. PyTorch's OpenMP threads spin while waiting unless told
     # otherwise; on a shared 2-core machine that costs 10x or more.
-    kernel_env = {progress.ENV: "0", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    # Chapters publish their feature browsers beside the executed notebooks (build_html serves them).
+    kernel_env = {progress.ENV: "0", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+                  BROWSER_DIR_ENV: str(out_path.parent.resolve() / "_browser")}
     saved = {k: os.environ.get(k) for k in kernel_env}
     os.environ.update(kernel_env)
     t0 = time.perf_counter()
@@ -138,6 +141,8 @@ def build_html(executed: Path, build_dir: Path, root: Path = ROOT) -> Path:
         shutil.copy(nb, stage / "notebooks" / nb.name)
     (stage / "_static" / "mathjax").mkdir(parents=True)
     shutil.copy(mathjax_script(), stage / "_static" / "mathjax" / "tex-svg.js")
+    if (executed / "_browser").is_dir():  # feature browsers the chapters wrote (saelib.browser)
+        shutil.copytree(executed / "_browser", stage / "_static" / "browser")
     cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(stage), "--path-output",
            str(build_dir.parent), "-W", "-n", "--keep-going"]
     result = subprocess.run(cmd, capture_output=True, text=True)

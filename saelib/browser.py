@@ -28,6 +28,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 import re
 import time
 import unicodedata
@@ -38,13 +39,13 @@ from typing import Mapping
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
-
-from saelib.checkpoints import atomic_dir, commit_dir
+from saelib import seeding
+from saelib.checkpoints import artifact_dir, atomic_dir, commit_dir
+from saelib.progress import bar as progress_bar
 from saelib.sae import SAE
 
 __all__ = ["TokenIndex", "FeatureData", "FeatureView", "BrowserSummary", "gather_features", "write_browser",
-           "logit_effects", "token_text", "shown_text"]
+           "book_browser", "logit_effects", "token_text", "shown_text"]
 
 ASSETS = Path(__file__).with_name("browser_assets")
 RESIDUAL_HOOK = re.compile(r"(^|\.)hook_(resid_pre|resid_mid|resid_post|mlp_out|attn_out|embed)$")
@@ -176,7 +177,7 @@ def gather_features(saes: Mapping[str, SAE], table, *, tokens: TokenIndex | None
         raise ValueError(f"the TokenIndex covers {len(tokens.window)} rows but {n} are scanned")
     codes = _encode_all(saes, table, n, batch_size, progress)
     row_at = tokens.row_at(n)
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeding.generator("browser_samples", seed)
     out = {}
     for name, sae in saes.items():
         data = _summarise(name, *codes[name], sae.cfg.d_sae, n, tokens, row_at, gen, n_top, n_quantiles,
@@ -195,7 +196,7 @@ def _encode_all(saes: Mapping[str, SAE], table, n: int, batch_size: int,
     try:
         for sae in saes.values():
             sae.eval()
-        for lo in tqdm(range(0, n, batch_size), disable=not progress, desc="browser: encoding", unit="batch"):
+        for lo in progress_bar(range(0, n, batch_size), show=progress, desc="browser: encoding", unit="batch"):
             x = table[torch.arange(lo, min(n, lo + batch_size))].float()
             for name, sae in saes.items():
                 c = sae(x.to(sae.decoder.device)).codes
@@ -576,7 +577,7 @@ def write_browser(saes: Mapping[str, SAE], model, table, out_dir: str | Path, *,
         (tmp / "assets" / asset).write_text((ASSETS / asset).read_text())
     taken: set[str] = {"assets", "data"}
     writers, lines = [], []
-    for name, d in tqdm(features.items(), disable=not progress, desc="browser: writing", unit="sae"):
+    for name, d in progress_bar(features.items(), show=progress, desc="browser: writing", unit="sae"):
         writer = _SiteWriter(tmp / _slug(name, taken))
         lines.append(writer.write(d, "../"))
         writers.append(writer)
@@ -606,3 +607,31 @@ def _write_tokens(folder: Path, tokens: TokenIndex, n_rows: int, writers: list[_
     vocab = {t: shown_text(token_text(tokenizer, t)) for t in sorted(ids)}
     (folder / "tokens.js").write_text(_js("tokens", {"vocab": vocab, "windows": windows,
                                                      "unscanned": {w: u for w, u in unscanned.items() if u}}))
+
+
+BROWSER_DIR_ENV = "SAELIB_BROWSER_DIR"
+"""Where chapters publish their browsers; the book's runner points it into the build, which serves
+it as ``_static/browser/<chapter>/`` (a chapter links there). Unset: ``./_browser``."""
+
+
+def book_browser(chapter: str, saes: Mapping[str, SAE], model, table, key: Mapping, *, show: str | None = None,
+                 **kwargs) -> tuple[Path, dict, FeatureData | None]:
+    """A chapter's browser, written once and reused: ``write_browser`` into a cache folder keyed by
+    ``key`` (what identifies the SAEs and the tokens, e.g. their training run) and copied to
+    ``$SAELIB_BROWSER_DIR/<chapter>``. Returns the published index, the summary of the writing run
+    (bytes, seconds, tokens) and the gathered data of SAE ``show`` (kept in the cache too, so a
+    notebook can display one feature inline on a rerun without gathering again)."""
+    import shutil
+
+    cached = artifact_dir("browsers", {"chapter": chapter, **key, "kwargs": kwargs, "saes": sorted(saes)})
+    if not (cached / "summary.json").exists():
+        summary = write_browser(saes, model, table, cached / "site", **kwargs)
+        if show is not None:
+            torch.save(summary.features[show], cached / "shown.pt")
+        (cached / "summary.json").write_text(json.dumps(
+            {"bytes": summary.bytes, "seconds": summary.seconds, "n_tokens": summary.n_tokens}))
+    published = Path(os.environ.get(BROWSER_DIR_ENV, "_browser")) / chapter
+    shutil.rmtree(published, ignore_errors=True)
+    shutil.copytree(cached / "site", published)
+    shown = torch.load(cached / "shown.pt", weights_only=False) if (cached / "shown.pt").exists() else None
+    return published / "index.html", json.loads((cached / "summary.json").read_text()), shown

@@ -28,6 +28,7 @@ PURPOSES = (
     "organism_data_order", # the organism's training batches
     "sampling",            # text generation
     "bench_data",          # benchmark inputs (bench/)
+    "browser_samples",     # which examples the feature browser shows from each activation quantile
 )
 
 
