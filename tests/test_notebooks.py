@@ -130,6 +130,10 @@ def test_book_renders_to_html_with_figures_and_offline_math(ci_executed):
         assert len(figures) >= 2 and all((html / f).is_file() for f in figures), f"{path.stem}: figures missing"
         assert "_static/mathjax/tex-svg.js" in page and "cdn.jsdelivr.net" not in page
         check_reader_view(html, path.stem, page)
+    # Chapter 2's feature browser is published with the book, and its link from the chapter resolves.
+    browser = html / "_static" / "browser" / "02_allocation" / "index.html"
+    assert browser.is_file() and "../_static/browser/02_allocation/index.html" in (
+        html / "notebooks" / "02_allocation.html").read_text()
 
 
 CODE_WIDTH = 90  # characters: the book's text column; wider lines scroll sideways
