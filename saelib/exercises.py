@@ -33,7 +33,7 @@ from saelib.sae import SAE, SAEConfig
 from saelib.splice import splice_metrics
 
 SOLUTION_TAG = "solution"
-MAX_REPORTED = 4
+MAX_REPORTED = 6
 """Problems printed per failing case: enough to see the pattern, few enough to read."""
 
 
@@ -105,17 +105,25 @@ def _as_mask(got: Any, z: Tensor) -> Tensor:
     return mask
 
 
-def _group_problems(where: str, z: Tensor, got: Tensor, n_min: int, n_max: int, budget: str,
-                    index: Callable[[int], str]) -> list[str]:
+def _group_problems(where: str, z: Tensor, got: Tensor, budget: int, budget_text: str,
+                    index: Callable[[int], str], ties_kept: int = 0) -> list[str]:
     """What is wrong with the entries ``got`` keeps from ``z`` (one row, or the whole matrix
-    flattened): non-positive entries, the count outside [n_min, n_max], a smaller entry kept over a
-    larger one. Ties make several answers right, so values are compared, not positions."""
-    problems = [f"{where} keeps {index(i)} whose pre-activation {z[i]:.3g} is not positive"
-                for i in torch.nonzero(got & (z <= 0)).flatten().tolist()]
-    n = int(got.sum())
+    flattened): non-positive entries, a count other than min(budget, positive entries) (up to
+    ``ties_kept`` when ties at the threshold may all be kept), a smaller entry kept over a larger
+    one. Ties make several answers right, so values are compared, not positions."""
+    problems = []
+    bad = torch.nonzero(got & (z <= 0)).flatten().tolist()
+    if len(bad) == 1:
+        problems.append(f"{where} keeps {index(bad[0])} whose pre-activation {z[bad[0]]:.3g} is not positive")
+    elif bad:
+        problems.append(f"{where} keeps {len(bad)} entries whose pre-activations are not positive "
+                        f"(e.g. {index(bad[0])}: {z[bad[0]]:.3g})")
+    n, n_pos = int(got.sum()), int((z > 0).sum())
+    n_min = min(budget, n_pos)
+    n_max = max(n_min, ties_kept)
     if not n_min <= n <= n_max:
-        n_pos = int((z > 0).sum())
-        why = f"only {n_pos} of its entries are positive" if n_pos < n_min or n_pos < n_max else budget
+        why = (budget_text if n_pos >= budget else f"only {n_pos} of its entries are positive" if n_pos
+               else "none of its entries is positive")
         expected = f"{n_min}" if n_min == n_max else f"{n_min} to {n_max} (ties at the threshold)"
         problems.append(f"{where} keeps {n} entr{'y' if n == 1 else 'ies'}, expected {expected} ({why})")
     kept, dropped = torch.nonzero(got).flatten(), torch.nonzero(~got & (z > 0)).flatten()
@@ -137,8 +145,7 @@ def check_topk(fn: Callable[[Tensor, int], Any]) -> bool:
         expected = selection_mask("topk", z, AllocationContext(k=k))
         problems = []
         for r in range(len(z)):
-            n = int(expected[r].sum())
-            problems += _group_problems(f"row {r}", z[r], mask[r], n, n, f"k={k}", lambda i: f"feature {i}")
+            problems += _group_problems(f"row {r}", z[r], mask[r], k, f"k={k}", lambda i: f"feature {i}")
         return problems
 
     return _run("TopK", fn, [Case(label, (z, k)) for label, z, k in _selection_cases()], compare)
@@ -153,10 +160,9 @@ def check_mutual_choice(fn: Callable[[Tensor, int], Any]) -> bool:
         z, k = case.args
         mask = _as_mask(got, z)
         expected = selection_mask("mutual_choice", z, AllocationContext(k=k))
-        n_min = min(k * len(z), int((z > 0).sum()))
         n_cols = z.shape[1]
-        return _group_problems("the batch", z.flatten(), mask.flatten(), n_min, int(expected.sum()),
-                               f"k x tokens = {k} x {len(z)}", lambda i: f"(token {i // n_cols}, feature {i % n_cols})")
+        return _group_problems("the batch", z.flatten(), mask.flatten(), k * len(z), f"k x tokens = {k} x {len(z)}",
+                               lambda i: f"(token {i // n_cols}, feature {i % n_cols})", ties_kept=int(expected.sum()))
 
     return _run("Mutual Choice", fn, [Case(label, (z, k)) for label, z, k in _selection_cases(1)], compare)
 

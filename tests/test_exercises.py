@@ -88,8 +88,10 @@ def test_topk(capsys):
     def smallest(z, k):
         return torch.zeros_like(z, dtype=torch.bool).scatter(1, z.topk(k, dim=1, largest=False).indices, True) & (z > 0)
 
-    rejects(ex.check_topk, no_positivity, r"rows 2 and 5 all negative", r"row 2 keeps feature \d+ whose "
-            r"pre-activation -[\d.]+ is not positive", capsys=capsys)
+    rejects(ex.check_topk, no_positivity, r"rows 2 and 5 all negative", r"row 2 keeps 4 entries whose "
+            r"pre-activations are not positive \(e.g. feature \d+: -[\d.]+\)", r"row 2 keeps 4 entries, expected 0 "
+            r"\(none of its entries is positive\)", r"row 7 keeps 4 entries, expected 2 \(only 2 of its "
+            r"entries are positive\)", capsys=capsys)
     rejects(ex.check_topk, one_too_many, r"row 0 keeps 5 entries, expected 4 \(k=4\)", capsys=capsys)
     rejects(ex.check_topk, smallest, r"row 0 keeps 0 entries, expected 4", capsys=capsys)
 
@@ -114,16 +116,17 @@ def test_mutual_choice(capsys):
             r"larger \(token \d+, feature \d+\)", capsys=capsys)
     rejects(ex.check_mutual_choice, budget_k, r"the batch keeps 4 entries, expected 64 \(k x tokens = 4 x 16\)",
             capsys=capsys)
-    rejects(ex.check_mutual_choice, no_positivity, r"k = d_sae = 10", r"is not positive", capsys=capsys)
+    rejects(ex.check_mutual_choice, no_positivity, r"k = d_sae = 10", r"the batch keeps \d+ entries whose "
+            r"pre-activations are not positive", capsys=capsys)
 
 
 def test_mutual_choice_accepts_either_side_of_a_tie(capsys):
     z = torch.tensor([[3.0, 2.0, 2.0, 1.0]])  # budget 2: {3, 2} or {3, 2, 2}
     both = torch.tensor([[True, True, True, False]])
     one = torch.tensor([[True, True, False, False]])
-    assert not ex._group_problems("the batch", z.flatten(), both.flatten(), 2, 3, "", str)
-    assert not ex._group_problems("the batch", z.flatten(), one.flatten(), 2, 3, "", str)
-    assert ex._group_problems("the batch", z.flatten(), both.flatten(), 2, 2, "", str)
+    assert not ex._group_problems("the batch", z.flatten(), both.flatten(), 2, "", str, ties_kept=3)
+    assert not ex._group_problems("the batch", z.flatten(), one.flatten(), 2, "", str, ties_kept=3)
+    assert ex._group_problems("the batch", z.flatten(), both.flatten(), 2, "", str)
 
 
 def test_nmse(capsys):
