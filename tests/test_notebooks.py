@@ -146,7 +146,7 @@ def test_book_renders_to_html_with_figures_and_offline_math(ci_executed):
         assert "_static/mathjax/tex-svg.js" in page and "cdn.jsdelivr.net" not in page
 
 
-def test_nbval_executes_every_chapter_on_the_ci_profile(ci_executed):
+def test_nbval_executes_every_chapter_on_the_ci_profile():
     """The teachers' and CI users' route (book/teaching.md): nbval runs the notebooks as committed,
     in their own folder, with the profile from $SAELIB_PROFILE. --nbval-lax compares no outputs (the
     notebooks keep none, and timings and progress differ per run); a cell that raises fails. Placed
