@@ -144,6 +144,9 @@ def test_book_renders_to_html_with_figures_and_offline_math(ci_executed):
         figures = re.findall(r'<img alt="[^"]*" src="\.\./(_images/\w+\.png)"', page)
         assert len(figures) >= 2 and all((html / f).is_file() for f in figures), f"{path.stem}: figures missing"
         assert "_static/mathjax/tex-svg.js" in page and "cdn.jsdelivr.net" not in page
+        solutions = sum("solution" in c.metadata.get("tags", []) for c in nbformat.read(path, as_version=4).cells)
+        assert page.count("Show code cell source") == solutions > 0, f"{path.stem}: solutions not behind toggles"
+        assert page.count("agrees with saelib") == solutions, f"{path.stem}: a check on a solution did not pass"
 
 
 def test_nbval_executes_every_chapter_on_the_ci_profile():
