@@ -1,7 +1,9 @@
 """Figures shared by the chapters: one colour per SAE variant, curves over training, distributions.
 
 Each function takes data a notebook computed and returns a matplotlib Figure; nothing is read from
-disk here, so a figure always shows the run that produced it.
+disk here, so a figure always shows the run that produced it. Seaborn draws what it is made for
+(lines per SAE from long tables, histograms, heatmaps), with the palette of ``color``; the book's
+look (``style``) stays matplotlib's rcParams, set here and nowhere else.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FormatStrFormatter, FuncFormatter
@@ -42,20 +45,26 @@ def color(name: str) -> str:
     return f"C{abs(hash(name)) % 10}"
 
 
+def palette(names: Sequence[str]) -> dict[str, str]:
+    """``color`` for each name, as the ``palette`` seaborn takes with ``hue``."""
+    return {name: color(name) for name in names}
+
+
 def training_curves(history: pd.DataFrame, metrics: Sequence[str] = ("nmse", "l0", "dead_frac"),
                     log_y: Sequence[str] = ("nmse",)) -> Figure:
     """One panel per metric against tokens seen, one line per SAE (a trainer history frame)."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for name, rows in history.groupby("sae", sort=False):
-            ax.plot(rows["tokens"], rows[metric], label=name, color=color(name), lw=1.5)
+    names = list(history["sae"].unique())
+    for i, (ax, metric) in enumerate(zip(axes[0], metrics)):
+        sns.lineplot(data=history, x="tokens", y=metric, hue="sae", hue_order=names, palette=palette(names),
+                     estimator=None, errorbar=None, lw=1.5, legend=i == 0, ax=ax)
         ax.set_xlabel("training tokens")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 600k, not overlapping 600000 labels
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         if metric in log_y:
             ax.set_yscale("log")
             plain_log_labels(ax.yaxis)
-    axes[0][0].legend(fontsize=8)
+    sns.move_legend(axes[0][0], "best", fontsize=8, title=None)
     fig.tight_layout()
     return fig
 
@@ -67,11 +76,13 @@ def count_histograms(counts: Mapping[str, np.ndarray], xlabel: str = "active fea
     fig, ax = plt.subplots(figsize=(6, 3.4))
     everything = [np.asarray(c) for c in counts.values()] + ([np.asarray(reference[1])] if reference else [])
     top = int(max(np.percentile(c, 99.5) for c in everything)) + 2
-    bins = np.arange(-0.5, top + 0.5)
     if reference:
-        ax.hist(np.asarray(reference[1]), bins=bins, density=True, color="0.85", label=reference[0])
+        sns.histplot(x=np.asarray(reference[1]), discrete=True, stat="density", color="0.85", alpha=1,
+                     linewidth=0, label=reference[0], ax=ax)
     for name, c in counts.items():
-        ax.hist(np.asarray(c), bins=bins, density=True, histtype="step", lw=1.8, color=color(name), label=name)
+        sns.histplot(x=np.asarray(c), discrete=True, stat="density", element="step", fill=False, lw=1.8,
+                     color=color(name), label=name, ax=ax)
+    ax.set_xlim(-0.5, top + 0.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("fraction of tokens")
     ax.legend(fontsize=8)
@@ -86,7 +97,10 @@ def allocation_picture(masks: Mapping[str, np.ndarray]) -> Figure:
                              gridspec_kw={"width_ratios": [3] * len(masks) + [2]})
     for ax, (name, mask) in zip(axes, masks.items()):
         mask = np.asarray(mask)
-        ax.imshow(mask, aspect="auto", interpolation="nearest", cmap=ListedColormap(["white", color(name)]))
+        sns.heatmap(mask, cmap=ListedColormap(["white", color(name)]), vmin=0, vmax=1, cbar=False,
+                    xticklabels=False, yticklabels=False, ax=ax)
+        for spine in ax.spines.values():  # heatmap drops the frame; white cells would merge with the page
+            spine.set(visible=True, color="0.7", lw=0.8)
         ax.set_title(f"{name}: {int(mask.sum())} kept", fontsize=9)
         ax.set_xlabel("feature")
         ax.grid(False)
@@ -139,16 +153,17 @@ def plain_log_labels(axis) -> None:
 def frontiers(table: pd.DataFrame, ys: Sequence[str], x: str = "L0", family: str = "family") -> Figure:
     """One panel per metric in ``ys`` against ``x`` (log-log), a line through each family's points."""
     fig, axes = plt.subplots(1, len(ys), figsize=(5 * len(ys), 3.8), squeeze=False)
-    for ax, y in zip(axes[0], ys):
-        for name, rows in table.sort_values(x).groupby(family, sort=False):
-            ax.plot(rows[x], rows[y], "o-", ms=4, color=color(name), label=name)
+    names = list(table[family].unique())
+    for i, (ax, y) in enumerate(zip(axes[0], ys)):
+        sns.lineplot(data=table, x=x, y=y, hue=family, hue_order=names, palette=palette(names), marker="o",
+                     markersize=6, markeredgewidth=0, estimator=None, errorbar=None, sort=True, legend=i == 0, ax=ax)
         ax.set_xscale("log")
         ax.set_yscale("log")
         plain_log_labels(ax.xaxis)
         plain_log_labels(ax.yaxis)
         ax.set_xlabel(x)
         ax.set_ylabel(y)
-    axes[0][0].legend(fontsize=8)
+    sns.move_legend(axes[0][0], "best", fontsize=8, title=None)
     fig.tight_layout()
     return fig
 

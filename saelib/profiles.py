@@ -9,15 +9,23 @@
 A notebook's ``parameters`` cell names ``profile`` and every knob of its chapter (``None`` = take
 the profile's value), then calls ``resolve(chapter, profile, knob=value, ...)``. Every profile of a
 chapter has the same knobs, so a knob set for one profile works for all of them.
+
+``profile = None`` (the cells' default) means ``$SAELIB_PROFILE`` if set, else ``cpu``: tools that
+execute a notebook as it is, without injecting parameters (nbval, a plain ``jupyter nbconvert``),
+choose the sizes through the environment, e.g. ``SAELIB_PROFILE=ci pytest --nbval-lax notebooks/``.
+A profile given explicitly (papermill's ``-p profile ci``, ``python -m saelib.book --profile``) wins.
 """
 
 from __future__ import annotations
 
 import difflib
 import html
+import os
 from typing import Any, Mapping
 
 PROFILES = ("ci", "cpu", "gpu")
+PROFILE_ENV = "SAELIB_PROFILE"
+DEFAULT_PROFILE = "cpu"
 
 CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
     # Chapter 0: SAEs on synthetic data with a known dictionary.
@@ -93,13 +101,22 @@ def knobs(chapter: str) -> list[str]:
     return sorted(_chapter(chapter)["cpu"])
 
 
-def resolve(chapter: str, profile: str = "cpu", **overrides: Any) -> Params:
-    """The parameters of ``chapter`` at ``profile``, with non-``None`` overrides applied.
+def default_profile() -> str:
+    """``$SAELIB_PROFILE`` if set, else ``cpu``: what ``profile = None`` in a notebook means."""
+    return os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+
+
+def resolve(chapter: str, profile: str | None = None, **overrides: Any) -> Params:
+    """The parameters of ``chapter`` at ``profile`` (``None``: ``default_profile()``), with
+    non-``None`` overrides applied.
 
     Fails at once, listing the valid names, on an unknown chapter, profile or knob."""
     table = _chapter(chapter)
+    if profile is None:
+        profile = default_profile()
     if profile not in table:
-        raise ValueError(f"unknown profile {profile!r}; valid profiles: {list(PROFILES)}")
+        source = f" (from ${PROFILE_ENV})" if profile == os.environ.get(PROFILE_ENV) else ""
+        raise ValueError(f"unknown profile {profile!r}{source}; valid profiles: {list(PROFILES)}")
     params = Params(table[profile])
     for name, value in overrides.items():
         if name not in params:

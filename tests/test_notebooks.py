@@ -5,7 +5,10 @@ of the results the book states, not just a check that the code runs."""
 
 import html as html_module
 import json
+import os
 import re
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -37,7 +40,7 @@ def test_committed_notebook_has_no_outputs(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_parameters_cell_declares_profile_and_every_knob(path):
     params = book.notebook_parameters(path)
-    assert params["profile"] == "cpu", "the book renders the cpu profile by default"
+    assert params["profile"] is None, "profile = None: $SAELIB_PROFILE if set, else the book's cpu profile"
     assert set(params) == {"profile", *profiles.knobs(chapter_of(path))}
     assert all(v is None for k, v in params.items() if k != "profile"), "knobs default to the profile's value"
 
@@ -51,6 +54,19 @@ def test_profiles_share_knobs_and_reject_unknown_names():
     with pytest.raises(ValueError, match=r"unknown parameter 'stepz'.*did you mean 'steps'"):
         profiles.resolve("synthetic", "ci", stepz=3)
     assert profiles.resolve("synthetic", "ci", steps=7, k=None).steps == 7
+
+
+def test_profile_none_reads_saelib_profile_else_cpu(monkeypatch):
+    monkeypatch.delenv("SAELIB_PROFILE", raising=False)
+    assert profiles.resolve("synthetic").profile == "cpu"
+    assert profiles.from_parameters("synthetic", {"profile": None, **dict.fromkeys(profiles.knobs("synthetic"))}
+                                    ).steps == profiles.CHAPTERS["synthetic"]["cpu"]["steps"]
+    monkeypatch.setenv("SAELIB_PROFILE", "ci")
+    assert profiles.resolve("synthetic", None).steps == profiles.CHAPTERS["synthetic"]["ci"]["steps"]
+    assert profiles.resolve("synthetic", "gpu").profile == "gpu", "an explicit profile wins over the environment"
+    monkeypatch.setenv("SAELIB_PROFILE", "laptop")
+    with pytest.raises(ValueError, match=r"unknown profile 'laptop' \(from \$SAELIB_PROFILE\)"):
+        profiles.resolve("synthetic")
 
 
 def test_runner_rejects_an_unknown_notebook_parameter():
@@ -130,10 +146,32 @@ def test_book_renders_to_html_with_figures_and_offline_math(ci_executed):
         assert len(figures) >= 2 and all((html / f).is_file() for f in figures), f"{path.stem}: figures missing"
         assert "_static/mathjax/tex-svg.js" in page and "cdn.jsdelivr.net" not in page
         check_reader_view(html, path.stem, page)
+        tags = [c.metadata.get("tags", []) for c in nbformat.read(path, as_version=4).cells]
+        solutions = sum("solution" in t for t in tags)
+        assert solutions > 0 and all("hide-input" in t for t in tags if "solution" in t), path.stem
+        hidden = sum("hide-input" in t for t in tags)  # solutions, set-up, parameters and imports
+        assert page.count("Show code cell source") == hidden, f"{path.stem}: cells not behind toggles"
+        assert page.count("agrees with saelib") == solutions, f"{path.stem}: a check on a solution did not pass"
     # Chapter 2's feature browser is published with the book, and its link from the chapter resolves.
     browser = html / "_static" / "browser" / "02_allocation" / "index.html"
     assert browser.is_file() and "../_static/browser/02_allocation/index.html" in (
         html / "notebooks" / "02_allocation.html").read_text()
+
+
+def test_nbval_executes_every_chapter_on_the_ci_profile():
+    """The teachers' and CI users' route (book/teaching.md): nbval runs the notebooks as committed,
+    in their own folder, with the profile from $SAELIB_PROFILE. --nbval-lax compares no outputs (the
+    notebooks keep none, and timings and progress differ per run); a cell that raises fails. Placed
+    after the papermill runs, whose cached organism, activations and SAEs it reuses."""
+    env = {**os.environ, "SAELIB_PROFILE": "ci", "PYTHONPATH": os.pathsep.join(
+        [str(book.ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider",
+           "-q", "-o", "addopts=", *[str(p) for p in NOTEBOOKS]]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=book.ROOT, env=env)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, f"nbval failed: {summary}\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
+    n_cells = sum(c.cell_type == "code" for p in NOTEBOOKS for c in nbformat.read(p, as_version=4).cells)
+    assert re.search(rf"\b{n_cells} passed\b", summary), f"expected every code cell ({n_cells}) to run: {summary}"
 
 
 CODE_WIDTH = 90  # characters: the book's text column; wider lines scroll sideways

@@ -1,0 +1,430 @@
+"""Checks for the exercises at the end of each chapter, and the student copies of the notebooks.
+
+Each ``check_*`` function runs a learner's function on random and edge-case inputs (ties, rows with
+no positive entry, k equal to the number of features, a batch of one token, ...) and compares it
+with saelib's own implementation. The convention, the same for every check:
+
+* it returns ``True`` when every case agrees, so a notebook cell can ``assert check_x(my_x)``;
+* otherwise it prints, in plain words, which case failed and how (which row or rank, expected
+  against got) and returns ``False``; it never raises for a wrong answer, and a learner function
+  that raises (the stub's ``NotImplementedError``) is reported the same way.
+
+Solution cells carry the tag ``solution`` (plus ``hide-input``, which Jupyter Book renders as a
+collapsed "show code" toggle); ``python -m saelib.exercises notebooks/ --out student/`` (or
+``saelib student-copy``) writes copies of the notebooks without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saelib.allocation import AllocationContext, selection_mask, zipf_capacities, zipf_profile
+from saelib.losses import aux_residual_loss, nmse
+from saelib.metrics import zipf_fit
+from saelib.sae import SAE, SAEConfig
+from saelib.splice import splice_metrics
+
+SOLUTION_TAG = "solution"
+MAX_REPORTED = 6
+"""Problems printed per failing case: enough to see the pattern, few enough to read."""
+
+
+@dataclass
+class Case:
+    """One input the learner's function is run on; ``label`` says in words what it probes."""
+
+    label: str
+    args: tuple
+    expected: Any = None
+    """Precomputed reference answer, where computing it needs more than the arguments."""
+
+
+def _run(name: str, fn: Callable, cases: list[Case], compare: Callable[[Case, Any], list[str]]) -> bool:
+    """Run ``fn`` on every case and print the problems ``compare`` finds (expected vs got), for
+    every failing case: which cases fail together often says more than the first failure alone."""
+    fn_name = getattr(fn, "__name__", repr(fn))
+    failed = 0
+    for case in cases:
+        try:
+            got = fn(*case.args)
+            problems = compare(case, got)
+        except NotImplementedError:
+            print(f"{fn_name} is not implemented yet (it raised NotImplementedError): fill in its body.")
+            return False
+        except Exception as e:  # the learner's bug, reported in words rather than as a traceback
+            problems = [f"it raised {type(e).__name__}: {e}"]
+        if problems:
+            failed += 1
+            print(f"{fn_name} is wrong on {case.label}:")
+            for p in problems[:MAX_REPORTED]:
+                print(f"  - {p}")
+            if len(problems) > MAX_REPORTED:
+                print(f"  ... and {len(problems) - MAX_REPORTED} more")
+    if failed:
+        print(f"{fn_name} fails {failed} of {len(cases)} cases.")
+        return False
+    print(f"{fn_name} agrees with saelib's {name} on all {len(cases)} cases: " + "; ".join(c.label for c in cases))
+    return True
+
+
+def _as_float(value: Any) -> float:
+    return float(value.item() if isinstance(value, Tensor) else value)
+
+
+def _close(got: float, expected: float, rtol: float = 1e-4, atol: float = 1e-6) -> bool:
+    return bool(np.isfinite(got)) and abs(got - expected) <= atol + rtol * abs(expected)
+
+
+# --------------------------------------------------------------------------- allocation (chapter 0)
+
+def _selection_cases(seed: int = 0) -> Iterator[tuple[str, Tensor, int]]:
+    gen = torch.Generator().manual_seed(seed)
+    yield "random 16 x 32 pre-activations, k = 4", torch.randn(16, 32, generator=gen), 4
+    yield "ties (integer pre-activations), k = 3", torch.randint(-3, 4, (8, 12), generator=gen).float(), 3
+    z = torch.randn(10, 20, generator=gen)
+    z[[2, 5]] = -z[[2, 5]].abs() - 0.1
+    z[7] = torch.where(torch.arange(20) < 2, 1.0 + torch.rand(20, generator=gen), -1.0)
+    yield "rows 2 and 5 all negative, row 7 with 2 positive entries, k = 4", z, 4
+    yield "k = d_sae = 10 (every positive entry is kept)", torch.randn(6, 10, generator=gen), 10
+    yield "a batch of one token, k = 5", torch.randn(1, 20, generator=gen), 5
+
+
+def _as_mask(got: Any, z: Tensor) -> Tensor:
+    mask = torch.as_tensor(np.asarray(got)).bool()
+    if mask.shape != z.shape:
+        raise ValueError(f"expected a boolean mask of shape {tuple(z.shape)} (tokens x features), "
+                         f"got shape {tuple(mask.shape)}")
+    return mask
+
+
+def _group_problems(where: str, z: Tensor, got: Tensor, budget: int, budget_text: str,
+                    index: Callable[[int], str], ties_kept: int = 0) -> list[str]:
+    """What is wrong with the entries ``got`` keeps from ``z`` (one row, or the whole matrix
+    flattened): non-positive entries, a count other than min(budget, positive entries) (up to
+    ``ties_kept`` when ties at the threshold may all be kept), a smaller entry kept over a larger
+    one. Ties make several answers right, so values are compared, not positions."""
+    problems = []
+    bad = torch.nonzero(got & (z <= 0)).flatten().tolist()
+    if len(bad) == 1:
+        problems.append(f"{where} keeps {index(bad[0])} whose pre-activation {z[bad[0]]:.3g} is not positive")
+    elif bad:
+        problems.append(f"{where} keeps {len(bad)} entries whose pre-activations are not positive "
+                        f"(e.g. {index(bad[0])}: {z[bad[0]]:.3g})")
+    n, n_pos = int(got.sum()), int((z > 0).sum())
+    n_min = min(budget, n_pos)
+    n_max = max(n_min, ties_kept)
+    if not n_min <= n <= n_max:
+        why = (budget_text if n_pos >= budget else f"only {n_pos} of its entries are positive" if n_pos
+               else "none of its entries is positive")
+        expected = f"{n_min}" if n_min == n_max else f"{n_min} to {n_max} (ties at the threshold)"
+        problems.append(f"{where} keeps {n} entr{'y' if n == 1 else 'ies'}, expected {expected} ({why})")
+    kept, dropped = torch.nonzero(got).flatten(), torch.nonzero(~got & (z > 0)).flatten()
+    if len(kept) and len(dropped):
+        low, high = kept[z[kept].argmin()], dropped[z[dropped].argmax()]
+        if z[high] > z[low]:
+            problems.append(f"{where} keeps {index(int(low))} (z = {z[low]:.3g}) but drops the larger "
+                            f"{index(int(high))} (z = {z[high]:.3g})")
+    return problems
+
+
+def check_topk(fn: Callable[[Tensor, int], Any]) -> bool:
+    """Check ``fn(z, k) -> mask``: for each token (row) of the pre-activations ``z``, keep its k
+    largest entries, and never a non-positive one. Compared with ``saelib.allocation.topk``."""
+
+    def compare(case: Case, got: Any) -> list[str]:
+        z, k = case.args
+        mask = _as_mask(got, z)
+        expected = selection_mask("topk", z, AllocationContext(k=k))
+        problems = []
+        for r in range(len(z)):
+            problems += _group_problems(f"row {r}", z[r], mask[r], k, f"k={k}", lambda i: f"feature {i}")
+        return problems
+
+    return _run("TopK", fn, [Case(label, (z, k)) for label, z, k in _selection_cases()], compare)
+
+
+def check_mutual_choice(fn: Callable[[Tensor, int], Any]) -> bool:
+    """Check ``fn(z, k) -> mask``: keep the k * n_tokens largest entries of the whole matrix, never
+    a non-positive one. Compared with ``saelib.allocation.mutual_choice``, which keeps every entry
+    tied with the last one kept; a learner may keep exactly the budget or the ties too."""
+
+    def compare(case: Case, got: Any) -> list[str]:
+        z, k = case.args
+        mask = _as_mask(got, z)
+        expected = selection_mask("mutual_choice", z, AllocationContext(k=k))
+        n_cols = z.shape[1]
+        return _group_problems("the batch", z.flatten(), mask.flatten(), k * len(z), f"k x tokens = {k} x {len(z)}",
+                               lambda i: f"(token {i // n_cols}, feature {i % n_cols})", ties_kept=int(expected.sum()))
+
+    return _run("Mutual Choice", fn, [Case(label, (z, k)) for label, z, k in _selection_cases(1)], compare)
+
+
+# --------------------------------------------------------------------------- NMSE (chapter 0)
+
+def check_nmse(fn: Callable[[Tensor, Tensor], Any]) -> bool:
+    """Check ``fn(x, x_hat) -> float``: squared error over the squared deviation of x from its mean
+    (the fraction of variance unexplained). Compared with ``saelib.losses.nmse``."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=gen)
+    noisy = x + 0.3 * torch.randn(64, 8, generator=gen)
+    shifted = 5.0 + torch.randn(64, 8, generator=gen)
+    scales = torch.randn(32, 4, generator=gen) * torch.tensor([0.1, 1.0, 10.0, 100.0])
+    cases = [
+        Case("random x and a noisy reconstruction", (x, noisy)),
+        Case("a perfect reconstruction (NMSE 0)", (x, x.clone())),
+        Case("predicting the mean of x for every token (NMSE exactly 1)", (x, x.mean(0).expand_as(x).clone())),
+        Case("x with mean 5 (the variance is around the mean, not around 0)", (shifted, shifted + 0.5)),
+        Case("dimensions of very different scales", (scales, scales * 0.9)),
+        Case("a batch of two tokens", (x[:2], noisy[:2])),
+    ]
+
+    def compare(case: Case, got: Any) -> list[str]:
+        expected = float(nmse(*case.args))
+        value = _as_float(got)
+        return [] if _close(value, expected) else [f"got {value:.6g}, expected {expected:.6g}"]
+
+    return _run("NMSE", fn, cases, compare)
+
+
+# --------------------------------------------------------------------------- splicing (chapter 1)
+
+def tiny_model(seed: int = 0):
+    """A randomly initialised 2-layer TransformerLens model: enough to check splicing code on, built
+    in a fraction of a second and without any download."""
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_mlp=64,
+                                  d_vocab=50, act_fn="gelu", normalization_type="LN", seed=seed)
+    with warnings.catch_warnings():  # TransformerLens 3 deprecates the class it still ships
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return HookedTransformer(cfg).eval()
+
+
+def _splice_cases() -> tuple[Any, list[tuple[str, Tensor]]]:
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    windows = [("4 windows of 12 tokens", torch.randint(0, 50, (4, 12), generator=gen)),
+               ("a batch of one window", torch.randint(0, 50, (1, 9), generator=gen)),
+               ("11 windows of 6 tokens", torch.randint(0, 50, (11, 6), generator=gen))]
+    return model, windows
+
+
+def check_next_token_loss(fn: Callable[[Any, Tensor], Any]) -> bool:
+    """Check ``fn(model, tokens) -> float``: the mean cross-entropy (nats/token) of predicting token
+    t+1 from tokens up to t, over every predicted position of every window. Compared with the clean
+    loss ``saelib.splice.splice_metrics`` reports, on a small random model."""
+    model, windows = _splice_cases()
+
+    def compare(case: Case, got: Any) -> list[str]:
+        expected = splice_metrics(model, "blocks.0.hook_resid_post", lambda x: x, case.args[1]).ce_clean
+        value = _as_float(got)
+        return [] if _close(value, expected) else [f"got {value:.5f} nats/token, expected {expected:.5f}"]
+
+    return _run("next-token loss", fn, [Case(label, (model, w)) for label, w in windows], compare)
+
+
+def check_ce_increase(fn: Callable[[Any, str, Callable, Tensor], Any]) -> bool:
+    """Check ``fn(model, hook, reconstruct, tokens) -> float``: the next-token loss with the
+    activation at ``hook`` replaced by ``reconstruct(activation)`` at every position but the first
+    (BOS), minus the clean loss. Compared with ``splice_metrics(...).ce_increase``."""
+    model, windows = _splice_cases()
+
+    def noisy(x: Tensor) -> Tensor:
+        return x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+    reconstructs = [("the identity (increase 0)", lambda x: x), ("halving the activation", lambda x: 0.5 * x),
+                    ("adding noise", noisy), ("zero-ablation", torch.zeros_like)]
+    layer0, layer1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"
+    cases = [Case(f"{what} at {layer0}, {windows[0][0]}", (model, layer0, r, windows[0][1])) for what, r in reconstructs]
+    cases += [Case(f"halving the activation at {layer1}, {windows[0][0]}", (model, layer1, reconstructs[1][1], windows[0][1])),
+              Case(f"adding noise at {layer0}, {windows[1][0]}", (model, layer0, noisy, windows[1][1])),
+              Case(f"halving the activation at {layer1}, {windows[2][0]}", (model, layer1, reconstructs[1][1], windows[2][1]))]
+
+    def compare(case: Case, got: Any) -> list[str]:
+        model_, hook, reconstruct, tokens = case.args
+        expected = splice_metrics(model_, hook, reconstruct, tokens).ce_increase
+        value = _as_float(got)
+        return [] if _close(value, expected, atol=1e-5) else [f"got {value:.5f} nats/token, expected {expected:.5f}"]
+
+    return _run("CE-loss increase", fn, cases, compare)
+
+
+# --------------------------------------------------------------------------- chapter 2
+
+def check_zipf_capacities(fn: Callable[[int, int, int, float], Any]) -> bool:
+    """Check ``fn(n_features, n_tokens, k, exponent) -> integer capacities per feature rank``:
+    Zipf shares of the budget k * n_tokens, each at most n_tokens (the excess spread over the other
+    ranks in proportion to their weight), rounded by largest remainder so they sum to the budget
+    exactly. Compared with ``saelib.allocation.zipf_capacities``; where remainders tie, either
+    rounding is accepted."""
+    cases = [Case("64 features, 100 tokens, k = 4, s = 1", (64, 100, 4, 1.0)),
+             Case("k = n_features = 8 (every feature takes every token)", (8, 10, 8, 1.0)),
+             Case("a batch of one token, 32 features, k = 4", (32, 1, 4, 1.0)),
+             Case("s = 0 (equal shares, every remainder tied)", (16, 50, 3, 0.0)),
+             Case("s = 2 with k = 6 of 16 (several ranks capped at n_tokens)", (16, 20, 6, 2.0)),
+             Case("1000 features, 37 tokens, k = 7, s = 1.1", (1000, 37, 7, 1.1))]
+
+    def compare(case: Case, got: Any) -> list[str]:
+        n_features, n_tokens, k, exponent = case.args
+        got = torch.as_tensor(np.asarray(got))
+        if got.shape != (n_features,):
+            return [f"expected one capacity per feature ({n_features}), got shape {tuple(got.shape)}"]
+        if got.is_floating_point() and not torch.equal(got, got.round()):
+            return ["capacities must be whole numbers of tokens"]
+        got = got.long()
+        expected = zipf_capacities(n_features, n_tokens, k, exponent)
+        target = zipf_profile(n_features, k, exponent) * n_tokens
+        problems = []
+        if int(got.sum()) != k * n_tokens:
+            problems.append(f"capacities sum to {int(got.sum())}, expected the budget k x n_tokens = {k * n_tokens}")
+        for r in torch.nonzero(got > n_tokens).flatten().tolist():
+            problems.append(f"rank {r} gets {int(got[r])} tokens but the batch has only {n_tokens}: "
+                            f"cap it and spread the excess over the other ranks")
+        for r in torch.nonzero((got - target).abs() >= 1).flatten().tolist():
+            if got[r] <= n_tokens:
+                lo, hi = int(target[r].floor()), int(target[r].ceil())
+                problems.append(f"rank {r} gets {int(got[r])}, its Zipf share is {float(target[r]):.3f} tokens "
+                                f"(expected {lo}{'' if lo == hi else f' or {hi}'})")
+        remainder = target - target.floor()
+        rounded_up = expected > target.floor()
+        tie = float(remainder[rounded_up].min()) if rounded_up.any() else float("inf")
+        for r in torch.nonzero(got != expected).flatten().tolist():
+            if abs(float(remainder[r]) - tie) > 1e-9 and (got[r] - target[r]).abs() < 1:
+                problems.append(f"rank {r} gets {int(got[r])}, expected {int(expected[r])}: round up the ranks "
+                                f"with the largest remainders (its share is {float(target[r]):.3f})")
+        return problems
+
+    return _run("Zipf capacities", fn, cases, compare)
+
+
+def _dead_feature_sae(d_in: int, d_sae: int, k_aux: int, seed: int) -> SAE:
+    return SAE(SAEConfig(d_in, d_sae, rule="topk", k=4, k_aux=k_aux, normalize_input=False, seed=seed))
+
+
+def check_aux_k(fn: Callable[[Tensor, Tensor, Tensor, Tensor, int], Any]) -> bool:
+    """Check ``fn(z, dead, decoder, residual, k_aux) -> loss``: each token takes the k_aux dead
+    features with its largest positive pre-activations, decodes them (values z, no bias), and the
+    loss is the NMSE of that decoding against the main reconstruction's residual x - x_hat; 0 when
+    nothing is dead. Compared with ``saelib.losses.aux_residual_loss`` on a small TopK SAE."""
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for label, n_tokens, d_sae, k_aux, n_dead, negative_token in [
+            ("32 tokens, 12 of 48 features dead, k_aux = 4", 32, 48, 4, 12, False),
+            ("k_aux = 8 but only 3 dead features", 32, 48, 8, 3, False),
+            ("no dead feature (the loss is 0)", 16, 24, 4, 0, False),
+            ("token 0 with no positive pre-activation", 16, 24, 3, 10, True),
+            ("a batch of two tokens", 2, 24, 2, 8, False)]:
+        sae = _dead_feature_sae(8, d_sae, k_aux, seed=len(cases))
+        x = torch.randn(n_tokens, 8, generator=gen)
+        if negative_token:
+            x[0] = 0.0
+            with torch.no_grad():
+                sae.b_enc.fill_(-0.05)  # token 0's pre-activations are all b_enc: negative
+        dead = torch.zeros(d_sae, dtype=torch.bool)
+        dead[torch.randperm(d_sae, generator=gen)[:n_dead]] = True
+        out = sae(x)
+        expected = float(aux_residual_loss(sae, out, dead.float()).detach())
+        residual = (out.x_norm - out.x_hat_norm).detach()
+        cases.append(Case(label, (out.preacts.clone(), dead, sae.decoder.detach().clone(), residual, k_aux),
+                          expected))
+
+    def compare(case: Case, got: Any) -> list[str]:
+        value = _as_float(got)
+        return [] if _close(value, case.expected) else [f"got {value:.6g}, expected {case.expected:.6g}"]
+
+    return _run("aux_k loss", fn, cases, compare)
+
+
+def check_zipf_fit(fn: Callable[[Any], Any]) -> bool:
+    """Check ``fn(density) -> (exponent s, log10 C)``: the least-squares line through log10 density
+    against log10 rank (ranks from 1) of the densities sorted from largest to smallest, features
+    that never fired left out. Compared with ``saelib.metrics.zipf_fit``."""
+    rng = np.random.default_rng(0)
+    ranks = np.arange(1, 201)
+    exact = 0.3 * ranks**-1.2
+    cases = [Case("an exact power law 0.3 * rank^-1.2, sorted", (exact.copy(),)),
+             Case("the same densities in random order", (rng.permutation(exact),)),
+             Case("with 50 features that never fired (density 0)", (rng.permutation(np.r_[exact, np.zeros(50)]),)),
+             Case("noisy densities of 500 features", (rng.permutation(0.05 * np.arange(1, 501) ** -0.8
+                                                                     * rng.lognormal(0, 0.3, 500)),)),
+             Case("only 3 features fired", (np.array([0.0, 0.02, 0.0, 0.1, 0.05]),))]
+
+    def compare(case: Case, got: Any) -> list[str]:
+        fit = zipf_fit(case.args[0])
+        try:
+            s, log_c = (float(v) for v in got)
+        except (TypeError, ValueError):
+            return [f"expected a pair (exponent s, log10 C), got {got!r}"]
+        problems = []
+        if not _close(s, fit.exponent, rtol=1e-6, atol=1e-6):
+            problems.append(f"exponent s = {s:.6g}, expected {fit.exponent:.6g}")
+        if not _close(log_c, fit.log10_scale, rtol=1e-6, atol=1e-6):
+            problems.append(f"log10 C = {log_c:.6g}, expected {fit.log10_scale:.6g}")
+        return problems
+
+    return _run("Zipf fit", fn, cases, compare)
+
+
+# --------------------------------------------------------------------------- student copies
+
+def strip_solutions(nb) -> int:
+    """Remove the cells tagged ``solution`` from a notebook in place; return how many."""
+    keep = [c for c in nb.cells if SOLUTION_TAG not in c.get("metadata", {}).get("tags", [])]
+    removed = len(nb.cells) - len(keep)
+    nb.cells = keep
+    return removed
+
+
+def student_copy(source: Path, out: Path) -> dict[Path, int]:
+    """Write every notebook under ``source`` (a folder, or one .ipynb) to ``out`` without its
+    solution cells; return {written path: solution cells removed}. Everything else is untouched."""
+    import nbformat
+
+    source, out = Path(source), Path(out)
+    paths = [source] if source.is_file() else sorted(source.glob("*.ipynb"))
+    if not paths:
+        raise FileNotFoundError(f"no .ipynb notebooks in {source}")
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        removed = strip_solutions(nb)
+        target = out / path.name
+        if target.resolve() == path.resolve():
+            raise ValueError(f"refusing to overwrite {path} with its student copy: choose another --out")
+        nbformat.write(nb, target)
+        written[target] = removed
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="saelib student-copy",
+        description="Write copies of the book's notebooks with the exercise solutions removed (every "
+                    f"cell tagged {SOLUTION_TAG!r}); the exercise stubs and their check cells stay.")
+    ap.add_argument("source", type=Path, nargs="?", default=Path("notebooks"),
+                    help="a folder of notebooks or one .ipynb (default: notebooks)")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the student copies")
+    a = ap.parse_args(argv)
+    try:
+        written = student_copy(a.source, a.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path, removed in written.items():
+        print(f"{path}: {removed} solution cell(s) removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
