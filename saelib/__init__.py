@@ -2,7 +2,7 @@
 
 One module per concept: allocation (the rules), sae (the model), losses, training, metrics,
 checkpoints, corpora, subject_models, activations, splice, synthetic, seeding (random streams),
-progress, plots, profiles, book.
+progress, plots, claims, profiles, book, browser and browse (feature browser), exercises, cli.
 """
 
 __version__ = "0.1.0"
