@@ -74,12 +74,14 @@ def execute(path: Path, out_path: Path, profile: str, params: dict[str, Any] | N
     params = {"profile": profile, **(params or {})}
     check_parameters(path, params)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    # The kernel inherits this environment. saelib's progress bars honour SAELIB_PROGRESS=0
-    # (saelib.progress), so no bar ends up in the saved outputs or the rendered pages; the terminal
-    # shows papermill's cell bar instead. PyTorch's OpenMP threads spin while waiting unless told
-    # otherwise; on a shared 2-core machine that costs 10x or more.
-    # Chapters publish their feature browsers beside the executed notebooks (build_html serves them).
-    kernel_env = {progress.ENV: "0", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+    # The kernel inherits this environment. No progress bar may end up in the saved outputs or the
+    # rendered pages: saelib's bars honour SAELIB_PROGRESS=0 (saelib.progress), other libraries'
+    # (transformers' GGUF loading, the hub) TQDM_DISABLE and HF_HUB_DISABLE_PROGRESS_BARS; the
+    # terminal shows papermill's cell bar instead. PyTorch's OpenMP threads spin while waiting
+    # unless told otherwise; on a shared 2-core machine that costs 10x or more. Chapters publish
+    # their feature browsers beside the executed notebooks (build_html serves them).
+    kernel_env = {progress.ENV: "0", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                  "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                   BROWSER_DIR_ENV: str(out_path.parent.resolve() / "_browser")}
     saved = {k: os.environ.get(k) for k in kernel_env}
     os.environ.update(kernel_env)
@@ -143,13 +145,16 @@ def build_html(executed: Path, build_dir: Path, root: Path = ROOT) -> Path:
     shutil.copy(mathjax_script(), stage / "_static" / "mathjax" / "tex-svg.js")
     if (executed / "_browser").is_dir():  # feature browsers the chapters wrote (saelib.browser)
         shutil.copytree(executed / "_browser", stage / "_static" / "browser")
+    # jupyter-book writes <path-output>/_build/html: the default build_dir (ROOT/_build) gets
+    # _build/html, any other build_dir gets <build_dir>/_build/html.
+    out_root = build_dir.parent if build_dir.name == "_build" else build_dir
     cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(stage), "--path-output",
-           str(build_dir.parent), "-W", "-n", "--keep-going"]
+           str(out_root), "-W", "-n", "--keep-going"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed (warnings are errors):\n{result.stdout[-4000:]}"
                            f"\n{result.stderr[-4000:]}")
-    return build_dir / "html" / "index.html"
+    return out_root / "_build" / "html" / "index.html"
 
 
 def export_figures(executed: Path, out: Path) -> list[Path]:
