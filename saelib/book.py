@@ -135,7 +135,7 @@ def build_html(executed: Path, build_dir: Path, root: Path = ROOT) -> Path:
     stage = build_dir / "src"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
-    for name in ("_config.yml", "_toc.yml", "book"):
+    for name in ("_config.yml", "_toc.yml", "book", "_static"):
         src = root / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, stage / name)
     (stage / "notebooks").mkdir()
