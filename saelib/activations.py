@@ -424,7 +424,7 @@ def at_precision(model, dtype: str):
     torch_dtype = _MODEL_DTYPES[dtype]
     if next(model.parameters()).dtype == torch_dtype:
         return model
-    cast = copy.deepcopy(model).to(torch_dtype)
+    cast = copy.deepcopy(model).to(torch_dtype, print_details=False)
     cast.cfg.dtype = torch_dtype
     return cast
 

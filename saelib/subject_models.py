@@ -110,7 +110,7 @@ def _tl_from_hf_dir(cfg_dir: Path, hf_model, tokenizer, device: str):
     state = loading.get_pretrained_state_dict(str(cfg_dir), cfg, hf_model=hf_model)
     model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,
                                       center_unembed=False)
-    return model.to(device)
+    return model.to(device, print_details=False)
 
 
 def _load_local_hf(path: Path, device: str, hf_model=None, **kw: Any):
@@ -168,7 +168,7 @@ def _load_smollm2(device: str, hf_model=None, tokenizer=None, use_cache: bool = 
         cfg = loading.get_pretrained_model_config(str(prep), fold_ln=False, device=device)
         model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(prep))
         model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
-        return model.to(device)
+        return model.to(device, print_details=False)
     if hf_model is None:
         hf_model, tokenizer = load_smollm2_hf()
     if tokenizer is None:
@@ -446,7 +446,7 @@ def train_organism(profile: str | OrganismProfile = "cpu", out_dir: str | os.Pat
 
     train, val = _organism_windows(tokenizer, p, corpus)
     torch.manual_seed(seeding.derived_seed("organism_init", p.seed))
-    model = HookedTransformer(_organism_cfg(p, device), tokenizer=tokenizer).to(device)
+    model = HookedTransformer(_organism_cfg(p, device), tokenizer=tokenizer).to(device, print_details=False)
     decay = [w for n, w in model.named_parameters() if w.dim() >= 2]
     no_decay = [w for n, w in model.named_parameters() if w.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
@@ -542,7 +542,7 @@ def _load_organism(path: Path, device: str, checkpoint: int | None):
                                      map_location=device, weights_only=True))
     model.cfg.model_name = f"organism-{meta['profile']}"
     model.checkpoint_step = checkpoint  # type: ignore[attr-defined]
-    return model.to(device)
+    return model.to(device, print_details=False)
 
 
 # ============================================================================ sampling
