@@ -172,4 +172,6 @@ def table(frame: pd.DataFrame, formats: Mapping[str, str] | None = None, digits:
     """A DataFrame as the book shows it: a blank where a value does not apply (NaN: the k of a ReLU
     SAE, the L1 coefficient of a TopK one), ``formats`` per column (e.g. ``{"k": "{:.0f}"}``), other
     numbers to ``digits`` decimals with thousands separated. Returns a pandas Styler."""
-    return frame.style.format(formats or {}, precision=digits, na_rep="", thousands=",")
+    # An index name would add a second header row; the first column speaks for itself.
+    return frame.rename_axis(index=None).style.format(formats or {}, precision=digits, na_rep="",
+                                                      thousands=",")
