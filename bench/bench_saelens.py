@@ -83,10 +83,11 @@ def run_saelib(x: Tensor, held: Tensor, a: argparse.Namespace) -> dict:
     table = TimedTable(x, a.batch)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, warmup_steps=a.lr_warmup, log_every=a.steps)
     t0 = time.perf_counter()
-    sae = train_saes({"topk": SAEConfig(a.d, a.d_sae, rule="topk", k=a.k)}, table, cfg, progress=False).saes["topk"]
+    sae_cfg = SAEConfig(a.d, a.d_sae, rule="topk", k=a.k, encoder_dtype=a.encoder_dtype)
+    sae = train_saes({"topk": sae_cfg}, table, cfg, progress=False).saes["topk"]
     wall = time.perf_counter() - t0
     table.stamps.append(t0 + wall)  # the last step ends with the call (train_saes has no later fetch)
-    return {"library": "saelib", "tokens_per_s": step_stats(table.stamps, a.batch, a.warmup),
+    return {"library": f"saelib ({a.encoder_dtype} encoder)", "tokens_per_s": step_stats(table.stamps, a.batch, a.warmup),
             "end_to_end_tokens_per_s": a.steps * a.batch / wall, "nmse": heldout_nmse(sae.reconstruct, held)}
 
 
@@ -138,6 +139,7 @@ def main() -> None:
     p.add_argument("--saelens", default="dense", help="SAELens variants to run, comma-separated: dense, sparse")
     p.add_argument("--decoder-init-norms", default="0.1,1.0",
                    help="SAELens decoder_init_norm values to run (0.1 is its default, 1.0 saelib's start)")
+    p.add_argument("--encoder-dtype", default="float32", help="saelib's encoder product: float32 or bfloat16")
     p.add_argument("--tolerance", type=float, default=0.05, help="equal quality: held-out NMSE within this")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic rows (their own stream)")
     p.add_argument("--json", help="also write the results here")
