@@ -38,7 +38,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                    seed=0, min_recovered=0.6, max_nmse=0.15),
         "cpu": dict(n_tokens=400_000, d_model=64, n_features=256, active=8.0, zipf_exponent=0.5,
                     noise=0.01, expansion=2, k=8, l1_coeff=0.15, steps=6000, batch_size=1024,
-                    lr=2e-3, seed=0, min_recovered=0.85, max_nmse=0.2),
+                    lr=2e-3, seed=0, min_recovered=0.8, max_nmse=0.2),
         "gpu": dict(n_tokens=4_000_000, d_model=256, n_features=2048, active=16.0, zipf_exponent=0.5,
                     noise=0.01, expansion=2, k=16, l1_coeff=0.15, steps=30_000, batch_size=4096,
                     lr=1e-3, seed=0, min_recovered=0.85, max_nmse=0.2),
