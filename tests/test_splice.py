@@ -16,11 +16,12 @@ HOOK = "blocks.0.hook_resid_post"
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """A briefly trained 'ci' organism: enough for its layer-0 residual to matter to its predictions."""
+    """A briefly trained 'ci' organism (60 of its 250 steps): trained enough that a lossy reconstruction
+    of its layer-0 residual hurts its predictions (after 10 steps a splice could lower the loss by chance)."""
     root = tmp_path_factory.mktemp("splice")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAELIB_CACHE", str(root / "cache"))
-        yield load_subject_model(train_organism("ci", root / "organism", n_steps=10, progress=False))
+        yield load_subject_model(train_organism("ci", root / "organism", n_steps=60, progress=False))
 
 
 @pytest.fixture(scope="module")
