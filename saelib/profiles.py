@@ -76,6 +76,36 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     batch_size=4096, lr=4e-4, dead_after_tokens=5_000_000, zipf_exponent=1.0,
                     expect_claims=None),
     },
+    # Chapter 4: one SAE per training checkpoint of a model, trained from scratch and SAE-Track style.
+    # checkpoints: the SAEs' (log-spaced by step); probe_checkpoints: where loss and the ICL score
+    # are measured (every saved one for the organisms). gpu: Pythia's public checkpoints through
+    # TransformerLens (checkpoint_value); not executed on the project machine.
+    "dynamics": {
+        "ci": dict(model="organism-ci", hook="blocks.1.hook_resid_post", corpus="mixed",
+                   checkpoints=(0, 2, 8, 32, 100, 250),
+                   probe_checkpoints=(0, 1, 2, 4, 8, 16, 32, 50, 100, 150, 200, 250),
+                   n_tokens=24_576, eval_tokens=4096, context_size=64, loss_windows=16,
+                   expansion=4, k=8, steps=100, batch_size=512, lr=3e-3, dead_after_tokens=20_000,
+                   icl_sequences=16, icl_length=31, match_threshold=0.7, token_level_share=0.5,
+                   expect_claims=None),
+        "cpu": dict(model="organism-cpu", hook="blocks.1.hook_resid_post", corpus="mixed",
+                    checkpoints=(0, 2, 8, 32, 64, 120, 240, 480, 840, 1200),
+                    probe_checkpoints=(0, 1, 2, 4, 8, 16, 32, 64, 120, 240, 360, 480, 600, 720, 840,
+                                       960, 1080, 1200),
+                    n_tokens=200_000, eval_tokens=16_384, context_size=128, loss_windows=32,
+                    expansion=8, k=16, steps=300, batch_size=2048, lr=1e-3, dead_after_tokens=200_000,
+                    icl_sequences=32, icl_length=63, match_threshold=0.7, token_level_share=0.5,
+                    expect_claims=None),
+        "gpu": dict(model="pythia-70m-deduped", hook="blocks.2.hook_resid_post",
+                    corpus="hf:Skylion007/openwebtext",
+                    checkpoints=(0, 4, 32, 256, 1000, 4000, 16000, 64000, 143000),
+                    probe_checkpoints=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 4000, 8000,
+                                       16000, 32000, 64000, 100000, 143000),
+                    n_tokens=4_000_000, eval_tokens=131_072, context_size=128, loss_windows=256,
+                    expansion=16, k=32, steps=8000, batch_size=4096, lr=4e-4,
+                    dead_after_tokens=5_000_000, icl_sequences=128, icl_length=63,
+                    match_threshold=0.7, token_level_share=0.5, expect_claims=None),
+    },
 }
 
 

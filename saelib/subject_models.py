@@ -546,7 +546,8 @@ def _load_organism(path: Path, device: str, checkpoint: int | None):
                                      map_location=device, weights_only=True))
     model.cfg.model_name = f"organism-{meta['profile']}"
     model.checkpoint_step = checkpoint  # type: ignore[attr-defined]
-    return model.to(device)
+    # Quietly: chapter 4 loads every checkpoint, and each load would print "Moving model to device".
+    return model.to(device, print_details=False)
 
 
 # ============================================================================ sampling

@@ -4,10 +4,9 @@ on a case with a known answer, and against a control where the answer must be ab
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from saelib import matching
-from saelib.exercises import tiny_model
+from saelib.exercises import CopyingModel, tiny_model
 from saelib.probes import icl_score, mean_loss, repeated_sequences
 from saelib.sae import SAE, SAEConfig
 
@@ -84,24 +83,6 @@ def test_dominant_token_separates_token_level_from_context_level_features():
     assert token.tolist() == [5, 7, -1] and share[0] == 1 and share[1] == 0.5 and torch.isnan(share[2])
 
 
-class Copier(nn.Module):
-    """A hand-built induction model: at each position it finds the previous occurrence of the
-    current token and predicts, with logit 10, the token that followed it (uniform otherwise)."""
-
-    def __init__(self, vocab):
-        super().__init__()
-        self.vocab = vocab
-
-    def forward(self, tokens):
-        logits = torch.zeros(*tokens.shape, self.vocab)
-        for b, seq in enumerate(tokens.tolist()):
-            for t, tok in enumerate(seq):
-                earlier = [s for s in range(t) if seq[s] == tok]
-                if earlier:
-                    logits[b, t, seq[earlier[-1] + 1]] = 10.0
-        return logits
-
-
 def test_icl_score_is_near_zero_untrained_and_large_for_a_copier():
     seqs = repeated_sequences(16, 12, vocab=50, bos=0, seed=0)
     assert seqs.shape == (16, 25) and torch.equal(seqs[:, 1:13], seqs[:, 13:]) and (seqs[:, 1:] != 0).all()
@@ -109,12 +90,12 @@ def test_icl_score_is_near_zero_untrained_and_large_for_a_copier():
     untrained = icl_score(tiny_model(), seqs)
     assert abs(untrained.score) < 0.1 and untrained.first > 3, untrained
     wide = repeated_sequences(8, 12, vocab=1000, bos=0, seed=0)  # few repeats inside one copy
-    copier = icl_score(Copier(1000), wide)
+    copier = icl_score(CopyingModel(1000), wide)
     assert copier.score > 5 and copier.second < 0.1, copier
-    assert mean_loss(Copier(1000), wide) == pytest.approx(
+    assert mean_loss(CopyingModel(1000), wide) == pytest.approx(
         (copier.first * 11 + 2 * np.log(1000) + copier.second * 11) / 24, rel=0.05)
     with pytest.raises(ValueError, match="two halves after BOS differ"):
-        icl_score(Copier(50), torch.randint(1, 50, (2, 9)))
+        icl_score(CopyingModel(50), torch.randint(1, 50, (2, 9)))
 
 
 def test_directions_of_other_widths_or_zero_norm_are_refused():
