@@ -181,6 +181,7 @@ def step_axis(ax, steps: Sequence[int] | None = None) -> None:
     """Training step on a symlog x-axis (linear below 1, so step 0 has a place), with the SAE
     checkpoints ``steps`` marked by faint vertical lines."""
     ax.set_xscale("symlog", linthresh=1, linscale=0.5)
+    ax.set_xlim(left=-0.3)  # symlog's margins would otherwise open a negative decade
     ax.set_xlabel("training step of the model")
     for s in steps or ():
         ax.axvline(s, color="0.6", lw=0.6, ls=":", zorder=0)
