@@ -100,7 +100,10 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     n_tokens=200_000, eval_tokens=16_384, context_size=128, loss_windows=32,
                     expansion=4, k=8, steps=600, batch_size=2048, lr=2e-3, dead_after_tokens=200_000,
                     icl_sequences=32, icl_length=63, match_threshold=0.5, token_level_share=0.5,
-                    expect_claims=None),
+                    # What the rendered book reports (measured 2026-11-26, cold run 470 s).
+                    expect_claims={"early_features": True, "token_first": False,
+                                   "tracked_agree": True, "icl_emerges": False,
+                                   "icl_abrupt": False}),
         "gpu": dict(model="pythia-70m-deduped", hook="blocks.2.hook_resid_post",
                     corpus="hf:Skylion007/openwebtext",
                     checkpoints=(0, 4, 32, 256, 1000, 4000, 16000, 64000, 143000),
