@@ -91,6 +91,16 @@ def load_sae(folder: str | Path, expected: SAEConfig | None = None) -> SAE:
     return sae
 
 
+def sae_digest(sae: SAE) -> str:
+    """16 hex digits of a hash over an SAE's config, parameters and statistics: equal for equal
+    weights, so a cache key can name the weights an SAE was started from."""
+    h = hashlib.sha1(json.dumps(sae.cfg.to_dict(), sort_keys=True).encode())
+    for key, value in sorted(sae.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in d.items():

@@ -175,3 +175,103 @@ def table(frame: pd.DataFrame, formats: Mapping[str, str] | None = None, digits:
     # An index name would add a second header row; the first column speaks for itself.
     return frame.rename_axis(index=None).style.format(formats or {}, precision=digits, na_rep="",
                                                       thousands=",")
+
+
+# ----------------------------------------------------------------------------- training dynamics
+
+def step_axis(ax, steps: Sequence[int] | None = None) -> None:
+    """Training step on a symlog x-axis (linear below 1, so step 0 has a place), with the SAE
+    checkpoints ``steps`` marked by faint vertical lines."""
+    ax.set_xscale("symlog", linthresh=1, linscale=0.5)
+    ax.set_xlim(left=-0.3)  # symlog's margins would otherwise open a negative decade
+    ax.set_xlabel("training step of the model")
+    for s in steps or ():
+        ax.axvline(s, color="0.6", lw=0.6, ls=":", zorder=0)
+
+
+def model_over_training(probes: pd.DataFrame, marked: Sequence[int]) -> Figure:
+    """Two panels against the model's training step: held-out loss, and the in-context-learning
+    score (loss on the first copy of a random sequence minus loss on the second; 0 = no copying).
+    ``probes`` has columns step, loss, icl; ``marked`` are the steps with an SAE."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, col, label in zip(axes, ("loss", "icl"), ("held-out loss (nats/token)",
+                                                      "ICL score (nats: first copy - second copy)")):
+        ax.plot(probes.step, probes[col], "o-", ms=3.5, lw=1.4, color=color("organism"))
+        sae = probes[probes.step.isin(marked)]
+        ax.plot(sae.step, sae[col], "o", ms=7, mfc="none", color="k", label="SAE checkpoints")
+        step_axis(ax)
+        ax.set_ylabel(label)
+    axes[1].axhline(0, color="0.4", lw=0.8)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def over_steps(frame: pd.DataFrame, metrics: Mapping[str, str], hue: str = "method",
+               references: Mapping[str, Mapping[str, float]] | None = None, ncols: int = 3) -> Figure:
+    """One panel per metric (``metrics``: column -> axis label) against ``frame.step``, one line
+    per value of ``hue``; ``references[metric]`` maps a label to a horizontal line (e.g. chance)."""
+    nrows = -(-len(metrics) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.1 * nrows), squeeze=False)
+    names = list(frame[hue].unique())
+    for i, (ax, (metric, label)) in enumerate(zip(axes.flat, metrics.items())):
+        for j, name in enumerate(names):
+            part = frame[frame[hue] == name]
+            ax.plot(part.step, part[metric], "o-", ms=3.5, lw=1.4, color=f"C{j}", label=name)
+        for k, (ref, value) in enumerate((references or {}).get(metric, {}).items()):
+            ax.axhline(value, color="0.3", lw=1, ls=("--", ":", "-.")[k % 3], label=ref)
+        step_axis(ax)
+        ax.set_ylabel(label)
+        if i == 0 or metric in (references or {}):
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def births(born: Mapping[str, np.ndarray], steps: Sequence[int], sorted_by: Mapping[str, np.ndarray]) -> Figure:
+    """Left: how many features are born at each SAE checkpoint, one bar group per kind in ``born``
+    (e.g. token-level and context-level features). Right: every feature's birth step, sorted, one
+    line per entry of ``sorted_by`` (e.g. independent and tracked SAEs)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    pos = np.arange(len(steps))
+    width = 0.8 / max(1, len(born))
+    for j, (name, b) in enumerate(born.items()):
+        b = np.asarray(b)
+        counts = [(b == s).sum() / max(1, len(b)) for s in steps]
+        left.bar(pos + (j - (len(born) - 1) / 2) * width, counts, width, color=f"C{j + 2}",
+                 label=f"{name} ({len(b)})")
+    left.set_xticks(pos, [str(s) for s in steps], rotation=45)
+    left.set_xlabel("birth: model step from which a feature stays matched")
+    left.set_ylabel("fraction of the kind's features")
+    left.legend(fontsize=8)
+    for j, (name, b) in enumerate(sorted_by.items()):
+        b = np.sort(np.asarray(b, dtype=float)[np.isfinite(b)])
+        right.plot(np.arange(len(b)) / max(1, len(b) - 1), b, lw=1.8, color=f"C{j}", label=name)
+    right.set_yscale("symlog", linthresh=1, linscale=0.5)
+    right.set_xlabel("features, sorted by birth (fraction)")
+    right.set_ylabel("birth step")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def trajectories(coords: np.ndarray, steps: Sequence[int], labels: Sequence[str]) -> Figure:
+    """Paths of features through a 2-D projection of their decoder directions: ``coords`` is
+    [checkpoints, features, 2]; each path starts at a hollow circle (first checkpoint) and ends at
+    a filled one (last), with the first and last steps written beside it."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for j, label in enumerate(labels):
+        path = coords[:, j]
+        ax.plot(path[:, 0], path[:, 1], "-", lw=1.2, color=f"C{j}", alpha=0.8)
+        ax.scatter(path[:, 0], path[:, 1], s=14, color=f"C{j}", zorder=3)
+        ax.scatter(*path[0], s=60, facecolors="none", edgecolors=f"C{j}", zorder=4)
+        ax.scatter(*path[-1], s=60, color=f"C{j}", zorder=4, label=label)
+        for i in (0, len(path) - 1):
+            ax.annotate(f"{steps[i]}", path[i], fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("PC 1 of the decoder directions")
+    ax.set_ylabel("PC 2")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig

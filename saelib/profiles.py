@@ -77,6 +77,44 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     batch_size=4096, lr=4e-4, dead_after_tokens=5_000_000, zipf_exponent=1.0,
                     expect_claims=None),
     },
+    # Chapter 4: one SAE per training checkpoint of a model, trained from scratch and SAE-Track style.
+    # checkpoints: the SAEs' (log-spaced by step); probe_checkpoints: where loss and the ICL score
+    # are measured (every saved one for the organisms). gpu: Pythia's public checkpoints through
+    # TransformerLens (checkpoint_value); not executed on the project machine.
+    # Sizes (cpu), from two seeds of the final checkpoint's SAE (share of live features whose best
+    # match has cosine >= 0.5 / >= 0.7; random directions reach 0%): 2048 features, k 16, 300 steps
+    # 54% / 4%; 1024, k 16, 600 steps 79% / 16%; 1024, k 8, 600 steps 98% / 54% (1000 steps: 97% /
+    # 58%). Sparser codes give features two seeds agree on, so: 1024 features, k 8, match at 0.5.
+    "dynamics": {
+        "ci": dict(model="organism-ci", hook="blocks.1.hook_resid_post", corpus="mixed",
+                   checkpoints=(0, 2, 8, 32, 100, 250),
+                   probe_checkpoints=(0, 1, 2, 4, 8, 16, 32, 50, 100, 150, 200, 250),
+                   n_tokens=24_576, eval_tokens=4096, context_size=64, loss_windows=16,
+                   expansion=4, k=8, steps=100, batch_size=512, lr=3e-3, dead_after_tokens=20_000,
+                   icl_sequences=16, icl_length=31, match_threshold=0.5, token_level_share=0.5,
+                   # The ci organism (250 steps) never learns to copy; its other claims are noise.
+                   expect_claims={"icl_emerges": False, "icl_abrupt": False}),
+        "cpu": dict(model="organism-cpu", hook="blocks.1.hook_resid_post", corpus="mixed",
+                    checkpoints=(0, 2, 8, 32, 64, 120, 240, 480, 840, 1200),
+                    probe_checkpoints=(0, 1, 2, 4, 8, 16, 32, 64, 120, 240, 360, 480, 600, 720, 840,
+                                       960, 1080, 1200),
+                    n_tokens=200_000, eval_tokens=16_384, context_size=128, loss_windows=32,
+                    expansion=4, k=8, steps=600, batch_size=2048, lr=2e-3, dead_after_tokens=200_000,
+                    icl_sequences=32, icl_length=63, match_threshold=0.5, token_level_share=0.5,
+                    # What the rendered book reports (measured 2026-11-26, cold run 470 s).
+                    expect_claims={"early_features": True, "token_first": False,
+                                   "tracked_agree": True, "icl_emerges": False,
+                                   "icl_abrupt": False}),
+        "gpu": dict(model="pythia-70m-deduped", hook="blocks.2.hook_resid_post",
+                    corpus="hf:Skylion007/openwebtext",
+                    checkpoints=(0, 4, 32, 256, 1000, 4000, 16000, 64000, 143000),
+                    probe_checkpoints=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 4000, 8000,
+                                       16000, 32000, 64000, 100000, 143000),
+                    n_tokens=4_000_000, eval_tokens=131_072, context_size=128, loss_windows=256,
+                    expansion=16, k=32, steps=8000, batch_size=4096, lr=4e-4,
+                    dead_after_tokens=5_000_000, icl_sequences=128, icl_length=63,
+                    match_threshold=0.5, token_level_share=0.5, expect_claims=None),
+    },
 }
 
 

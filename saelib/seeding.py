@@ -29,6 +29,7 @@ PURPOSES = (
     "sampling",            # text generation
     "bench_data",          # benchmark inputs (bench/)
     "browser_samples",     # which examples the feature browser shows from each activation quantile
+    "icl_sequences",       # the random token sequences of the in-context-learning probe (saelib.probes)
 )
 
 

@@ -61,7 +61,8 @@ def load_subject_model(name: str | os.PathLike, device: str = "cpu", *, checkpoi
                        **kw: Any):
     """Load a subject model as a TransformerLens ``HookedTransformer`` with ``model.tokenizer`` set.
 
-    ``checkpoint`` selects an organism training step (default: the final weights). Other keyword
+    ``checkpoint`` selects a training step (default: the final weights) of an organism, or of an
+    online model with public checkpoints (Pythia; passed on as ``checkpoint_value``). Other keyword
     arguments go to the loader (e.g. ``root=`` for organisms, ``hf_model=`` to reuse an already
     loaded SmolLM2, ``checkpoint_index=`` for Pythia via ``from_pretrained``)."""
     name_s = str(name)
@@ -76,7 +77,10 @@ def load_subject_model(name: str | os.PathLike, device: str = "cpu", *, checkpoi
         else:
             model = _load_local_hf(Path(name_s), device, **kw)
     else:
+        if checkpoint is not None:  # Pythia's training steps, e.g. 0, 1, 2, 4, ..., 512, 1000, ...
+            kw["checkpoint_value"] = checkpoint
         model = _load_official(name_s, device, **kw)
+        model.checkpoint_step = checkpoint  # type: ignore[attr-defined]
     model.eval()
     return model
 

@@ -136,10 +136,13 @@ def train_saes(
     progress: bool = True,
     stop_at_step: int | None = None,
     device: str | torch.device = "cpu",
+    init_from: Mapping[str, SAE] | None = None,
 ) -> TrainResult:
     """Train several SAEs side by side on one activation stream.
 
-    With ``out_dir``, checkpoints go to out_dir/checkpoints and the final SAEs to out_dir/saes/NAME;
+    ``init_from`` starts the named SAEs from given weights instead of the random initialisation
+    (the others start as usual), e.g. SAE-Track's chain, where the SAE of each model checkpoint
+    continues from the previous checkpoint's (see ``initial_saes``). With ``out_dir``, checkpoints go to out_dir/checkpoints and the final SAEs to out_dir/saes/NAME;
     calling again with the same arguments resumes from the newest checkpoint (a checkpoint made with
     other configs is refused). ``stop_at_step`` ends the call early after checkpointing that step,
     as a kill would (used to test resume). ``device`` is where the SAEs train; batches are read on
@@ -155,7 +158,7 @@ def train_saes(
         if sae_cfg.d_in != d_in:
             raise ValueError(f"SAE {name!r} has d_in={sae_cfg.d_in} but the activations have width {d_in}")
     out_dir = Path(out_dir) if out_dir is not None else None
-    models, optims, history, start = _start_or_resume(saes, data, cfg, out_dir, device)
+    models, optims, history, start = _start_or_resume(saes, data, cfg, out_dir, device, init_from)
 
     last_step = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
     last_good = ckpt.latest_checkpoint(out_dir) if out_dir else None
@@ -182,7 +185,7 @@ def train_saes(
             tokens_timed, seconds = 0, {name: 0.0 for name in models}
         if out_dir and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.steps, last_step)):
             if rank == 0:
-                _write_checkpoint(out_dir, step + 1, models, optims, saes, cfg, history)
+                _write_checkpoint(out_dir, step + 1, models, optims, saes, cfg, history, init_from)
             last_good = out_dir / "checkpoints" / f"step_{step + 1:08d}"
     bar.close()
     if out_dir and last_step == cfg.steps and rank == 0:
@@ -195,12 +198,16 @@ def train_saes(
 
 
 def train_cached(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: TrainConfig, data_key: object,
-                 progress: bool = True, device: str | torch.device = "cpu") -> TrainResult:
-    """``train_saes`` into a cache folder keyed by the configs and ``data_key`` (what identifies the
-    activations, e.g. a cache manifest): a finished run is reloaded at once, a killed one resumes."""
+                 progress: bool = True, device: str | torch.device = "cpu",
+                 init_from: Mapping[str, SAE] | None = None) -> TrainResult:
+    """``train_saes`` into a cache folder keyed by the configs, ``data_key`` (what identifies the
+    activations, e.g. a cache manifest) and the digests of any ``init_from`` weights: a finished run
+    is reloaded at once, a killed one resumes."""
     key = {"data": data_key, "train": _train_cfg_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()}}
+    if init_from:
+        key["init_from"] = _init_digests(init_from)
     return train_saes(saes, data, cfg, out_dir=ckpt.artifact_dir("saes", key), progress=progress,
-                      device=device)
+                      device=device, init_from=init_from)
 
 
 def _train_step(sae: SAE, opt: torch.optim.Optimizer, x: Tensor, lr: float, clip: float,
@@ -241,10 +248,20 @@ def _new_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def initial_saes(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: TrainConfig,
-                 device: str | torch.device = "cpu") -> dict[str, SAE]:
+                 device: str | torch.device = "cpu",
+                 init_from: Mapping[str, SAE] | None = None) -> dict[str, SAE]:
     """The SAEs exactly as ``train_saes`` starts them (step 0): random weights from each config's
     seed, input scale and geometric-median b_dec from a seeded sample of ``cfg.init_tokens`` rows.
-    What "before training" means wherever the book compares a result with its starting point."""
+    What "before training" means wherever the book compares a result with its starting point.
+
+    An SAE named in ``init_from`` instead copies that SAE's parameters and running statistics (its
+    config must be the same) and keeps only the input scale measured on ``data``: the scale belongs
+    to the activations (a model's residual norm grows during training), the learned weights act in
+    the normalised units, so they carry over to the new data unchanged."""
+    init_from = dict(init_from or {})
+    unknown = sorted(set(init_from) - set(saes))
+    if unknown:
+        raise ValueError(f"init_from names SAEs that are not being trained: {unknown}; training {list(saes)}")
     n_rows = len(data)
     init_idx = torch.randperm(n_rows, generator=seeding.generator("init_sample", cfg.seed))[:cfg.init_tokens]
     sample = _fetch(data, init_idx.sort().values, 0, None).to(device)
@@ -252,18 +269,35 @@ def initial_saes(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: Trai
     for name, sae_cfg in saes.items():
         models[name] = SAE(sae_cfg).to(device)
         models[name].init_from_sample(sample)
+        if name in init_from:
+            _copy_weights(init_from[name], models[name], name)
     return models
 
 
-def _start_or_resume(saes, data, cfg, out_dir, device):
+@torch.no_grad()
+def _copy_weights(source: SAE, target: SAE, name: str) -> None:
+    ckpt.check_same_config(target.cfg.to_dict(), source.cfg.to_dict(), what=f"init_from[{name!r}]")
+    scale = target.input_scale.clone()
+    target.load_state_dict({k: v.detach().clone() for k, v in source.state_dict().items()})
+    target.input_scale.copy_(scale)
+
+
+def _init_digests(init_from: Mapping[str, SAE]) -> dict[str, str]:
+    """A short hash of each SAE's weights and statistics: what ``init_from`` adds to a cache key."""
+    return {name: ckpt.sae_digest(sae) for name, sae in sorted(init_from.items())}
+
+
+def _start_or_resume(saes, data, cfg, out_dir, device, init_from):
     latest = ckpt.latest_checkpoint(out_dir) if out_dir else None
     if latest is None:
-        models = initial_saes(saes, data, cfg, device)
+        models = initial_saes(saes, data, cfg, device, init_from)
         optims = {name: _new_optimizer(m, cfg) for name, m in models.items()}
         return models, optims, [], 0
     state = json.loads((latest / "state.json").read_text())
     ckpt.check_same_config(_train_cfg_dict(cfg), state["train"], what=f"checkpoint {latest}")
     ckpt.check_same_config({n: c.to_dict() for n, c in saes.items()}, state["saes"], what=f"checkpoint {latest}")
+    ckpt.check_same_config({"init_from": _init_digests(init_from or {})},
+                           {"init_from": state.get("init_from", {})}, what=f"checkpoint {latest}")
     models, optims = {}, {}
     for name, sae_cfg in saes.items():
         models[name] = ckpt.load_sae(latest / name, expected=sae_cfg).to(device)
@@ -280,14 +314,14 @@ def _train_cfg_dict(cfg: TrainConfig) -> dict:
     return d
 
 
-def _write_checkpoint(out_dir, step, models, optims, saes, cfg, history) -> Path:
+def _write_checkpoint(out_dir, step, models, optims, saes, cfg, history, init_from) -> Path:
     final = out_dir / "checkpoints" / f"step_{step:08d}"
     tmp = ckpt.atomic_dir(final)
     for name, sae in models.items():
         ckpt.write_sae(sae, tmp / name)
         ckpt.save_optimizer(optims[name], tmp / f"{name}.adam.safetensors")
     state = {"step": step, "train": _train_cfg_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()},
-             "history": history}
+             "init_from": _init_digests(init_from or {}), "history": history}
     (tmp / "state.json").write_text(json.dumps(state))
     ckpt.commit_dir(tmp, final)
     ckpt.prune_checkpoints(out_dir, cfg.keep_checkpoints)

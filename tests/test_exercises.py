@@ -263,6 +263,67 @@ def test_zipf_fit(capsys):
     rejects(ex.check_zipf_fit, natural_log, r"log10 C = -1\.2\d*, expected -0\.52", capsys=capsys)
 
 
+# --------------------------------------------------------------------------- training dynamics (chapter 4)
+
+def test_icl_score(capsys):
+    from saelib.probes import icl_score
+
+    assert ex.check_icl_score(lambda model, seqs: icl_score(model, seqs).score)
+
+    def reversed_sign(model, seqs):
+        return -icl_score(model, seqs).score
+
+    def every_token(model, seqs):  # the unpredictable first token of each copy left in
+        n = (seqs.shape[1] - 1) // 2
+        with torch.no_grad():
+            logp = torch.log_softmax(model(seqs).float()[:, :-1], -1)
+        loss = -logp.gather(-1, seqs[:, 1:, None]).squeeze(-1)
+        return float(loss[:, :n].mean() - loss[:, n:].mean())
+
+    rejects(ex.check_icl_score, reversed_sign, r"a model that copies", r"that is the second copy minus the "
+            r"first", capsys=capsys)
+    rejects(ex.check_icl_score, every_token, r"wrong on a model that copies.*\n.*got [\d.]+, expected [\d.]+ = "
+            r"first copy", capsys=capsys)
+
+
+def test_jaccard(capsys):
+    from saelib.matching import jaccard
+
+    assert ex.check_jaccard(jaccard)
+
+    def zero_when_silent(a, b):
+        return jaccard(a, b).nan_to_num(0.0)
+
+    def overlap_over_a(a, b):
+        return (a & b).sum(0) / a.sum(0).clamp(min=1)
+
+    rejects(ex.check_jaccard, zero_when_silent, r"feature 3: got 0\.0000, expected nan \(neither fires", capsys=capsys)
+    rejects(ex.check_jaccard, overlap_over_a, r"wrong on random firing", capsys=capsys)
+
+
+def test_max_cosine_match(capsys):
+    from saelib.matching import max_cosine_match
+
+    assert ex.check_max_cosine_match(max_cosine_match)
+
+    def by_absolute_cosine(a, b):
+        cos = (a / a.norm(dim=1, keepdim=True)) @ (b / b.norm(dim=1, keepdim=True)).T
+        index = cos.abs().argmax(1)
+        return index, cos.abs().max(1).values
+
+    def unnormalised(a, b):
+        values, index = (a @ b.T).max(1)
+        return index, values
+
+    def wrong_index(a, b):
+        index, cos = max_cosine_match(a, b)
+        return (index + 1) % len(b), cos
+
+    rejects(ex.check_max_cosine_match, by_absolute_cosine, r"not the largest \|cosine\|", capsys=capsys)
+    rejects(ex.check_max_cosine_match, unnormalised, r"row 0: cosine [\d.]+, expected", capsys=capsys)
+    rejects(ex.check_max_cosine_match, wrong_index, r"row 0: index \d+ has cosine", capsys=capsys)
+
+
 # --------------------------------------------------------------------------- student copies
 
 def test_student_copy_removes_every_solution_cell_and_nothing_else(tmp_path, capsys):

@@ -15,7 +15,7 @@ from saelib.losses import aux_residual_loss, dead_weights, sae_loss, zipf_shortf
 from saelib.metrics import evaluate, max_cosine
 from saelib.sae import SAE, SAEConfig
 from saelib.synthetic import make_synthetic
-from saelib.training import NonFiniteError, TrainConfig, initial_saes, train_saes
+from saelib.training import NonFiniteError, TrainConfig, initial_saes, train_cached, train_saes
 
 D, F = 32, 128
 N_TRAIN = 80_000  # rows [:N_TRAIN] train the SAEs; the other 20,000 are held out
@@ -244,3 +244,43 @@ def test_zipf_shortfall_is_one_for_dead_and_zero_at_target():
     assert u[7] == 1
     assert 0 < u[3] < 1 or u[3] == 0  # feature 3 may re-rank below its neighbours
     assert u[0] == 0 and u[1] == 0
+
+
+def test_init_from_starts_from_given_weights_and_resumes_bit_identically(tmp_path):
+    """SAE-Track's chain: an SAE started from another's weights copies them (all but the input
+    scale, which belongs to the new data), trains differently from a random start, resumes exactly,
+    and a checkpoint made from other starting weights is refused."""
+    x, cfgs, cfg = _small_run()
+    cfgs = {"tk": cfgs["tk"]}
+    first = train_saes(cfgs, x, cfg, progress=False).saes
+    shifted = 3 * x + 1  # "the next checkpoint": other activations, other scale
+    start = initial_saes(cfgs, shifted, cfg, init_from=first)["tk"]
+    assert torch.equal(start.decoder, first["tk"].decoder) and torch.equal(start.b_dec, first["tk"].b_dec)
+    random_start = initial_saes(cfgs, shifted, cfg)["tk"]
+    assert torch.equal(start.input_scale, random_start.input_scale) != torch.equal(
+        first["tk"].input_scale, random_start.input_scale)
+    straight = train_saes(cfgs, shifted, cfg, out_dir=tmp_path / "a", progress=False, init_from=first)
+    fresh = train_saes(cfgs, shifted, cfg, progress=False)
+    assert not torch.equal(straight.saes["tk"].decoder, fresh.saes["tk"].decoder)
+    train_saes(cfgs, shifted, cfg, out_dir=tmp_path / "b", progress=False, init_from=first, stop_at_step=13)
+    resumed = train_saes(cfgs, shifted, cfg, out_dir=tmp_path / "b", progress=False, init_from=first)
+    _same_weights(straight.saes, resumed.saes)
+    with pytest.raises(CheckpointError, match=r"init_from\.tk: checkpoint has '\w+', this run has '\w+'"):
+        train_saes(cfgs, shifted, cfg, out_dir=tmp_path / "b", progress=False, init_from=fresh.saes)
+    with pytest.raises(ValueError, match=r"init_from names SAEs that are not being trained: \['mc'\]"):
+        initial_saes(cfgs, shifted, cfg, init_from={"mc": first["tk"]})
+    other = {"tk": SAE(SAEConfig(16, 48, rule="topk", k=4, aux="aux_k", dead_after_tokens=2000))}
+    with pytest.raises(CheckpointError, match=r"init_from\['tk'\][\s\S]*k: checkpoint has 4, this run has 3"):
+        initial_saes(cfgs, shifted, cfg, init_from=other)
+
+
+def test_train_cached_keys_the_run_by_its_starting_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_CACHE", str(tmp_path))
+    x, cfgs, cfg = _small_run()
+    cfgs = {"tk": cfgs["tk"]}
+    first = train_cached(cfgs, x, cfg, data_key="x", progress=False)
+    chained = train_cached(cfgs, x, cfg, data_key="x", progress=False, init_from=first.saes)
+    assert chained.out_dir != first.out_dir
+    again = train_cached(cfgs, x, cfg, data_key="x", progress=False, init_from=first.saes)
+    assert again.out_dir == chained.out_dir
+    _same_weights(again.saes, chained.saes)
