@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -621,8 +622,6 @@ def book_browser(chapter: str, saes: Mapping[str, SAE], model, table, key: Mappi
     ``$SAELIB_BROWSER_DIR/<chapter>``. Returns the published index, the summary of the writing run
     (bytes, seconds, tokens) and the gathered data of SAE ``show`` (kept in the cache too, so a
     notebook can display one feature inline on a rerun without gathering again)."""
-    import shutil
-
     cached = artifact_dir("browsers", {"chapter": chapter, **key, "kwargs": kwargs, "saes": sorted(saes)})
     if not (cached / "summary.json").exists():
         summary = write_browser(saes, model, table, cached / "site", **kwargs)

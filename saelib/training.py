@@ -142,7 +142,9 @@ def train_saes(
 
     ``init_from`` starts the named SAEs from given weights instead of the random initialisation
     (the others start as usual), e.g. SAE-Track's chain, where the SAE of each model checkpoint
-    continues from the previous checkpoint's (see ``initial_saes``). With ``out_dir``, checkpoints go to out_dir/checkpoints and the final SAEs to out_dir/saes/NAME;
+    continues from the previous checkpoint's (see ``initial_saes``).
+
+    With ``out_dir``, checkpoints go to out_dir/checkpoints and the final SAEs to out_dir/saes/NAME;
     calling again with the same arguments resumes from the newest checkpoint (a checkpoint made with
     other configs is refused). ``stop_at_step`` ends the call early after checkpointing that step,
     as a kill would (used to test resume). ``device`` is where the SAEs train; batches are read on
