@@ -39,6 +39,7 @@ from torch import Tensor
 from saelib import seeding
 from saelib.corpora import cache_root, load_corpus
 from saelib.progress import bar as progress_bar
+from saelib.sae import PRECISIONS
 from saelib.subject_models import check_hook_point, load_subject_model, stop_layer
 
 __all__ = [
@@ -52,7 +53,6 @@ HELDOUT_EVERY = 20
 those, ``split="train"`` windows never do, so splice evaluation reads text no SAE was trained on."""
 
 _STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
-_MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class CacheMismatchError(ValueError):
@@ -100,8 +100,8 @@ class CacheSpec:
     def __post_init__(self) -> None:
         if self.dtype not in _STORAGE:
             raise ValueError(f"CacheSpec.dtype must be one of {list(_STORAGE)}, got {self.dtype!r}")
-        if self.model_dtype not in _MODEL_DTYPES:
-            raise ValueError(f"CacheSpec.model_dtype must be one of {list(_MODEL_DTYPES)}, got {self.model_dtype!r}")
+        if self.model_dtype not in PRECISIONS:
+            raise ValueError(f"CacheSpec.model_dtype must be one of {list(PRECISIONS)}, got {self.model_dtype!r}")
         if self.split not in ("train", "heldout"):
             raise ValueError(f"CacheSpec.split must be 'train' or 'heldout', got {self.split!r}")
         if self.n_tokens <= 0 or self.batch_size <= 0 or self.context_size < 2:
@@ -422,7 +422,7 @@ def _build(todo: list[tuple[CacheSpec, Path]], model, progress: bool) -> None:
 def at_precision(model, dtype: str):
     """``model`` itself if its weights are already in ``dtype`` ("float32" or "bfloat16"), else a
     copy cast to it (the caller's model is left as it is)."""
-    torch_dtype = _MODEL_DTYPES[dtype]
+    torch_dtype = PRECISIONS[dtype]
     if next(model.parameters()).dtype == torch_dtype:
         return model
     cast = copy.deepcopy(model).to(torch_dtype, print_details=False)

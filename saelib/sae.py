@@ -31,7 +31,8 @@ from saelib.allocation import AllocationContext, get_rule, threshold_select
 # (a ReLU SAE early in training keeps about half of all entries).
 SPARSE_MAX_DENSITY = 0.05
 AUX_LOSSES = ("none", "aux_k", "aux_zipf")
-ENCODER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""The precisions saelib computes in (an SAE's encoder product, a harvest's forward pass)."""
 
 
 @dataclass
@@ -87,8 +88,8 @@ class SAEConfig:
             raise ValueError("l1_coeff and aux_coeff must be >= 0")
         if self.k_aux <= 0:
             raise ValueError(f"k_aux must be positive, got {self.k_aux}")
-        if self.encoder_dtype not in ENCODER_DTYPES:
-            raise ValueError(f"unknown encoder_dtype {self.encoder_dtype!r}; valid: {list(ENCODER_DTYPES)}")
+        if self.encoder_dtype not in PRECISIONS:
+            raise ValueError(f"unknown encoder_dtype {self.encoder_dtype!r}; valid: {list(PRECISIONS)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,7 +172,7 @@ def positive_mass(rows: Tensor, chunk: int = 256) -> Tensor:
     for start in range(0, rows.shape[0], chunk):
         part = buf[: min(chunk, rows.shape[0] - start)]
         torch.clamp(rows[start:start + chunk], min=0, out=part)
-        out[start:start + chunk] = part.sum(1, dtype=torch.float32)
+        torch.sum(part, 1, dtype=torch.float32, out=out[start:start + chunk])
     return out
 
 
@@ -248,7 +249,7 @@ class SAE(nn.Module):
         gradient, float32)."""
         bias = self.b_enc - self.encoder @ self.b_dec
         with torch.no_grad():
-            dtype = ENCODER_DTYPES[self.cfg.encoder_dtype]
+            dtype = PRECISIONS[self.cfg.encoder_dtype]
             encoder, x_in, b = self.encoder.to(dtype), x_norm.to(dtype), bias.to(dtype)
             if self.rule.feature_major:
                 z = torch.addmm(b[:, None], encoder, x_in.T).T
