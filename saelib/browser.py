@@ -622,7 +622,8 @@ def book_browser(chapter: str, saes: Mapping[str, SAE], model, table, key: Mappi
     ``$SAELIB_BROWSER_DIR/<chapter>``. Returns the published index, the summary of the writing run
     (bytes, seconds, tokens) and the gathered data of SAE ``show`` (kept in the cache too, so a
     notebook can display one feature inline on a rerun without gathering again)."""
-    cached = artifact_dir("browsers", {"chapter": chapter, **key, "kwargs": kwargs, "saes": sorted(saes)})
+    cached = artifact_dir("browsers", {"chapter": chapter, **key, "kwargs": kwargs, "saes": sorted(saes),
+                                       "show": show})
     if not (cached / "summary.json").exists():
         summary = write_browser(saes, model, table, cached / "site", **kwargs)
         if show is not None:
