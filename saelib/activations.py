@@ -45,7 +45,7 @@ from saelib.subject_models import check_hook_point, load_subject_model, stop_lay
 __all__ = [
     "CacheSpec", "ActivationCache", "CacheMismatchError", "NonFiniteActivationError", "harvest",
     "token_windows", "get_or_build_cache", "build_caches", "open_cache", "HELDOUT_EVERY", "RowSubset",
-    "drop_norm_outliers",
+    "WindowTable", "drop_norm_outliers",
 ]
 
 HELDOUT_EVERY = 20
@@ -313,6 +313,34 @@ class RowSubset:
     def locate(self, rows: Tensor | np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
         """(window, position) in ``tokens`` of each of these rows, so the feature browser can show them."""
         return self.table.locate(self.rows[np.asarray(rows.cpu() if isinstance(rows, Tensor) else rows)])
+
+
+class WindowTable:
+    """A cache harvested with ``exclude_bos=False``, read by whole windows: ``len`` windows,
+    ``table[idx]`` float32 [len(idx), context_size, d_in] with BOS at position 0. The table the e2e
+    objectives train on (``saelib.objectives``): they run the model on from the SAE's layer, which
+    needs every position of a window; the SAE itself reads positions 1.. (``tokens_per_row`` each)."""
+
+    def __init__(self, cache: ActivationCache):
+        if cache.spec.exclude_bos or cache.manifest["rows_per_window"] != cache.spec.context_size:
+            raise ValueError(f"{cache!r} stores token rows without BOS; a WindowTable needs whole windows: "
+                             "harvest with CacheSpec(exclude_bos=False)")
+        self.cache = cache
+        self.context_size = cache.spec.context_size
+        self.tokens_per_row = self.context_size - 1
+
+    def __len__(self) -> int:
+        return len(self.cache) // self.context_size
+
+    def __getitem__(self, idx: Tensor | slice | np.ndarray) -> Tensor:
+        windows = np.arange(len(self))[idx.cpu().numpy() if isinstance(idx, Tensor) else idx]
+        rows = (windows[:, None] * self.context_size + np.arange(self.context_size)).reshape(-1)
+        return self.cache[rows].reshape(len(windows), self.context_size, -1)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """int32 [n_windows, context_size]: the token windows."""
+        return self.cache.tokens
 
 
 def drop_norm_outliers(table: ActivationCache, max_ratio: float = 10.0, threshold: float | None = None,

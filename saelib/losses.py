@@ -91,9 +91,15 @@ def aux_residual_loss(sae: SAE, out: SAEOutput, weights: Tensor) -> Tensor:
 @dataclass
 class LossTerms:
     total: Tensor
+    """What the optimiser minimises."""
     nmse: Tensor
     l1: Tensor
+    """Mean over tokens of the codes' L1 norm."""
     aux: Tensor
+    kl: Tensor | None = None
+    """KL(clean || spliced) of the next-token distributions (e2e objectives, saelib.objectives)."""
+    downstream: Tensor | None = None
+    """Mean MSE at the later residual streams (e2e+ds)."""
 
 
 def sae_loss(sae: SAE, out: SAEOutput) -> LossTerms:

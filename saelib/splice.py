@@ -4,14 +4,17 @@ Reconstruction error (NMSE) says how far x_hat is from x; it does not say whethe
 works when it reads x_hat. ``splice_metrics`` replaces the activation at the SAE's hook with its
 reconstruction and compares next-token predictions with the clean run: the cross-entropy increase,
 the KL divergence from the clean predictions, and the fraction of the CE gap to zero-ablating the
-hook that the SAE recovers. Evaluate on held-out text (``token_windows(..., split="heldout")``).
+hook that the SAE recovers. ``downstream_errors`` measures how far the later residual streams move
+(Braun et al.'s downstream reconstruction). Evaluate on held-out text
+(``token_windows(..., split="heldout")``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,7 +22,7 @@ from torch import Tensor
 from saelib.progress import bar as progress_bar
 from saelib.subject_models import check_hook_point
 
-__all__ = ["SpliceResult", "splice_metrics", "splice_sweep"]
+__all__ = ["SpliceResult", "splice_metrics", "splice_sweep", "downstream_errors"]
 
 
 @dataclass(frozen=True)
@@ -119,3 +122,53 @@ def splice_sweep(model, hook: str, reconstructs: Mapping[str, object], windows: 
         results[name] = SpliceResult(ce_clean=ce_clean, ce_spliced=ce_spliced, kl=kl, ce_zero_ablation=ce_zero,
                                      n_tokens=n)
     return results
+
+
+@torch.no_grad()
+def downstream_errors(model, hook: str, reconstructs: Mapping[str, object], windows: Tensor,
+                      hooks: Sequence[str] | None = None, batch_size: int = 8, exclude_bos: bool = True,
+                      progress: bool = False) -> pd.DataFrame:
+    """How far each SAE's splice at ``hook`` moves the later residual streams of ``model``.
+
+    ``hooks``: where to compare (default: every ``blocks.k.hook_resid_pre`` after the SAE's layer and
+    the last block's ``hook_resid_post``). One row per (sae, hook): ``mse`` (mean over positions 1..
+    and dimensions, the activations' own units) and ``explained_variance`` (1 - squared error /
+    the clean activations' variance about their mean, pooled over all windows)."""
+    from saelib.objectives import later_resid_hooks  # objectives imports the trainer's losses
+
+    check_hook_point(model, hook)
+    hooks = list(hooks) if hooks is not None else [*later_resid_hooks(model, hook),
+                                                   f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    for h in hooks:
+        check_hook_point(model, h)
+    first = int(exclude_bos)
+    replace = {name: _replace(_as_function(r), first) for name, r in reconstructs.items()}
+    # Per hook: clean sum, clean sum of squares (float64), and per SAE the squared error sum.
+    d = model.cfg.d_model
+    clean_sum = {h: torch.zeros(d, dtype=torch.float64) for h in hooks}
+    clean_sq = {h: torch.zeros((), dtype=torch.float64) for h in hooks}
+    err = {(name, h): torch.zeros((), dtype=torch.float64) for name in replace for h in hooks}
+    n = 0
+    for lo in progress_bar(range(0, len(windows), batch_size), show=progress, desc="downstream", unit="batch"):
+        tokens = windows[lo:lo + batch_size].to(model.cfg.device)
+        _, cache = model.run_with_cache(tokens, names_filter=hooks)
+        clean = {h: cache[h][:, 1:].double().flatten(0, 1) for h in hooks}
+        for h in hooks:
+            clean_sum[h] += clean[h].sum(0).cpu()
+            clean_sq[h] += clean[h].pow(2).sum().cpu()
+        for name, fn in replace.items():
+            seen: dict[str, Tensor] = {}
+
+            def keep(act: Tensor, hook) -> None:
+                seen[hook.name] = act[:, 1:].double().flatten(0, 1)
+
+            model.run_with_hooks(tokens, fwd_hooks=[(hook, fn)] + [(h, keep) for h in hooks])
+            for h in hooks:
+                err[name, h] += (seen[h] - clean[h]).pow(2).sum().cpu()
+        n += clean[hooks[0]].shape[0]
+    rows = []
+    for (name, h), e in err.items():
+        variance = clean_sq[h] - clean_sum[h].pow(2).sum() / n
+        rows.append({"sae": name, "hook": h, "mse": float(e / (n * d)),
+                     "explained_variance": float(1 - e / variance)})
+    return pd.DataFrame(rows)

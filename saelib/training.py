@@ -10,6 +10,11 @@ Data-parallel (under torchrun, see saelib.distributed): each rank reads its own 
 every global batch, gradients are summed over ranks (each rank's loss is its share of the global
 loss), batch-level rules allocate over the global batch, and rank 0 alone writes checkpoints.
 Batches are defined globally, so a run can resume with a different number of ranks.
+
+What each SAE minimises is its *objective* (``saelib.objectives``): saelib's reconstruction loss by
+default, or one of Braun et al.'s local / e2e / e2e+ds, which read windows of activations
+(``saelib.activations.WindowTable``: a row is a window, ``tokens_per_row`` tokens for the SAE).
+SAEs of one run may have different objectives; they see the same batches.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from torch import Tensor
 
 from saelib import checkpoints as ckpt
 from saelib import distributed, seeding
-from saelib.losses import dead_weights, sae_loss, zipf_shortfall_weights
+from saelib.losses import dead_weights, zipf_shortfall_weights
+from saelib.objectives import Objective, Reconstruction, token_rows
 from saelib.progress import bar as progress_bar
 from saelib.sae import SAE, SAEConfig
 
@@ -47,9 +53,9 @@ class TrainConfig:
     """How to train (shared by every SAE of one run). Saved with checkpoints and checked on resume."""
 
     steps: int
-    """Optimizer steps; tokens seen = steps * batch_size."""
+    """Optimizer steps; tokens seen = steps * batch_size (* the table's tokens_per_row)."""
     batch_size: int = 4096
-    """Tokens per step (the global batch when data-parallel)."""
+    """Rows per step (the global batch when data-parallel): tokens, or windows of a WindowTable."""
     lr: float = 4e-4
     """Peak Adam learning rate."""
     warmup_steps: int = 100
@@ -63,7 +69,7 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """Adam's beta1, beta2."""
     init_tokens: int = 16384
-    """Sample used for the input scale and the geometric-median b_dec."""
+    """Sample (in tokens) used for the input scale and the geometric-median b_dec."""
     log_every: int = 50
     """Record metrics every this many steps (and after the first and the last step)."""
     checkpoint_every: int = 1000
@@ -137,8 +143,13 @@ def train_saes(
     stop_at_step: int | None = None,
     device: str | torch.device = "cpu",
     init_from: Mapping[str, SAE] | None = None,
+    objectives: Objective | Mapping[str, Objective] | None = None,
 ) -> TrainResult:
     """Train several SAEs side by side on one activation stream.
+
+    ``objectives``: what each SAE minimises (one for all, or one per SAE name; default
+    ``saelib.objectives.Reconstruction``). Part of the checkpoint, so a resume under another
+    objective is refused.
 
     ``init_from`` starts the named SAEs from given weights instead of the random initialisation
     (the others start as usual), e.g. SAE-Track's chain, where the SAE of each model checkpoint
@@ -159,8 +170,10 @@ def train_saes(
     for name, sae_cfg in saes.items():
         if sae_cfg.d_in != d_in:
             raise ValueError(f"SAE {name!r} has d_in={sae_cfg.d_in} but the activations have width {d_in}")
+    objectives = _objectives_for(saes, objectives)
+    tokens_per_row = getattr(data, "tokens_per_row", 1)
     out_dir = Path(out_dir) if out_dir is not None else None
-    models, optims, history, start = _start_or_resume(saes, data, cfg, out_dir, device, init_from)
+    models, optims, history, start = _start_or_resume(saes, data, cfg, out_dir, device, init_from, objectives)
 
     last_step = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
     last_good = ckpt.latest_checkpoint(out_dir) if out_dir else None
@@ -173,13 +186,14 @@ def train_saes(
         x = _fetch(data, idx, step, last_good).to(device, non_blocking=True)
         lr = cfg.lr_at(step)
         record = step == 0 or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
-        tokens_timed += cfg.batch_size
+        tokens_timed += cfg.batch_size * tokens_per_row
+        shared: dict = {}  # what objectives compute once per batch (e2e: the clean model run)
         for name, sae in models.items():
             t0 = time.perf_counter()
-            row = _train_step(sae, optims[name], x, lr, cfg.grad_clip, step, name)
+            row = _train_step(sae, optims[name], x, objectives[name], shared, lr, cfg.grad_clip, step, name)
             seconds[name] += time.perf_counter() - t0
             if record:
-                row.update(step=step + 1, tokens=(step + 1) * cfg.batch_size, sae=name, lr=lr,
+                row.update(step=step + 1, tokens=(step + 1) * cfg.batch_size * tokens_per_row, sae=name, lr=lr,
                            tokens_per_s=tokens_timed / max(seconds[name], 1e-9))
                 history.append(row)
         if record:
@@ -187,7 +201,7 @@ def train_saes(
             tokens_timed, seconds = 0, {name: 0.0 for name in models}
         if out_dir and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.steps, last_step)):
             if rank == 0:
-                _write_checkpoint(out_dir, step + 1, models, optims, saes, cfg, history, init_from)
+                _write_checkpoint(out_dir, step + 1, models, optims, saes, cfg, history, init_from, objectives)
             last_good = out_dir / "checkpoints" / f"step_{step + 1:08d}"
     bar.close()
     if out_dir and last_step == cfg.steps and rank == 0:
@@ -201,21 +215,37 @@ def train_saes(
 
 def train_cached(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: TrainConfig, data_key: object,
                  progress: bool = True, device: str | torch.device = "cpu",
-                 init_from: Mapping[str, SAE] | None = None) -> TrainResult:
+                 init_from: Mapping[str, SAE] | None = None,
+                 objectives: Objective | Mapping[str, Objective] | None = None) -> TrainResult:
     """``train_saes`` into a cache folder keyed by the configs, ``data_key`` (what identifies the
-    activations, e.g. a cache manifest) and the digests of any ``init_from`` weights: a finished run
-    is reloaded at once, a killed one resumes."""
+    activations, e.g. a cache manifest), the digests of any ``init_from`` weights and the
+    objectives: a finished run is reloaded at once, a killed one resumes."""
     key = {"data": data_key, "train": _train_cfg_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()}}
     if init_from:
         key["init_from"] = _init_digests(init_from)
+    described = _describe(_objectives_for(saes, objectives))
+    if described != _describe(_objectives_for(saes, None)):  # the default keeps existing keys
+        key["objectives"] = described
     return train_saes(saes, data, cfg, out_dir=ckpt.artifact_dir("saes", key), progress=progress,
-                      device=device, init_from=init_from)
+                      device=device, init_from=init_from, objectives=objectives)
 
 
-def _train_step(sae: SAE, opt: torch.optim.Optimizer, x: Tensor, lr: float, clip: float,
-                step: int, name: str) -> dict:
-    out = sae(x)
-    terms = sae_loss(sae, out)
+def _objectives_for(saes: Mapping[str, SAEConfig], objectives) -> dict[str, Objective]:
+    if objectives is None or hasattr(objectives, "loss"):
+        return {name: objectives or Reconstruction() for name in saes}
+    missing, unknown = sorted(set(saes) - set(objectives)), sorted(set(objectives) - set(saes))
+    if missing or unknown:
+        raise ValueError(f"objectives must name every SAE trained: missing {missing}, not trained {unknown}")
+    return dict(objectives)
+
+
+def _describe(objectives: Mapping[str, Objective]) -> dict[str, dict]:
+    return {name: obj.config() for name, obj in sorted(objectives.items())}
+
+
+def _train_step(sae: SAE, opt: torch.optim.Optimizer, x: Tensor, objective: Objective, shared: dict,
+                lr: float, clip: float, step: int, name: str) -> dict:
+    terms, out = objective.loss(sae, x, shared)
     if not torch.isfinite(terms.total):
         raise NonFiniteError(f"step {step}: SAE {name!r} has a non-finite loss ({terms.total.item()}); "
                              "try a lower learning rate")
@@ -234,9 +264,14 @@ def _train_step(sae: SAE, opt: torch.optim.Optimizer, x: Tensor, lr: float, clip
     totals = torch.stack([terms.total, terms.nmse, terms.l1, terms.aux,
                           terms.nmse.new_tensor(out.codes.values.numel())]).detach()
     loss, recon, sparsity, aux, kept = distributed.all_reduce(totals).tolist()
-    return {"loss": loss, "nmse": recon, "l1": sparsity, "aux": aux,
-            "l0": kept / (x.shape[0] * distributed.world_size()), "dead_frac": dead_weights(sae).mean().item(),
-            "underused_frac": (zipf_shortfall_weights(sae) > 0.5).float().mean().item()}
+    row = {"loss": loss, "nmse": recon, "l1": sparsity, "aux": aux,
+           "l0": kept / (out.codes.shape[0] * distributed.world_size()),
+           "dead_frac": dead_weights(sae).mean().item(),
+           "underused_frac": (zipf_shortfall_weights(sae) > 0.5).float().mean().item()}
+    for extra in ("kl", "downstream"):  # the e2e objectives' terms
+        if getattr(terms, extra) is not None:
+            row[extra] = distributed.all_reduce(getattr(terms, extra).clone()).item()
+    return row
 
 
 def _postfix(rows: list[dict]) -> str:
@@ -265,8 +300,9 @@ def initial_saes(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: Trai
     if unknown:
         raise ValueError(f"init_from names SAEs that are not being trained: {unknown}; training {list(saes)}")
     n_rows = len(data)
-    init_idx = torch.randperm(n_rows, generator=seeding.generator("init_sample", cfg.seed))[:cfg.init_tokens]
-    sample = _fetch(data, init_idx.sort().values, 0, None).to(device)
+    n_init = -(-cfg.init_tokens // getattr(data, "tokens_per_row", 1))  # rows holding init_tokens tokens
+    init_idx = torch.randperm(n_rows, generator=seeding.generator("init_sample", cfg.seed))[:n_init]
+    sample = token_rows(_fetch(data, init_idx.sort().values, 0, None)).to(device)
     models = {}
     for name, sae_cfg in saes.items():
         models[name] = SAE(sae_cfg).to(device)
@@ -289,7 +325,7 @@ def _init_digests(init_from: Mapping[str, SAE]) -> dict[str, str]:
     return {name: ckpt.sae_digest(sae) for name, sae in sorted(init_from.items())}
 
 
-def _start_or_resume(saes, data, cfg, out_dir, device, init_from):
+def _start_or_resume(saes, data, cfg, out_dir, device, init_from, objectives):
     latest = ckpt.latest_checkpoint(out_dir) if out_dir else None
     if latest is None:
         models = initial_saes(saes, data, cfg, device, init_from)
@@ -300,6 +336,9 @@ def _start_or_resume(saes, data, cfg, out_dir, device, init_from):
     ckpt.check_same_config({n: c.to_dict() for n, c in saes.items()}, state["saes"], what=f"checkpoint {latest}")
     ckpt.check_same_config({"init_from": _init_digests(init_from or {})},
                            {"init_from": state.get("init_from", {})}, what=f"checkpoint {latest}")
+    default = _describe(_objectives_for(saes, None))  # checkpoints from before objectives existed
+    ckpt.check_same_config({"objectives": _describe(objectives)},
+                           {"objectives": state.get("objectives", default)}, what=f"checkpoint {latest}")
     models, optims = {}, {}
     for name, sae_cfg in saes.items():
         models[name] = ckpt.load_sae(latest / name, expected=sae_cfg).to(device)
@@ -316,14 +355,15 @@ def _train_cfg_dict(cfg: TrainConfig) -> dict:
     return d
 
 
-def _write_checkpoint(out_dir, step, models, optims, saes, cfg, history, init_from) -> Path:
+def _write_checkpoint(out_dir, step, models, optims, saes, cfg, history, init_from, objectives) -> Path:
     final = out_dir / "checkpoints" / f"step_{step:08d}"
     tmp = ckpt.atomic_dir(final)
     for name, sae in models.items():
         ckpt.write_sae(sae, tmp / name)
         ckpt.save_optimizer(optims[name], tmp / f"{name}.adam.safetensors")
     state = {"step": step, "train": _train_cfg_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()},
-             "init_from": _init_digests(init_from or {}), "history": history}
+             "init_from": _init_digests(init_from or {}), "objectives": _describe(objectives),
+             "history": history}
     (tmp / "state.json").write_text(json.dumps(state))
     ckpt.commit_dir(tmp, final)
     ckpt.prune_checkpoints(out_dir, cfg.keep_checkpoints)
