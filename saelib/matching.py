@@ -1,11 +1,12 @@
-"""Feature matching across checkpoints: which feature of one SAE is which feature of another.
+"""Feature matching: which feature of one SAE is which feature of another.
 
 Chapter 4 trains one SAE per training checkpoint of a model and asks when each feature of the final
-SAE appeared. Two SAEs share no feature indices unless one was started from the other, so features
+SAE appeared; chapter 3 asks whether SAEs trained with other seeds or objectives find the same
+directions. Two SAEs share no feature indices unless one was started from the other, so features
 are matched by their decoder directions (what a feature writes into the activations):
 
 * ``cosines`` / ``max_cosine_match``: each feature's nearest feature in the other SAE (several may
-  pick the same one);
+  pick the same one); ``max_cosine_within``: its nearest other feature in its own SAE;
 * ``assign``: a one-to-one matching that maximises the summed cosine (the Hungarian algorithm,
   ``scipy.optimize.linear_sum_assignment``), so a split or merged feature is not counted twice;
 * ``track_back``: every final feature followed back through a chain of one-to-one matchings
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from saelib.sae import SAE
 
-__all__ = ["cosines", "max_cosine_match", "assign", "track_back", "births", "firing_matrix", "jaccard",
+__all__ = ["cosines", "max_cosine_match", "max_cosine_within", "assign", "track_back", "births", "firing_matrix", "jaccard",
            "dominant_token"]
 
 
@@ -53,6 +54,20 @@ def max_cosine_match(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """(index, cosine): for each row of ``a``, its most similar row of ``b`` and their cosine."""
     best = cosines(a, b).max(1)
     return best.indices, best.values
+
+
+def max_cosine_within(directions: Tensor, chunk: int = 4096) -> Tensor:
+    """For each row, its largest cosine with any *other* row of the same matrix (Braun et al.'s
+    within-SAE similarity: how much a dictionary repeats itself). Chunked, so a 46k-row dictionary
+    needs no 46k x 46k matrix."""
+    unit = _unit(directions)
+    out = torch.empty(len(unit), dtype=unit.dtype)
+    for lo in range(0, len(unit), chunk):
+        cos = unit[lo:lo + chunk] @ unit.T
+        rows = torch.arange(cos.shape[0])
+        cos[rows, rows + lo] = -float("inf")
+        out[lo:lo + chunk] = cos.max(1).values
+    return out
 
 
 def assign(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

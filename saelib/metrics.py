@@ -127,15 +127,21 @@ def zipf_fit(density: Tensor | np.ndarray, rank_range: tuple[int, int] | None = 
     return ZipfFit(float(-slope), float(intercept), float(r2), int(keep.sum()))
 
 
-def frontier_nmse_at(l0: float, frontier_l0: Sequence[float], frontier_nmse: Sequence[float]) -> float:
-    """The NMSE a family of SAEs (one point per sparsity) reaches at ``l0``: log NMSE interpolated
-    linearly in log L0 between the family's points; nan outside their L0 range (no extrapolation)."""
-    order = np.argsort(frontier_l0)
-    x = np.log(np.asarray(frontier_l0, dtype=np.float64)[order])
-    y = np.log(np.asarray(frontier_nmse, dtype=np.float64)[order])
-    if not x[0] <= np.log(l0) <= x[-1]:
+def frontier_at(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Where a family of SAEs (one point (xs[i], ys[i]) per sparsity) is at ``x``: log y interpolated
+    linearly in log x between the family's points; nan outside their x range (no extrapolation).
+    E.g. the NMSE a family reaches at an L0, or the L0 it needs for a CE-loss increase."""
+    order = np.argsort(xs)
+    lx = np.log(np.asarray(xs, dtype=np.float64)[order])
+    ly = np.log(np.asarray(ys, dtype=np.float64)[order])
+    if not lx[0] <= np.log(x) <= lx[-1]:
         return float("nan")
-    return float(np.exp(np.interp(np.log(l0), x, y)))
+    return float(np.exp(np.interp(np.log(x), lx, ly)))
+
+
+def frontier_nmse_at(l0: float, frontier_l0: Sequence[float], frontier_nmse: Sequence[float]) -> float:
+    """``frontier_at`` for the NMSE of a family at an L0."""
+    return frontier_at(l0, frontier_l0, frontier_nmse)
 
 
 def max_cosine(directions: Tensor, dictionary: Tensor) -> Tensor:

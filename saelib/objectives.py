@@ -12,7 +12,7 @@
   tokens; MSE averages over tokens and dimensions; KL(clean || spliced) of the next-token
   distributions, averaged over tokens (``kl_div(..., reduction="batchmean")``); D is the list of
   later residual streams (by default every ``blocks.k.hook_resid_pre`` after the SAE's layer, as the
-  paper's e2e+ds runs). MSEs are in the SAE's units, activations times ``input_scale`` (the raw
+  paper's e2e+ds runs, or the last block's output where no block input follows). MSEs are in the SAE's units, activations times ``input_scale`` (the raw
   activations when ``normalize_input=False``, the paper's setting). TopK and the other rules have no
   L1 term (``l1_coeff=0``) and keep their aux loss.
 
@@ -120,11 +120,11 @@ class E2E:
 
     ``model`` is a TransformerLens model, ``hook`` the residual stream the SAE splices into. The
     paper's settings: kl_coeff 1 for e2e; kl_coeff 0.5 and ds_coeff 2.5 (layers 2 and 6 of GPT-2),
-    0.05 (layer 10) for e2e+ds. ``model_dtype="bfloat16"`` runs the model under bfloat16 autocast
+    0.05 (layer 10) for e2e+ds. ``precision="bfloat16"`` runs the model under bfloat16 autocast
     (the SAE's own product follows its config's ``encoder_dtype``)."""
 
     def __init__(self, model, hook: str, kl_coeff: float = 1.0, ds_coeff: float = 0.0,
-                 ds_hooks: Sequence[str] | None = None, model_dtype: str = "float32"):
+                 ds_hooks: Sequence[str] | None = None, precision: str = "float32"):
         self.start = _resid_index(hook)
         n_layers = model.cfg.n_layers
         if self.start is None:
@@ -135,35 +135,32 @@ class E2E:
                              "layers to run, so e2e equals local there; pick an earlier hook")
         if kl_coeff < 0 or ds_coeff < 0:
             raise ValueError(f"kl_coeff and ds_coeff must be >= 0, got {kl_coeff}, {ds_coeff}")
-        if model_dtype not in PRECISIONS:
-            raise ValueError(f"unknown model_dtype {model_dtype!r}; valid: {list(PRECISIONS)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}")
         self.later = [*later_resid_hooks(model, hook), f"blocks.{n_layers - 1}.hook_resid_post"]
-        ds_hooks = list(self.later[:-1] if ds_hooks is None else ds_hooks)
+        # The paper's D: every later block's input; at the last block, the final residual stream.
+        ds_hooks = list((self.later[:-1] or self.later) if ds_hooks is None else ds_hooks)
         wrong = [h for h in ds_hooks if h not in self.later]
-        if wrong:
-            raise ValueError(f"downstream hooks {wrong} are not residual streams after the SAE's {hook!r}; "
-                             f"valid: {self.later}")
-        if ds_coeff > 0 and not ds_hooks:
-            raise ValueError(f"e2e+ds needs later residual streams to reconstruct, and {hook!r} has "
-                             "none before the last one: pass ds_hooks=[...hook_resid_post of the last "
-                             "block] or splice earlier")
+        if wrong or not ds_hooks:
+            raise ValueError(f"downstream hooks {wrong or ds_hooks} are not residual streams after the "
+                             f"SAE's {hook!r}; valid: {self.later}")
         for p in model.parameters():
             p.requires_grad_(False)  # frozen: the model never receives a gradient
         self.model, self.hook, self.kl_coeff, self.ds_coeff = model, hook, kl_coeff, ds_coeff
         self.ds_hooks = ds_hooks if ds_coeff > 0 else []
-        self.model_dtype = model_dtype
+        self.precision = precision
         self.d_model = model.cfg.d_model
 
     def config(self) -> dict:
         return {"objective": "e2e_ds" if self.ds_coeff > 0 else "e2e", "hook": self.hook,
                 "kl_coeff": self.kl_coeff, "ds_coeff": self.ds_coeff, "ds_hooks": self.ds_hooks,
-                "model_dtype": self.model_dtype}
+                "precision": self.precision}
 
     def _autocast(self):
-        if self.model_dtype == "float32":
+        if self.precision == "float32":
             return contextlib.nullcontext()
         device = torch.device(self.model.cfg.device).type
-        return torch.autocast(device_type=device, dtype=PRECISIONS[self.model_dtype])
+        return torch.autocast(device_type=device, dtype=PRECISIONS[self.precision])
 
     def run(self, windows: Tensor, hooks: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
         """Log-probabilities [windows, ctx - 1, vocab] at positions 1.. and the activations at
@@ -180,7 +177,7 @@ class E2E:
     def _clean(self, windows: Tensor, shared: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """The clean run, once per step for every e2e SAE of the hook (it records every later
         residual stream, so e2e and e2e+ds SAEs share it)."""
-        key = ("clean", self.hook, self.model_dtype)
+        key = ("clean", self.hook, self.precision)
         if key not in shared:
             with torch.no_grad():
                 shared[key] = self.run(windows, self.later)

@@ -20,7 +20,11 @@ from matplotlib.ticker import EngFormatter, FormatStrFormatter, FuncFormatter
 
 RULE_COLORS = {"relu": "#7f7f7f", "topk": "#1f77b4", "topk+aux_k": "#17becf", "feature_choice": "#d62728",
                "feature_choice_matched": "#ff9896",
-               "mutual_choice": "#2ca02c", "mutual_choice+aux_zipf": "#98df8a", "organism": "#9467bd"}
+               "mutual_choice": "#2ca02c", "mutual_choice+aux_zipf": "#98df8a", "organism": "#9467bd",
+               # chapter 3: objectives (Braun et al.) by rule
+               "relu local": "#7f7f7f", "relu e2e": "#ff7f0e", "relu e2e+ds": "#8c564b",
+               "topk local": "#1f77b4", "topk e2e": "#d62728", "local": "#7f7f7f", "e2e": "#ff7f0e",
+               "e2e+ds": "#8c564b"}
 METRIC_LABELS = {"nmse": "NMSE (fraction of variance unexplained)", "l0": "L0 (active features per token)",
                  "dead_frac": "fraction of dead features",
                  "underused_frac": "fraction under half their Zipf target", "loss": "training loss",
@@ -164,6 +168,40 @@ def frontiers(table: pd.DataFrame, ys: Sequence[str], x: str = "L0", family: str
         ax.set_xlabel(x)
         ax.set_ylabel(y)
     sns.move_legend(axes[0][0], "best", fontsize=8, title=None)
+    fig.tight_layout()
+    return fig
+
+
+def per_layer(frame: pd.DataFrame, ys: Mapping[str, str], x: str = "layer", hue: str = "sae",
+              log_y: Sequence[str] = ()) -> Figure:
+    """One panel per column in ``ys`` (column -> axis label) against the later layers ``x`` (in the
+    frame's order), one line per ``hue``: e.g. downstream reconstruction error per layer."""
+    fig, axes = plt.subplots(1, len(ys), figsize=(4.6 * len(ys), 3.4), squeeze=False)
+    names = list(frame[hue].unique())
+    for i, (ax, (y, label)) in enumerate(zip(axes[0], ys.items())):
+        sns.lineplot(data=frame, x=x, y=y, hue=hue, hue_order=names, palette=palette(names), marker="o",
+                     estimator=None, errorbar=None, sort=False, legend=i == 0, ax=ax)
+        if y in log_y:
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", labelrotation=15)
+    sns.move_legend(axes[0][0], "best", fontsize=8, title=None)
+    fig.tight_layout()
+    return fig
+
+
+def histogram_panels(panels: Mapping[str, Mapping[str, np.ndarray]], xlabel: str, bins: int = 50,
+                     binrange: tuple[float, float] | None = None) -> Figure:
+    """One panel per title, one step histogram (density) per named series in it: e.g. max-cosine
+    similarities within an SAE, across seeds and across objectives."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.3), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        for name, values in series.items():
+            sns.histplot(np.asarray(values), bins=bins, binrange=binrange, stat="density", element="step",
+                         fill=False, color=color(name), label=name, ax=ax)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

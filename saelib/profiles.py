@@ -77,6 +77,30 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     batch_size=4096, lr=4e-4, dead_after_tokens=5_000_000, zipf_exponent=1.0,
                     expect_claims=None),
     },
+    # Chapter 3: SAE_local vs SAE_e2e vs SAE_e2e+ds (Braun et al. 2024), ReLU + L1 and TopK.
+    # l1_* are the paper's lambda (phi = lambda / d_in) on unit-mean-square inputs: a 150-step probe
+    # on the cpu organism's blocks.2.hook_resid_pre (2048 features) gave local L0 251 / 115 / 12 at
+    # 0.03 / 0.1 / 0.3 (0.3 collapsed, NMSE 1.08) and e2e L0 263 / 166 / 89 at 1 / 3 / 10. batch_size
+    # counts windows (context_size - 1 SAE tokens each). gpu: the paper's GPT-2 layer-6 setting
+    # (raw activations, dictionary 60 x 768, lr 5e-4, its coefficients), not executed here.
+    "e2e": {
+        "ci": dict(model="organism-ci", hook="blocks.1.hook_resid_pre", corpus="mixed", n_tokens=32_768,
+                   eval_tokens=8192, eval_windows=16, context_size=64, expansion=4, normalize_input=True,
+                   l1_local=(0.03, 0.1), l1_e2e=(3.0, 10.0), l1_ds=(3.0, 10.0), kl_coeff_ds=0.5,
+                   ds_coeff=2.5, k_sweep=(8,), steps=80, batch_size=8, lr=2e-3, precision="bfloat16",
+                   timing_steps=4, expect_claims={"ds_downstream": True}),
+        "cpu": dict(model="organism-cpu", hook="blocks.2.hook_resid_pre", corpus="mixed", n_tokens=640_000,
+                    eval_tokens=32_768, eval_windows=48, context_size=128, expansion=8, normalize_input=True,
+                    l1_local=(0.02, 0.05, 0.12), l1_e2e=(3.0, 10.0, 30.0), l1_ds=(3.0, 10.0, 30.0),
+                    kl_coeff_ds=0.5, ds_coeff=2.5, k_sweep=(16, 32), steps=320, batch_size=16, lr=1e-3,
+                    precision="bfloat16", timing_steps=10, expect_claims=None),
+        "gpu": dict(model="gpt2-small", hook="blocks.6.hook_resid_pre", corpus="hf:Skylion007/openwebtext",
+                    n_tokens=16_000_000, eval_tokens=500_000, eval_windows=256, context_size=128,
+                    expansion=60, normalize_input=False, l1_local=(2.0, 6.0, 20.0), l1_e2e=(0.5, 1.5, 5.0),
+                    l1_ds=(1.0, 3.0, 10.0), kl_coeff_ds=0.5, ds_coeff=2.5, k_sweep=(16, 32, 64),
+                    steps=25_000, batch_size=16, lr=5e-4, precision="bfloat16", timing_steps=20,
+                    expect_claims=None),
+    },
     # Chapter 4: one SAE per training checkpoint of a model, trained from scratch and SAE-Track style.
     # checkpoints: the SAEs' (log-spaced by step); probe_checkpoints: where loss and the ICL score
     # are measured (every saved one for the organisms). gpu: Pythia's public checkpoints through

@@ -354,3 +354,27 @@ def test_a_student_copy_runs_and_its_checks_report_the_stubs(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=book.ROOT)
     assert result.returncode != 0 and "AssertionError" in result.stderr
     assert "my_topk is not implemented yet (it raised NotImplementedError)" in result.stdout
+
+
+def test_e2e_kl(capsys):
+    import torch.nn.functional as F
+
+    def kl(clean, spliced):
+        p = clean.log_softmax(-1)
+        return float((p.exp() * (p - spliced.log_softmax(-1))).sum(-1).mean())
+
+    assert ex.check_e2e_kl(kl)
+    rejects(ex.check_e2e_kl, lambda a, b: kl(b, a), r"KL\(spliced \|\| clean\)", capsys=capsys)
+    rejects(ex.check_e2e_kl, lambda a, b: kl(a, b) * a.shape[:-1].numel(), r"the sum over positions",
+            capsys=capsys)
+    rejects(ex.check_e2e_kl, lambda a, b: float(F.mse_loss(a, b)), r"wrong on logits shifted by a constant",
+            capsys=capsys)
+
+
+def test_max_cosine_within(capsys):
+    from saelib.matching import cosines, max_cosine_within
+
+    assert ex.check_max_cosine_within(max_cosine_within)
+    rejects(ex.check_max_cosine_within, lambda d: cosines(d, d).max(1).values, r"leave it out", capsys=capsys)
+    rejects(ex.check_max_cosine_within, lambda d: cosines(d, d).fill_diagonal_(0).abs().max(1).values,
+            r"row 0: got 1\.0000, expected -1\.0000", capsys=capsys)

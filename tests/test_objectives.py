@@ -184,8 +184,10 @@ def test_bad_input_is_explained(model, windows):
         E2E(model, "blocks.1.hook_mlp_out")
     with pytest.raises(ValueError, match=r"not residual streams after.*valid: \['blocks.2"):
         E2E(model, HOOK, ds_coeff=1.0, ds_hooks=["blocks.1.hook_resid_pre"])
-    with pytest.raises(ValueError, match="needs later residual streams"):
-        E2E(model, f"blocks.{N_LAYERS - 1}.hook_resid_pre", ds_coeff=1.0)
+    with pytest.raises(ValueError, match="not residual streams after"):
+        E2E(model, HOOK, ds_coeff=1.0, ds_hooks=[])
+    last = E2E(model, f"blocks.{N_LAYERS - 1}.hook_resid_pre", ds_coeff=1.0)
+    assert last.ds_hooks == [f"blocks.{N_LAYERS - 1}.hook_resid_post"]  # no block input follows
     sae = initial_saes({"s": relu_cfg()}, windows, CFG)["s"]
     with pytest.raises(ValueError, match="WindowTable"):
         E2E(model, HOOK).loss(sae, windows[torch.arange(4)][:, 1:].reshape(-1, D), {})
