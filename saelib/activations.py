@@ -316,31 +316,35 @@ class RowSubset:
 
 
 class WindowTable:
-    """A cache harvested with ``exclude_bos=False``, read by whole windows: ``len`` windows,
-    ``table[idx]`` float32 [len(idx), context_size, d_in] with BOS at position 0. The table the e2e
-    objectives train on (``saelib.objectives``): they run the model on from the SAE's layer, which
-    needs every position of a window; the SAE itself reads positions 1.. (``tokens_per_row`` each)."""
+    """Activations read by whole windows: ``len`` windows, ``table[idx]`` float32
+    [len(idx), context_size, d_in] with BOS at position 0. The table the e2e objectives train on
+    (``saelib.objectives``): they run the model on from the SAE's layer, which needs every position
+    of a window; the SAE itself reads positions 1.. (``tokens_per_row`` each).
 
-    def __init__(self, cache: ActivationCache):
-        if cache.spec.exclude_bos or cache.manifest["rows_per_window"] != cache.spec.context_size:
-            raise ValueError(f"{cache!r} stores token rows without BOS; a WindowTable needs whole windows: "
-                             "harvest with CacheSpec(exclude_bos=False)")
-        self.cache = cache
-        self.context_size = cache.spec.context_size
+    From a cache harvested with ``CacheSpec(exclude_bos=False)``, or from a [windows, ctx, d] tensor
+    already in memory (e.g. ``model.run_with_cache(tokens)[1][hook]``)."""
+
+    def __init__(self, source: ActivationCache | Tensor):
+        if isinstance(source, Tensor):
+            if source.ndim != 3:
+                raise ValueError(f"expected activations [windows, ctx, d_in], got shape {list(source.shape)}")
+            self.cache, self._acts, self.context_size = None, source.float(), source.shape[1]
+        else:
+            if source.spec.exclude_bos or source.manifest["rows_per_window"] != source.spec.context_size:
+                raise ValueError(f"{source!r} stores token rows without BOS; a WindowTable needs whole "
+                                 "windows: harvest with CacheSpec(exclude_bos=False)")
+            self.cache, self._acts, self.context_size = source, None, source.spec.context_size
         self.tokens_per_row = self.context_size - 1
 
     def __len__(self) -> int:
-        return len(self.cache) // self.context_size
+        return len(self._acts) if self._acts is not None else len(self.cache) // self.context_size
 
     def __getitem__(self, idx: Tensor | slice | np.ndarray) -> Tensor:
+        if self._acts is not None:
+            return self._acts[idx]
         windows = np.arange(len(self))[idx.cpu().numpy() if isinstance(idx, Tensor) else idx]
         rows = (windows[:, None] * self.context_size + np.arange(self.context_size)).reshape(-1)
         return self.cache[rows].reshape(len(windows), self.context_size, -1)
-
-    @property
-    def tokens(self) -> np.ndarray:
-        """int32 [n_windows, context_size]: the token windows."""
-        return self.cache.tokens
 
 
 def drop_norm_outliers(table: ActivationCache, max_ratio: float = 10.0, threshold: float | None = None,

@@ -12,9 +12,13 @@
   tokens; MSE averages over tokens and dimensions; KL(clean || spliced) of the next-token
   distributions, averaged over tokens (``kl_div(..., reduction="batchmean")``); D is the list of
   later residual streams (by default every ``blocks.k.hook_resid_pre`` after the SAE's layer, as the
-  paper's e2e+ds runs, or the last block's output where no block input follows). MSEs are in the SAE's units, activations times ``input_scale`` (the raw
-  activations when ``normalize_input=False``, the paper's setting). TopK and the other rules have no
-  L1 term (``l1_coeff=0``) and keep their aux loss.
+  paper's e2e+ds runs, or the last block's output where no block input follows). TopK and the
+  other rules have no L1 term (``l1_coeff=0``) and keep their aux loss.
+
+  Every term is in the activations' own units, as in the paper: a (normalize_input) SAE's codes
+  count as c / input_scale, what they would be for the same SAE written without the scaling. So
+  ``normalize_input`` only reparametrises the SAE (it conditions the optimisation) and the
+  coefficients mean what the paper's mean.
 
 The e2e objectives read *windows* of activations at the SAE's hook, [windows, ctx, d_in]
 (``saelib.activations.WindowTable``): the SAE's reconstruction replaces positions 1.. (BOS keeps its
@@ -76,7 +80,8 @@ def _paper_terms(sae: SAE, out: SAEOutput) -> tuple[Tensor, LossTerms]:
     """(phi * mean ||c||_1 + the rule's aux loss, saelib's terms): what every paper objective shares.
     saelib's NMSE is logged beside the paper's losses (detached), so all objectives share a scale."""
     terms = sae_loss(sae, out)
-    penalty = sae.cfg.l1_coeff / sae.cfg.d_in * terms.l1 + sae.cfg.aux_coeff * terms.aux
+    raw_l1 = terms.l1 / sae.input_scale  # codes in the activations' units
+    penalty = sae.cfg.l1_coeff / sae.cfg.d_in * raw_l1 + sae.cfg.aux_coeff * terms.aux
     return penalty, LossTerms(penalty, terms.nmse.detach(), terms.l1.detach(), terms.aux.detach())
 
 
@@ -95,7 +100,7 @@ class Local:
     def loss(self, sae: SAE, batch: Tensor, shared: dict) -> tuple[LossTerms, SAEOutput]:
         out = sae(token_rows(batch))
         penalty, terms = _paper_terms(sae, out)
-        return dataclasses.replace(terms, total=_mse(out.x_hat_norm, out.x_norm) + penalty), out
+        return dataclasses.replace(terms, total=_mse(out.x_hat, token_rows(batch)) + penalty), out
 
 
 _RESID = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)$")
@@ -202,8 +207,7 @@ class E2E:
         total = self.kl_coeff * kl + penalty
         downstream = kl.new_zeros(())
         if self.ds_hooks:
-            scale = sae.input_scale  # the SAE's units (1 without normalize_input, as in the paper)
-            downstream = sum(_mse(acts[h] * scale, clean_acts[h] * scale) for h in self.ds_hooks)
+            downstream = sum(_mse(acts[h], clean_acts[h]) for h in self.ds_hooks)
             downstream = downstream / len(self.ds_hooks)
             total = total + self.ds_coeff * downstream
         return dataclasses.replace(terms, total=total, kl=kl.detach(), downstream=downstream.detach()), out

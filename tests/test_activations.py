@@ -9,7 +9,8 @@ import torch
 
 from saelib import activations
 from saelib.activations import (CacheMismatchError, CacheSpec, NonFiniteActivationError, build_caches,
-                                drop_norm_outliers, get_or_build_cache, harvest, open_cache, token_windows)
+                                WindowTable, drop_norm_outliers, get_or_build_cache, harvest, open_cache,
+                                token_windows)
 from saelib.metrics import evaluate
 from saelib.sae import SAEConfig
 from saelib.subject_models import load_subject_model, train_organism
@@ -213,3 +214,18 @@ def test_bf16_harvest_is_close_to_fp32_and_its_cache_is_kept_apart(env, cache, t
         open_cache(cache.path, expect=spec(env, model_dtype="bfloat16"))
     with pytest.raises(ValueError, match="model_dtype must be one of"):
         spec(env, model_dtype="float16")
+
+
+def test_window_table_reads_whole_windows_with_bos(env, cache):
+    model = env[0]
+    whole = get_or_build_cache(spec(env, exclude_bos=False, n_tokens=640), progress=False, model=model)
+    table = WindowTable(whole)
+    assert len(table) == 20 and table.tokens_per_row == 31
+    batch = table[torch.tensor([3, 7])]
+    _, direct = model.run_with_cache(torch.as_tensor(whole.tokens[[3, 7]]).long(), names_filter=H0)
+    assert batch.shape == (2, 32, model.cfg.d_model)
+    torch.testing.assert_close(batch, direct[H0], atol=2e-2, rtol=2e-3)  # float16 storage
+    with pytest.raises(ValueError, match="exclude_bos=False"):
+        WindowTable(cache)  # token rows, BOS dropped: not windows
+    with pytest.raises(ValueError, match=r"\[windows, ctx, d_in\]"):
+        WindowTable(torch.zeros(4, 8))

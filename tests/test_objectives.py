@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from saelib.activations import WindowTable
 from saelib.objectives import E2E, Local, Reconstruction, later_resid_hooks, token_rows
 from saelib.sae import SAE, SAEConfig
 from saelib.splice import downstream_errors, splice_metrics
@@ -14,19 +14,6 @@ HOOK = "blocks.1.hook_resid_pre"
 N_LAYERS, D, CTX = 4, 32, 12
 CFG = TrainConfig(steps=12, batch_size=8, lr=3e-3, warmup_steps=2, init_tokens=256, log_every=4,
                   checkpoint_every=4)
-
-
-class Windows:
-    """A window table in memory, as saelib.activations.WindowTable reads one from a cache."""
-
-    def __init__(self, acts):
-        self.acts, self.tokens_per_row = acts, acts.shape[1] - 1
-
-    def __len__(self):
-        return len(self.acts)
-
-    def __getitem__(self, idx):
-        return self.acts[idx]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +32,7 @@ def tokens():
 @pytest.fixture(scope="module")
 def windows(model, tokens):
     _, cache = model.run_with_cache(tokens, names_filter=HOOK)
-    return Windows(cache[HOOK])
+    return WindowTable(cache[HOOK])
 
 
 def relu_cfg(**kw):
@@ -83,10 +70,11 @@ def test_local_and_sparsity_terms_follow_the_paper(windows):
     sae = initial_saes({"s": relu_cfg(l1_coeff=3.0)}, windows, CFG)["s"]
     batch = windows[torch.arange(8)]
     terms, out = Local().loss(sae, batch, {})
-    x = token_rows(batch) * sae.input_scale
-    mse = ((out.x_hat_norm - x) ** 2).mean()
-    l1 = out.codes.to_dense().abs().sum(1).mean()  # ||c||_1 averaged over tokens
-    assert terms.total.item() == pytest.approx((mse + 3.0 / D * l1).item(), rel=1e-5)
+    assert sae.input_scale < 0.5  # normalised: the loss must still be in the activations' units
+    mse = ((out.x_hat - token_rows(batch)) ** 2).mean()
+    l1 = out.codes.to_dense().abs().sum(1).mean()  # ||c||_1 averaged over tokens, SAE units
+    raw_l1 = l1 / sae.input_scale  # the codes of the same SAE written without the scaling
+    assert terms.total.item() == pytest.approx((mse + 3.0 / D * raw_l1).item(), rel=1e-5)
     assert terms.l1.item() == pytest.approx(l1.item(), rel=1e-5)
     assert token_rows(batch).shape == (8 * (CTX - 1), D)
 
@@ -135,8 +123,7 @@ def test_downstream_term_reads_exactly_the_later_layers(model, tokens, windows):
         seen[hook.name] = act[:, 1:]
 
     model.run_with_hooks(tokens[:8], fwd_hooks=[(HOOK, splice)] + [(h, keep) for h in objective.ds_hooks])
-    s2 = sae.input_scale ** 2
-    by_hand = sum(((seen[h] - clean[h][:, 1:]) ** 2).mean() * s2 for h in objective.ds_hooks) / 2
+    by_hand = sum(((seen[h] - clean[h][:, 1:]) ** 2).mean() for h in objective.ds_hooks) / 2
     assert terms.downstream.item() == pytest.approx(by_hand.item(), rel=1e-4)
     assert terms.total.item() == pytest.approx(by_hand.item(), rel=1e-4)  # kl_coeff 0, no L1
 
@@ -191,7 +178,7 @@ def test_bad_input_is_explained(model, windows):
     sae = initial_saes({"s": relu_cfg()}, windows, CFG)["s"]
     with pytest.raises(ValueError, match="WindowTable"):
         E2E(model, HOOK).loss(sae, windows[torch.arange(4)][:, 1:].reshape(-1, D), {})
-    wide = Windows(torch.randn(16, CTX, 2 * D))
+    wide = WindowTable(torch.randn(16, CTX, 2 * D))
     with pytest.raises(ValueError, match="d_model is 32"):
         train_saes({"w": SAEConfig(2 * D, 64, rule="topk", k=4)}, wide, CFG, progress=False,
                    objectives=E2E(model, HOOK))
