@@ -99,7 +99,12 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     eval_tokens=32_768, eval_windows=48, context_size=128, expansion=8, normalize_input=True,
                     l1_local=(1.5, 4.0, 10.0), l1_e2e=(0.1, 0.3, 1.0), l1_ds=(1.5, 4.0, 10.0),
                     kl_coeff_ds=0.5, ds_coeff=2.5, k_sweep=(16, 32), steps=320, batch_size=16, lr=1e-3,
-                    precision="bfloat16", timing_steps=10, expect_claims=None),
+                    precision="bfloat16", timing_steps=10,
+                    # What the rendered book reports (measured 2026-11-26, 650k tokens per SAE);
+                    # topk_e2e turns on a tie at k 16 (0.081 vs 0.081): shown, not asserted.
+                    expect_claims={"local_l0_twice": False, "e2e_ce_under_45": False,
+                                   "ds_downstream": True, "e2e_seed_fragile": True,
+                                   "e2e_runtime": True}),
         "gpu": dict(model="gpt2-small", hook="blocks.6.hook_resid_pre", corpus="hf:Skylion007/openwebtext",
                     n_tokens=16_000_000, eval_tokens=500_000, eval_windows=256, context_size=128,
                     expansion=60, normalize_input=False, l1_local=(2.0, 6.0, 20.0), l1_e2e=(0.5, 1.5, 5.0),
