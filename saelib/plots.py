@@ -24,7 +24,7 @@ RULE_COLORS = {"relu": "#7f7f7f", "topk": "#1f77b4", "topk+aux_k": "#17becf", "f
                # chapter 3: objectives (Braun et al.) by rule
                "relu local": "#7f7f7f", "relu e2e": "#ff7f0e", "relu e2e+ds": "#8c564b",
                "topk local": "#1f77b4", "topk e2e": "#d62728", "local": "#7f7f7f", "e2e": "#ff7f0e",
-               "e2e+ds": "#8c564b"}
+               "e2e+ds": "#8c564b", "untrained": "#c7c7c7"}
 METRIC_LABELS = {"nmse": "NMSE (fraction of variance unexplained)", "l0": "L0 (active features per token)",
                  "dead_frac": "fraction of dead features",
                  "underused_frac": "fraction under half their Zipf target", "loss": "training loss",
