@@ -1,6 +1,6 @@
 """Training speed of Braun et al.'s objectives: tokens/s of one SAE through saelib's trainer.
 
-    python bench/bench_e2e.py [--steps 6 --batch 16 --context 128 --json out.json]
+    python bench/bench_e2e.py [--steps 6 --batch 16 --context 128 --smollm --json out.json]
 
 For each subject model, a ReLU SAE (8 x d_model features) trains for ``--steps`` steps of ``--batch``
 windows with each objective (``saelib.objectives``): local, e2e and e2e+ds, the e2e ones with the
@@ -10,8 +10,10 @@ the steps after the first, and the time relative to local. Models:
 
 * the book's organism ('cpu' if trained into the cache, else 'ci') at its middle residual stream
   (chapter 3's subject);
-* SmolLM2-135M at blocks.27.hook_resid_pre (3 of its 30 blocks follow): what a late-layer e2e SAE
-  on the pretrained model would cost (``--no-smollm`` skips it).
+* with ``--smollm``, SmolLM2-135M at blocks.27.hook_resid_pre (3 of its 30 blocks follow): what a
+  late-layer e2e SAE on the pretrained model would cost. Memory-hungry: its 49,152-token
+  unembedding runs forward and backward for every position, and at the default 16 windows of 128
+  tokens the process grew past 19 GB and was killed on the 23 GB project machine; try --batch 4.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=128)
-    ap.add_argument("--no-smollm", action="store_true")
+    ap.add_argument("--smollm", action="store_true", help="also SmolLM2-135M at a late layer")
     ap.add_argument("--json")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -67,7 +69,7 @@ def main() -> None:
     organism = load_subject_model(f"organism-{profile}")
     hook = f"blocks.{organism.cfg.n_layers // 2}.hook_resid_pre"
     rows = measure(organism, hook, a.steps, a.batch, min(a.context, organism.cfg.n_ctx))
-    if not a.no_smollm:
+    if a.smollm:
         rows += measure(load_subject_model("smollm2-135m"), "blocks.27.hook_resid_pre", a.steps, a.batch,
                         a.context)
     print(f"{'model':14s} {'hook':26s} {'objective':17s} {'tokens/s':>9s} {'vs local':>9s}")
