@@ -115,6 +115,29 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     dead_after_tokens=5_000_000, icl_sequences=128, icl_length=63,
                     match_threshold=0.5, token_level_share=0.5, expect_claims=None),
     },
+    # Chapter 5: PatchSAE on the book's ViT, before and after prompt adaptation (Lim et al. 2025).
+    # vit: a saelib.vision.VIT_PROFILES name (pretrained here, cached) or, online, CLIP ViT-B/16.
+    # hook: the output of the second-to-last block, as in the paper. tau is in the SAE's
+    # normalised units (the paper's 0.2 is in CLIP's). gpu: not executed on the project machine.
+    "vision": {
+        "ci": dict(vit="ci", hook="blocks.1.hook_resid_post", sae_images=1500, eval_images=600,
+                   mask_images=400, expansion=8, l1_coeff=0.05, k=8, steps=150, batch_size=1024,
+                   lr=3e-3, tau=0.1, shots=16, task_test_images=400, prompt_tokens=4, prompt_depth=2,
+                   prompt_epochs=8, prompt_lr=3e-3, mask_ks=(1, 2, 5, 10, 50, 100, 256),
+                   group_top=10, group_bottom=20, expect_claims=None),
+        "cpu": dict(vit="cpu", hook="blocks.2.hook_resid_post", sae_images=8000, eval_images=2000,
+                    mask_images=2000, expansion=16, l1_coeff=0.05, k=16, steps=2000, batch_size=2048,
+                    lr=2e-3, tau=0.1, shots=32, task_test_images=2000, prompt_tokens=4,
+                    prompt_depth=3, prompt_epochs=30, prompt_lr=3e-3,
+                    mask_ks=(1, 2, 5, 10, 50, 100, 500, 1024), group_top=25, group_bottom=50,
+                    expect_claims=None),
+        "gpu": dict(vit="clip-vit-b-16", hook="blocks.10.hook_resid_post", sae_images=20_000,
+                    eval_images=5000, mask_images=5000, expansion=64, l1_coeff=0.05, k=32,
+                    steps=20_000, batch_size=4096, lr=4e-4, tau=0.2, shots=16, task_test_images=5000,
+                    prompt_tokens=2, prompt_depth=9, prompt_epochs=5, prompt_lr=3.5e-3,
+                    mask_ks=(1, 2, 5, 10, 50, 100, 500, 1000, 2000, 49152), group_top=50,
+                    group_bottom=100, expect_claims=None),
+    },
 }
 
 
