@@ -30,9 +30,23 @@ from saelib import seeding
 from saelib.sae import SAE
 from saelib.subject_models import hook_layer
 
-__all__ = ["harvest_tokens", "LatentStats", "latent_stats", "label_entropy", "label_std", "patch_maps",
-           "masked_reconstruction", "spliced_accuracy", "masking_curves", "class_ranks", "group_latents",
-           "GROUPS"]
+__all__ = [
+    "GROUPS",
+    "LatentStats",
+    "class_ranks",
+    "existing_share",
+    "group_latents",
+    "group_summary",
+    "harvest_tokens",
+    "label_entropy",
+    "label_std",
+    "latent_stats",
+    "masked_reconstruction",
+    "masking_curves",
+    "patch_maps",
+    "spliced_accuracy",
+    "top_turnover",
+]
 
 GROUPS = ("high", "high-to-low", "low-to-high")
 
@@ -47,10 +61,10 @@ def harvest_tokens(model, images: Tensor, hook: str, prompts=None, batch_size: i
     n_image = model.cfg.n_tokens
     out = []
     for i in range(0, len(images), batch_size):
-        got = []
+        got: list[Tensor] = []
 
-        def keep(act, hook=None):
-            got.append(act[:, :n_image].detach().clone())
+        def keep(act, hook=None, got=got):
+            got.append(act[:, :n_image].detach().to("cpu", copy=True))
 
         stop = layer + 1 if layer is not None and layer >= 0 else None
         model.run_with_hooks(images[i:i + batch_size], fwd_hooks=[(hook, keep)], prompts=prompts,
@@ -115,7 +129,7 @@ class LatentStats:
 def _codes(sae: SAE, acts: Tensor) -> Tensor:
     """Dense codes [n, tokens, L] of activations [n, tokens, d]."""
     n, t, d = acts.shape
-    return sae.encode(acts.reshape(n * t, d)).reshape(n, t, -1)
+    return sae.encode(acts.reshape(n * t, d).to(sae.b_dec.device)).cpu().reshape(n, t, -1)
 
 
 @torch.no_grad()
@@ -167,8 +181,9 @@ def masked_reconstruction(sae: SAE, x: Tensor, keep: Tensor) -> Tensor:
     if keep.shape[-1] != sae.cfg.d_sae:
         raise ValueError(f"keep has {keep.shape[-1]} entries per mask; the SAE has {sae.cfg.d_sae} latents")
     lead = x.shape[:-1]
+    x = x.to(sae.b_dec.device)
     codes = sae.encode(x.reshape(-1, x.shape[-1])).reshape(*lead, sae.cfg.d_sae)
-    mask = keep.to(codes.dtype)
+    mask = keep.to(codes.device, codes.dtype)
     while mask.ndim < codes.ndim:  # one mask per image: broadcast over its tokens
         mask = mask.unsqueeze(-2)
     x_hat_norm = (codes * mask) @ sae.decoder + sae.b_dec
@@ -187,11 +202,11 @@ def spliced_accuracy(model, layer: int, acts: Tensor, labels: Tensor, sae: SAE |
         x = acts[i:i + batch_size]
         if sae is not None:
             if keep is None:
-                x = sae.reconstruct(x)
+                x = sae.reconstruct(x.to(sae.b_dec.device))
             else:
                 x = masked_reconstruction(sae, x, keep if keep.ndim == 1 else keep[i:i + batch_size])
-        logits = model.classify(model.run_blocks(x, layer + 1))
-        correct += int((logits.argmax(-1) == labels[i:i + batch_size]).sum())
+        logits = model.classify(model.run_blocks(x.to(model.device), layer + 1))
+        correct += int((logits.argmax(-1).cpu() == labels[i:i + batch_size]).sum())
     return correct / len(acts)
 
 
@@ -275,6 +290,19 @@ def existing_share(base_counts: Tensor, adapted_counts: Tensor, top: int) -> flo
 
     adapted = tops(adapted_counts)
     return len(adapted & tops(base_counts)) / max(1, len(adapted))
+
+
+def top_turnover(base_counts: Tensor, adapted_counts: Tensor, top: int) -> dict[str, float]:
+    """How much each class's top ``top`` latents change with adaptation, without the gap between
+    the "high" and "low" bounds of ``group_latents``: "new" is the share of the adapted model's
+    top (latent, class) pairs that were not in the base model's top for that class, "dropped" the
+    share of the base model's top pairs that left it."""
+    def tops(counts: Tensor) -> Tensor:
+        return (class_ranks(counts) < top) & (counts > 0)
+
+    base, adapted = tops(base_counts), tops(adapted_counts)
+    return {"new": float((adapted & ~base).sum() / adapted.sum().clamp(min=1)),
+            "dropped": float((base & ~adapted).sum() / base.sum().clamp(min=1))}
 
 
 def group_summary(groups: pd.DataFrame) -> dict[str, float]:

@@ -34,10 +34,26 @@ from torch import Tensor, nn
 from saelib import checkpoints as ckpt
 from saelib import seeding
 from saelib.progress import bar as progress_bar
-from saelib.vision import FASHION_CLASSES, HookedViT, load_digits, load_fashion_mnist, pretraining_split
+from saelib.vision import (
+    FASHION_CLASSES,
+    HookedViT,
+    load_digits,
+    load_fashion_mnist,
+    pretraining_split,
+)
 
-__all__ = ["DeepPrompts", "PromptConfig", "Adapted", "adapt", "linear_probe", "TargetTask", "TASKS",
-           "load_task", "tensor_digest", "backbone_digest"]
+__all__ = [
+    "TASKS",
+    "Adapted",
+    "DeepPrompts",
+    "PromptConfig",
+    "TargetTask",
+    "adapt",
+    "backbone_digest",
+    "linear_probe",
+    "load_task",
+    "tensor_digest",
+]
 
 # Fashion-MNIST classes regrouped by the part of the body they go on.
 FASHION_GROUPS = {"upper body": (0, 2, 4, 6), "legs / full body": (1, 3), "feet": (5, 7, 9), "bag": (8,)}
@@ -120,9 +136,10 @@ def linear_probe(model: HookedViT, images: Tensor, labels: Tensor, n_classes: in
     """A linear classifier on the frozen base features (final-normalised CLS), trained full-batch
     with Adam: the zero-shot classifier of a model without a text encoder."""
     feats = _features(model, images)
-    head = nn.Linear(feats.shape[1], n_classes)
+    labels = labels.to(feats.device)
+    head = nn.Linear(feats.shape[1], n_classes).to(feats.device)
     gen = seeding.generator("prompt_init:probe", seed)
-    head.weight.data.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+    head.weight.data.copy_(torch.randn(head.weight.shape, generator=gen).to(feats.device) * 0.01)
     head.bias.data.zero_()
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
@@ -145,12 +162,12 @@ def adapt(model: HookedViT, images: Tensor, labels: Tensor, n_classes: int, cfg:
            "head_init": tensor_digest(*head_init.state_dict().values()) if head_init is not None else None,
            "config": asdict(cfg)}
     folder = ckpt.artifact_dir("vision_prompts", key)
-    prompts = DeepPrompts(model.cfg.d_model, cfg.n_tokens, cfg.depth, cfg.seed)
-    head = nn.Linear(model.cfg.d_model, n_classes)
+    prompts = DeepPrompts(model.cfg.d_model, cfg.n_tokens, cfg.depth, cfg.seed).to(model.device)
+    head = nn.Linear(model.cfg.d_model, n_classes).to(model.device)
     if head_init is not None:
         head.load_state_dict(head_init.state_dict())
     if cache and (folder / "adapted.pt").exists():
-        state = torch.load(folder / "adapted.pt", weights_only=False)
+        state = torch.load(folder / "adapted.pt", weights_only=False, map_location=model.device)
         prompts.load_state_dict(state["prompts"])
         head.load_state_dict(state["head"])
         return Adapted(prompts.requires_grad_(False), head.requires_grad_(False), state["history"],
@@ -174,7 +191,8 @@ def adapt(model: HookedViT, images: Tensor, labels: Tensor, n_classes: int, cfg:
                 idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
                 for g in opt.param_groups:  # cosine decay over the whole run
                     g["lr"] = cfg.lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / total)).item())
-                loss = F.cross_entropy(model(images[idx], prompts=prompts, head=head), labels[idx])
+                logits = model(images[idx], prompts=prompts, head=head)
+                loss = F.cross_entropy(logits, labels[idx].to(logits.device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

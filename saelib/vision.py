@@ -41,8 +41,24 @@ from saelib.corpora import cache_root
 from saelib.progress import bar as progress_bar
 
 __all__ = [
-    "IdxFormatError", "read_idx", "FASHION_DIR", "FASHION_CLASSES", "load_fashion_mnist", "load_digits",
-    "ViTConfig", "VIT_PROFILES", "pretraining_split", "HookedViT", "train_vit", "load_vit", "vit_dir", "predict", "accuracy",
+    "CLIP_MODELS",
+    "FASHION_CLASSES",
+    "FASHION_DIR",
+    "VIT_PROFILES",
+    "HookedCLIPVision",
+    "HookedViT",
+    "IdxFormatError",
+    "ViTConfig",
+    "accuracy",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_vision_model",
+    "load_vit",
+    "predict",
+    "pretraining_split",
+    "read_idx",
+    "train_vit",
+    "vit_dir",
 ]
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -121,7 +137,7 @@ def digits_csv() -> Path:
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("the handwritten digits come with scikit-learn: pip install scikit-learn")
-    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing; reinstall scikit-learn (pip install --force-reinstall "
                                 "scikit-learn)")
@@ -186,7 +202,7 @@ VIT_PROFILES: dict[str, ViTConfig] = {
     "ci": ViTConfig(d_model=32, n_layers=3, n_heads=4, d_mlp=128, epochs=0.6, batch_size=128, lr=3e-3,
                     warmup_steps=30),
     # The book's ViT: 7x7 patches of 4x4 pixels + CLS (50 tokens), 4 blocks of width 64.
-    "cpu": ViTConfig(d_model=64, n_layers=4, n_heads=4, d_mlp=256, epochs=4.0, batch_size=128, lr=2e-3),
+    "cpu": ViTConfig(d_model=64, n_layers=4, n_heads=4, d_mlp=256, epochs=8.0, batch_size=128, lr=2e-3),
 }
 
 
@@ -288,9 +304,13 @@ class HookedViT(_hooked_root()):
         x = (images - self.pixel_mean) / self.pixel_std
         return F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)
 
+    @property
+    def device(self) -> torch.device:
+        return self.pos_embed.device
+
     def embed(self, images: Tensor) -> Tensor:
         """The residual stream entering block 0: [batch, 1 + grid^2, d_model]."""
-        tokens = self.hook_embed(self.patch_embed(self.patches(images)))
+        tokens = self.hook_embed(self.patch_embed(self.patches(images.to(self.device))))
         tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
         return tokens + self.hook_pos_embed(self.pos_embed.expand(len(tokens), -1, -1))
 
@@ -378,7 +398,7 @@ def predict(model: HookedViT, images: Tensor, prompts=None, head: nn.Module | No
     """Predicted classes of ``images``."""
     was = model.training
     model.eval()
-    out = torch.cat([model(images[i:i + batch_size], prompts=prompts, head=head).argmax(-1)
+    out = torch.cat([model(images[i:i + batch_size], prompts=prompts, head=head).argmax(-1).cpu()
                      for i in range(0, len(images), batch_size)])
     model.train(was)
     return out
@@ -502,3 +522,138 @@ def load_vit(profile: str | os.PathLike = "cpu") -> tuple[HookedViT, dict]:
     model.eval()
     model.requires_grad_(False)
     return model, meta
+
+
+# ============================================================================ CLIP (online)
+
+CLIP_MODELS = {"clip-vit-b-16": "openai/clip-vit-base-patch16"}
+"""Hub names of the CLIP vision towers the ``gpu`` profile can load (the paper's is ViT-B/16)."""
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class CLIPSpec:
+    """The fields of ``ViTConfig`` the chapter reads, for a CLIP vision tower."""
+
+    image_size: int
+    patch_size: int
+    d_model: int
+    n_layers: int
+    n_classes: int = 10
+    seed: int = 0
+    val_images: int = 5000
+    batch_size: int = 0
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_tokens(self) -> int:
+        return 1 + self.grid ** 2
+
+
+class _HookedLayer(nn.Module):
+    """A transformers CLIP encoder layer with the residual stream hooked before and after it."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        from transformer_lens.hook_points import HookPoint
+
+        self.layer = layer
+        self.hook_resid_pre, self.hook_resid_post = HookPoint(), HookPoint()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.layer(self.hook_resid_pre(x), attention_mask=None)
+        return self.hook_resid_post(out[0] if isinstance(out, tuple) else out)
+
+
+class HookedCLIPVision(_hooked_root()):
+    """A CLIP vision tower from transformers behind ``HookedViT``'s interface: the same hook names
+    for the residual stream (``hook_embed``, ``blocks.{i}.hook_resid_pre`` / ``hook_resid_post``;
+    CLIP's attention internals are not hooked), deep prompts after the image tokens, and a linear
+    ``head`` on the post-LayerNorm CLS token (``fit_base_head`` fits it to Fashion-MNIST).
+    Grey 28x28 images are repeated over RGB, resized to CLIP's resolution and normalised."""
+
+    def __init__(self, vision_model: nn.Module, n_classes: int = 10):
+        super().__init__()
+        from transformer_lens.hook_points import HookPoint
+
+        # transformers < 5 nests the tower in .vision_model; 5.x's CLIPVisionModel is the tower
+        vision_model = getattr(vision_model, "vision_model", vision_model)
+        c = vision_model.config
+        self.cfg = CLIPSpec(image_size=c.image_size, patch_size=c.patch_size, d_model=c.hidden_size,
+                            n_layers=c.num_hidden_layers, n_classes=n_classes)
+        self.vision = vision_model
+        self.hook_embed = HookPoint()
+        self.blocks = nn.ModuleList(_HookedLayer(layer) for layer in vision_model.encoder.layers)
+        self.head = nn.Linear(c.hidden_size, n_classes)
+        self.register_buffer("pixel_mean", torch.tensor(_CLIP_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(_CLIP_STD).view(1, 3, 1, 1))
+        self.setup()
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def embed(self, images: Tensor) -> Tensor:
+        x = images.to(self.device)
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"expected images [batch, 1 or 3, H, W], got {list(x.shape)}")
+        x = x.expand(-1, 3, -1, -1)
+        size = self.cfg.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        x = (x - self.pixel_mean) / self.pixel_std
+        return self.hook_embed(self.vision.pre_layrnorm(self.vision.embeddings(x)))
+
+    run_blocks = HookedViT.run_blocks
+    forward = HookedViT.forward
+
+    def classify(self, x: Tensor, head: nn.Module | None = None, return_type: str = "logits") -> Tensor:
+        features = self.vision.post_layernorm(x[:, 0])
+        if return_type == "features":
+            return features
+        return (head if head is not None else self.head)(features)
+
+
+def fit_base_head(model: nn.Module, images: Tensor, labels: Tensor, steps: int = 300) -> nn.Linear:
+    """A linear probe on the frozen features, installed as the model's own classifier (for CLIP,
+    whose zero-shot classifier comes from its text tower, which this book does not load)."""
+    from saelib.prompts import linear_probe
+
+    head = linear_probe(model, images, labels, model.cfg.n_classes, steps=steps)
+    model.head.load_state_dict(head.state_dict())
+    return model.head
+
+
+def load_vision_model(name: str, device: str = "cpu", probe_images: int = 10_000) -> tuple[nn.Module, dict]:
+    """The chapter's subject model and its record: a ``VIT_PROFILES`` name or a ``train_vit``
+    folder (``load_vit``), or a CLIP vision tower (``CLIP_MODELS`` key, a hub id, or a local
+    folder saved with ``save_pretrained``) with a linear Fashion-MNIST head fitted on
+    ``probe_images`` of the pretraining split. CLIP needs the hub (or a local copy)."""
+    if name in VIT_PROFILES or (Path(name) / "vit.json").exists():
+        model, record = load_vit(name)
+        return model.to(device), record
+    from transformers import CLIPVisionModel
+
+    source = CLIP_MODELS.get(name, name)
+    try:
+        tower = CLIPVisionModel.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"could not load the CLIP vision tower {source!r} ({type(e).__name__}: "
+                           f"{str(e)[:200]}). Offline, use a ViT trained here: {sorted(VIT_PROFILES)}"
+                           ) from e
+    model = HookedCLIPVision(tower).to(device).eval()
+    model.requires_grad_(False)
+    t0 = time.perf_counter()
+    x, y = load_fashion_mnist("train")
+    train_idx, val_idx = pretraining_split(model.cfg.seed, model.cfg.val_images)
+    fit_base_head(model, x[train_idx[:probe_images]], y[train_idx[:probe_images]])
+    test_x, test_y = load_fashion_mnist("test")
+    record = {"profile": name, "steps": 0, "train_seconds": time.perf_counter() - t0,
+              "n_params": sum(p.numel() for p in model.parameters()),
+              "val_accuracy": accuracy(model, x[val_idx], y[val_idx], batch_size=250),
+              "test_accuracy": accuracy(model, test_x, test_y, batch_size=250)}
+    return model, record

@@ -9,12 +9,37 @@ import numpy as np
 import pytest
 import torch
 
-from saelib.patch_analysis import (existing_share, group_latents, group_summary, label_entropy, latent_stats,
-                                   masked_reconstruction, masking_curves, patch_maps, spliced_accuracy)
-from saelib.prompts import DeepPrompts, PromptConfig, adapt, backbone_digest, linear_probe
+from saelib.patch_analysis import (
+    existing_share,
+    group_latents,
+    group_summary,
+    harvest_tokens,
+    label_entropy,
+    latent_stats,
+    masked_reconstruction,
+    masking_curves,
+    patch_maps,
+    spliced_accuracy,
+    top_turnover,
+)
+from saelib.prompts import (
+    DeepPrompts,
+    PromptConfig,
+    adapt,
+    backbone_digest,
+    linear_probe,
+)
 from saelib.sae import SAE, SAEConfig
-from saelib.vision import (FASHION_DIR, HookedViT, IdxFormatError, ViTConfig, load_digits, load_fashion_mnist,
-                           read_idx, train_vit)
+from saelib.vision import (
+    FASHION_DIR,
+    HookedViT,
+    IdxFormatError,
+    ViTConfig,
+    load_digits,
+    load_fashion_mnist,
+    read_idx,
+    train_vit,
+)
 
 TINY = ViTConfig(d_model=16, n_layers=2, n_heads=2, d_mlp=32, epochs=0.012, batch_size=32, warmup_steps=5)
 
@@ -217,8 +242,9 @@ def test_latent_stats_agree_with_a_direct_computation():
     assert torch.allclose(st.class_mass.sum(1), codes.sum((0, 1)), rtol=1e-4, atol=1e-4)
     assert torch.allclose(st.image_max, codes.amax(1))
     assert st.top_images(5, 2).tolist() == codes[:, :, 5].amax(1).argsort(descending=True)[:2].tolist()
-    maps, cls = patch_maps(sae, x[:2], 5, 7)
+    maps, cls_codes = patch_maps(sae, x[:2], 5, 7)
     assert maps.shape == (2, 7, 7) and torch.allclose(maps.reshape(2, 49), codes[:2, 1:, 5])
+    assert torch.allclose(cls_codes, codes[:2, 0, 5])
 
 
 def test_label_entropy_edge_cases():
@@ -242,6 +268,8 @@ def test_grouping_by_class_ranks():
     assert summary["changed share"] == pytest.approx(3 / 5)
     # adapted tops: {0, 2} for class 0, {2, 4} for class 1; base tops: {0, 1} and {2, 1}
     assert existing_share(base, adapted, top=2) == pytest.approx(2 / 3)
+    turnover = top_turnover(base, adapted, top=2)  # base tops (0,0) (1,0) (2,1) (1,1); adapted (0,0) (2,0) (2,1) (4,1)
+    assert turnover == {"new": pytest.approx(2 / 4), "dropped": pytest.approx(2 / 4)}
     with pytest.raises(ValueError, match="0 < top <= bottom"):
         group_latents(base, adapted, top=3, bottom=2)
 
@@ -256,3 +284,29 @@ def test_vision_exercise_checks_accept_saelib_and_reject_mistakes(capsys):
     assert check_masked_reconstruction(masked_reconstruction)
     assert not check_masked_reconstruction(lambda sae, x, keep: (sae.encode(x) * keep) @ sae.decoder + sae.b_dec)
     assert "divide by sae.input_scale" in capsys.readouterr().out
+
+
+def test_clip_vision_tower_behind_the_vit_interface():
+    """The gpu profile's route, offline: a randomly initialised CLIP vision tower from transformers
+    gets the ViT's hook names, and without prompts gives transformers' own pooled output."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from saelib.vision import HookedCLIPVision
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=28, patch_size=4)
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(config).eval()
+    model = HookedCLIPVision(tower).eval()
+    x = images(3)
+    _, cache = model.run_with_cache(x)
+    assert cache["blocks.1.hook_resid_post"].shape == (3, 50, 32) and cache["hook_embed"].shape == (3, 50, 32)
+    pixels = (x.expand(-1, 3, -1, -1) - model.pixel_mean) / model.pixel_std
+    with torch.no_grad():
+        expected = tower(pixel_values=pixels).pooler_output
+        assert torch.allclose(model(x, return_type="features"), expected, atol=1e-5)
+    prompts = DeepPrompts(32, n_tokens=2, depth=1)
+    _, cache = model.run_with_cache(x, prompts=prompts)
+    assert cache["blocks.1.hook_resid_post"].shape == (3, 52, 32)
+    assert torch.equal(harvest_tokens(model, x, "blocks.0.hook_resid_post", prompts=prompts),
+                       cache["blocks.0.hook_resid_post"][:, :50])
