@@ -124,7 +124,10 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                    mask_images=400, expansion=8, l1_coeff=0.05, k=8, steps=150, batch_size=1024,
                    lr=3e-3, tau=0.01, shots=16, task_test_images=400, prompt_tokens=4, prompt_depth=2,
                    prompt_epochs=8, prompt_lr=3e-2, mask_ks=(1, 2, 5, 10, 50, 100, 256),
-                   group_top=10, group_bottom=20, expect_claims=None),
+                   group_top=10, group_bottom=20,
+                   # The ci ViT and prompts barely adapt (digits +0.2 points): only these two are
+                   # stable at this size.
+                   expect_claims={"remaps": True, "splice_cheap": True}),
         "cpu": dict(vit="cpu", hook="blocks.2.hook_resid_post", sae_images=8000, eval_images=2000,
                     mask_images=2000, expansion=16, l1_coeff=0.05, k=16, steps=2000, batch_size=2048,
                     lr=2e-3, tau=0.01, shots=100, task_test_images=2000, prompt_tokens=8,
