@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from saelib import seeding
 from saelib.corpora import cache_root
 from saelib.progress import bar as progress_bar
+from saelib.subject_models import _atomic_json, _atomic_save
 
 __all__ = [
     "CLIP_MODELS",
@@ -161,8 +162,24 @@ def load_digits(size: int = 28, path: str | os.PathLike | None = None) -> tuple[
 
 # ============================================================================ the model
 
+class _PatchGrid:
+    """Token layout shared by the ViT's and CLIP's configs: CLS + a square grid of patches."""
+
+    image_size: int
+    patch_size: int
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_tokens(self) -> int:
+        """CLS + patches."""
+        return 1 + self.grid ** 2
+
+
 @dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(_PatchGrid):
     """Architecture and pretraining budget of the book's ViT."""
 
     image_size: int = 28
@@ -182,15 +199,6 @@ class ViTConfig:
     val_images: int = 5000
     """Held-out training images (never trained on) for the validation accuracy in the history."""
     seed: int = 0
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def n_tokens(self) -> int:
-        """CLS + patches."""
-        return 1 + self.grid ** 2
 
     @property
     def steps(self) -> int:
@@ -353,21 +361,6 @@ def vit_dir(profile: str | ViTConfig, root: str | os.PathLike | None = None) -> 
     cfg = VIT_PROFILES[profile] if isinstance(profile, str) else profile
     name = profile if isinstance(profile, str) else "custom"
     return cache_root() / "vision" / f"vit-{name}-streams{seeding.VERSION}-{_config_digest(cfg)}"
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    # Write then rename: a run killed mid-save leaves the previous file intact.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _lr_at(step: int, cfg: ViTConfig) -> float:
@@ -533,7 +526,7 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
-class CLIPSpec:
+class CLIPSpec(_PatchGrid):
     """The fields of ``ViTConfig`` the chapter reads, for a CLIP vision tower."""
 
     image_size: int
@@ -544,14 +537,6 @@ class CLIPSpec:
     seed: int = 0
     val_images: int = 5000
     batch_size: int = 0
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def n_tokens(self) -> int:
-        return 1 + self.grid ** 2
 
 
 class _HookedLayer(nn.Module):
