@@ -183,6 +183,11 @@ def masked_reconstruction(sae: SAE, x: Tensor, keep: Tensor) -> Tensor:
     lead = x.shape[:-1]
     x = x.to(sae.b_dec.device)
     codes = sae.encode(x.reshape(-1, x.shape[-1])).reshape(*lead, sae.cfg.d_sae)
+    return _decode_kept(sae, codes, keep)
+
+
+def _decode_kept(sae: SAE, codes: Tensor, keep: Tensor) -> Tensor:
+    """Reconstruction, in input units, from dense codes [..., L] with only ``keep`` latents."""
     mask = keep.to(codes.device, codes.dtype)
     while mask.ndim < codes.ndim:  # one mask per image: broadcast over its tokens
         mask = mask.unsqueeze(-2)
@@ -219,7 +224,7 @@ def class_ranks(counts: Tensor) -> Tensor:
 
 
 def masking_curves(model, layer: int, sae: SAE, acts: Tensor, labels: Tensor, rank_counts: Tensor,
-                   ks: list[int], seed: int = 0) -> pd.DataFrame:
+                   ks: list[int], seed: int = 0, batch_size: int = 250) -> pd.DataFrame:
     """Accuracy against k for the PatchSAE masking experiment.
 
     ``rank_counts`` [L, C] are class-level counts from *other* images (the ranking is never made
@@ -229,7 +234,7 @@ def masking_curves(model, layer: int, sae: SAE, acts: Tensor, labels: Tensor, ra
     n_latents = sae.cfg.d_sae
     class_order = torch.argsort(-rank_counts, dim=0, stable=True)  # [L, C]
     dataset_order = torch.argsort(-rank_counts.sum(1), stable=True)
-    rows = []
+    rows, masks = [], []
     for k in ks:
         k = min(k, n_latents)
         by_class = torch.zeros(rank_counts.shape[1], n_latents, dtype=torch.bool)
@@ -242,9 +247,19 @@ def masking_curves(model, layer: int, sae: SAE, acts: Tensor, labels: Tensor, ra
                           f"latent_controls:{k}", seed))[:k], True)}
         for latents, keep in chosen.items():
             for mode, mask in (("on", keep), ("off", ~keep)):
-                rows.append({"k": k, "latents": latents, "mode": mode,
-                             "accuracy": spliced_accuracy(model, layer, acts, labels, sae, mask)})
-    return pd.DataFrame(rows)
+                rows.append({"k": k, "latents": latents, "mode": mode})
+                masks.append(mask)
+    # Each image's codes are computed once and decoded under every mask.
+    correct = torch.zeros(len(masks), dtype=torch.long)
+    with torch.no_grad():
+        for i in range(0, len(acts), batch_size):
+            codes = _codes(sae, acts[i:i + batch_size]).to(sae.b_dec.device)
+            y = labels[i:i + batch_size]
+            for j, mask in enumerate(masks):
+                x_hat = _decode_kept(sae, codes, mask if mask.ndim == 1 else mask[i:i + batch_size])
+                logits = model.classify(model.run_blocks(x_hat.to(model.device), layer + 1))
+                correct[j] += int((logits.argmax(-1).cpu() == y).sum())
+    return pd.DataFrame(rows).assign(accuracy=(correct / len(acts)).tolist())
 
 
 # ============================================================================ grouping

@@ -229,6 +229,10 @@ def test_spliced_accuracy_and_masking_curves_on_a_vit():
     assert set(curves.latents) == {"class top-k", "dataset top-k", "random k"} and len(curves) == 18
     at_all = curves[curves.k == 64]
     assert np.allclose(at_all[at_all["mode"] == "on"].accuracy, plain)
+    # one row by hand: every image keeps the 5 latents its true class counts most
+    top5 = torch.zeros(10, 64, dtype=torch.bool).scatter_(1, counts.argsort(0, descending=True)[:5].T, True)
+    row = curves[(curves.k == 5) & (curves.latents == "class top-k") & (curves["mode"] == "off")]
+    assert row.accuracy.item() == pytest.approx(spliced_accuracy(model, 0, acts, y, sae, ~top5[y]))
 
 
 def test_latent_stats_agree_with_a_direct_computation():
