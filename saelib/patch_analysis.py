@@ -259,7 +259,7 @@ def masking_curves(model, layer: int, sae: SAE, acts: Tensor, labels: Tensor, ra
                 x_hat = _decode_kept(sae, codes, mask if mask.ndim == 1 else mask[i:i + batch_size])
                 logits = model.classify(model.run_blocks(x_hat.to(model.device), layer + 1))
                 correct[j] += int((logits.argmax(-1).cpu() == y).sum())
-    return pd.DataFrame(rows).assign(accuracy=(correct / len(acts)).tolist())
+    return pd.DataFrame(rows).assign(accuracy=[c / len(acts) for c in correct.tolist()])
 
 
 # ============================================================================ grouping
