@@ -125,6 +125,12 @@ class LatentStats:
         return self.image_max[:, latent].argsort(descending=True, stable=True)[:n]
 
 
+def _images_per_chunk(acts: Tensor, sae: SAE, most: int = 250) -> int:
+    """Images per chunk so that one chunk's dense codes stay under ~50M numbers (200 MB): all of
+    ``most`` for the book's ViT, a few for CLIP's 197 tokens x 49,152 latents."""
+    return max(1, min(most, 50_000_000 // (acts.shape[1] * sae.cfg.d_sae)))
+
+
 @torch.no_grad()
 def _codes(sae: SAE, acts: Tensor) -> Tensor:
     """Dense codes [n, tokens, L] of activations [n, tokens, d]."""
@@ -134,12 +140,13 @@ def _codes(sae: SAE, acts: Tensor) -> Tensor:
 
 @torch.no_grad()
 def latent_stats(sae: SAE, acts: Tensor, labels: Tensor, n_classes: int, tau: float,
-                 chunk: int = 200) -> LatentStats:
+                 chunk: int | None = None) -> LatentStats:
     """``LatentStats`` of ``sae`` on activations [n_images, tokens, d] with image ``labels``."""
     if acts.ndim != 3 or len(acts) != len(labels):
         raise ValueError(f"expected activations [images, tokens, d] and one label per image, got "
                          f"{list(acts.shape)} and {len(labels)} labels")
     n_latents = sae.cfg.d_sae
+    chunk = chunk or _images_per_chunk(acts, sae)
     fired = torch.zeros(n_latents, dtype=torch.float64)
     mass = torch.zeros(n_latents, dtype=torch.float64)
     class_mass = torch.zeros(n_classes, n_latents, dtype=torch.float64)
@@ -197,11 +204,12 @@ def _decode_kept(sae: SAE, codes: Tensor, keep: Tensor) -> Tensor:
 
 @torch.no_grad()
 def spliced_accuracy(model, layer: int, acts: Tensor, labels: Tensor, sae: SAE | None = None,
-                     keep: Tensor | None = None, batch_size: int = 250) -> float:
+                     keep: Tensor | None = None, batch_size: int | None = None) -> float:
     """Accuracy of ``model`` when the residual stream after block ``layer`` (``acts``: CLS and
     patches, harvested without prompts) is replaced by the SAE's reconstruction (``keep``: the
     latents kept, [L] or [images, L]; None: the plain reconstruction). ``sae=None``: the clean
     model, run from the same activations."""
+    batch_size = batch_size or (_images_per_chunk(acts, sae) if sae is not None else 250)
     correct = 0
     for i in range(0, len(acts), batch_size):
         x = acts[i:i + batch_size]
@@ -224,7 +232,7 @@ def class_ranks(counts: Tensor) -> Tensor:
 
 
 def masking_curves(model, layer: int, sae: SAE, acts: Tensor, labels: Tensor, rank_counts: Tensor,
-                   ks: list[int], seed: int = 0, batch_size: int = 250) -> pd.DataFrame:
+                   ks: list[int], seed: int = 0, batch_size: int | None = None) -> pd.DataFrame:
     """Accuracy against k for the PatchSAE masking experiment.
 
     ``rank_counts`` [L, C] are class-level counts from *other* images (the ranking is never made
@@ -250,6 +258,7 @@ def masking_curves(model, layer: int, sae: SAE, acts: Tensor, labels: Tensor, ra
                 rows.append({"k": k, "latents": latents, "mode": mode})
                 masks.append(mask)
     # Each image's codes are computed once and decoded under every mask.
+    batch_size = batch_size or _images_per_chunk(acts, sae)
     correct = torch.zeros(len(masks), dtype=torch.long)
     with torch.no_grad():
         for i in range(0, len(acts), batch_size):
