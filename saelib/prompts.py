@@ -25,7 +25,6 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -189,8 +188,10 @@ def adapt(model: HookedViT, images: Tensor, labels: Tensor, n_classes: int, cfg:
             losses = []
             for i in range(per_epoch):
                 idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                for g in opt.param_groups:  # cosine decay over the whole run
-                    g["lr"] = cfg.lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / total)).item())
+                # cosine decay over the whole run (the cosine in float32, as the cached runs had it)
+                cosine = torch.cos(torch.tensor(torch.pi * step / total)).item()
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * 0.5 * (1 + cosine)
                 logits = model(images[idx], prompts=prompts, head=head)
                 loss = F.cross_entropy(logits, labels[idx].to(logits.device))
                 opt.zero_grad(set_to_none=True)
@@ -279,9 +280,3 @@ def load_task(name: str, shots: int, test_images: int | None = None, seed: int =
         keep = keep[:test_images].sort().values
         test_x, test_y = test_x[keep], test_y[keep]
     return TargetTask(name, TASKS[name], train_x, train_y, test_x, test_y)
-
-
-def describe(task: TargetTask) -> dict[str, Any]:
-    """One row for a table of tasks."""
-    return {"task": task.name, "classes": task.n_classes, "training images": len(task.train_labels),
-            "test images": len(task.test_labels)}

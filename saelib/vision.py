@@ -434,8 +434,7 @@ def train_vit(profile: str | ViTConfig = "cpu", out_dir: str | os.PathLike | Non
     _atomic_json(meta, meta_path)
     images, labels = load_fashion_mnist("train")
     train_idx, val_idx = pretraining_split(cfg.seed, cfg.val_images)
-    torch.manual_seed(seeding.derived_seed("vision_init", cfg.seed))  # dropout-free: only for safety
-    model = HookedViT(cfg)
+    model = HookedViT(cfg)  # its weights come from its own random stream (vision_init)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
