@@ -133,8 +133,8 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     lr=2e-3, tau=0.01, shots=100, task_test_images=2000, prompt_tokens=8,
                     prompt_depth=3, prompt_epochs=15, prompt_lr=3e-2,
                     mask_ks=(1, 2, 5, 10, 50, 100, 500, 1024), group_top=25, group_bottom=50,
-                    # What the rendered book reports (measured 2026-11-26, cold run 1111 s on a
-                    # shared machine, 817 s of it pretraining the ViT).
+                    # What the rendered book reports (measured 2026-11-26; cold runs 877 s and
+                    # 1111 s on a shared 2-core machine, 698 s and 817 s of it the ViT; rerun 70 s).
                     expect_claims={"remaps": True, "shifted_more": False, "splice_cheap": True}),
         # gpu: activations are held in CPU memory (197 tokens x 768 per image: 4,000 images are
         # 2.4 GB), hence the image counts; MaPLe's depth 9, 2 tokens, lr 0.0035. Untested here.
