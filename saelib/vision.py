@@ -191,7 +191,7 @@ class ViTConfig(_PatchGrid):
     d_mlp: int = 256
     n_classes: int = 10
     epochs: float = 4.0
-    """Passes over the 60,000 Fashion-MNIST training images."""
+    """Passes over the pretraining images (Fashion-MNIST's 60,000 training images less val_images)."""
     batch_size: int = 128
     lr: float = 2e-3
     warmup_steps: int = 100
@@ -199,6 +199,14 @@ class ViTConfig(_PatchGrid):
     val_images: int = 5000
     """Held-out training images (never trained on) for the validation accuracy in the history."""
     seed: int = 0
+    precision: str = "float32"
+    """Pretraining's forward and backward: float32, or bfloat16 under torch.autocast (weights and
+    optimizer stay float32; 2.1x faster per step on the project's AVX-512 BF16 CPU). Inference,
+    harvests and adaptation always run in float32."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be 'float32' or 'bfloat16', got {self.precision!r}")
 
     @property
     def steps(self) -> int:
@@ -209,7 +217,10 @@ VIT_PROFILES: dict[str, ViTConfig] = {
     # A minute on 2 cores: every code path, accuracy well above chance.
     "ci": ViTConfig(d_model=32, n_layers=3, n_heads=4, d_mlp=128, epochs=0.6, batch_size=128, lr=3e-3,
                     warmup_steps=30),
-    # The book's ViT: 7x7 patches of 4x4 pixels + CLS (50 tokens), 4 blocks of width 64.
+    # The book's ViT: 7x7 patches of 4x4 pixels + CLS (50 tokens), 4 blocks of width 64. Pretraining
+    # with precision="bfloat16" took 291 s against 663 s in float32 on the (shared) project machine,
+    # for the same test accuracy (87.66% against 87.67%), but it is another ViT: chapter 5's numbers
+    # (adaptation gains, latent groups) change with it, so the book keeps the float32 one it reports.
     "cpu": ViTConfig(d_model=64, n_layers=4, n_heads=4, d_mlp=256, epochs=8.0, batch_size=128, lr=2e-3),
 }
 
@@ -460,7 +471,8 @@ def train_vit(profile: str | ViTConfig = "cpu", out_dir: str | os.PathLike | Non
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         idx = train_idx[_batch(step, cfg, len(train_idx))]
-        loss = F.cross_entropy(model(images[idx]), labels[idx])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"):
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

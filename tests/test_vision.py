@@ -148,6 +148,12 @@ def test_vit_pretraining_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="different configuration"):
         train_vit(TINY, tmp_path / "a", progress=False, lr=1e-2)
+    # bfloat16 autocast: other weights, still finite, and a finished record
+    half = train_vit(TINY, tmp_path / "c", progress=False, precision="bfloat16")
+    c = torch.load(half / "model.pt", weights_only=True)
+    assert all(torch.isfinite(c[k]).all() for k in c) and not torch.equal(a["head.weight"], c["head.weight"])
+    with pytest.raises(ValueError, match="precision must be"):
+        ViTConfig(precision="float16")
 
 
 # ----------------------------------------------------------------------------- prompts
