@@ -313,3 +313,161 @@ def trajectories(coords: np.ndarray, steps: Sequence[int], labels: Sequence[str]
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- vision (chapter 5)
+
+GROUP_COLORS = {"high": "#1f77b4", "high-to-low": "#d62728", "low-to-high": "#2ca02c", "other": "0.8"}
+LATENT_KIND_COLORS = {"class top-k": "#d62728", "dataset top-k": "#1f77b4", "random k": "#7f7f7f"}
+
+
+def _show_image(ax, image: np.ndarray, patch_map: np.ndarray | None = None, vmax: float | None = None,
+                title: str | None = None) -> None:
+    """A grey image with, optionally, a latent's patch activations drawn over it in red (patches
+    where it is silent stay clear)."""
+    ax.imshow(np.asarray(image), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    if patch_map is not None:
+        pm = np.asarray(patch_map, dtype=float)
+        size = np.asarray(image).shape[0]
+        up = np.kron(pm, np.ones((size // pm.shape[0], size // pm.shape[1])))
+        top = vmax if vmax else max(float(pm.max()), 1e-9)
+        ax.imshow(np.ma.masked_where(up <= 0, up), cmap="Reds", vmin=0, vmax=top, alpha=0.6,
+                  interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set(visible=True, color="0.8", lw=0.6)
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def image_grid(rows: Mapping[str, tuple[np.ndarray, Sequence[str]]], per_row: int = 10) -> Figure:
+    """Example images: one row per entry ``name -> (images [n, H, W], titles)``."""
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(per_row * 0.95, len(rows) * 1.15),
+                             squeeze=False)
+    for r, (name, (images, titles)) in enumerate(rows.items()):
+        for c in range(per_row):
+            ax = axes[r][c]
+            if c < len(images):
+                _show_image(ax, images[c], title=titles[c])
+            else:
+                ax.set_visible(False)
+        axes[r][0].set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def patch_highlights(rows: Sequence[tuple[str, np.ndarray, np.ndarray, Sequence[str]]]) -> Figure:
+    """Reference images of latents with the patches where each fires highlighted: one row per
+    latent, ``(row label, images [n, H, W], patch maps [n, g, g], image titles)``; the colour scale
+    is per row (the latent's largest activation among its images)."""
+    n = max(len(r[1]) for r in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.05, len(rows) * 1.2), squeeze=False)
+    for r, (label, images, maps, titles) in enumerate(rows):
+        vmax = float(np.max(maps)) if np.size(maps) else None
+        for c in range(n):
+            ax = axes[r][c]
+            if c < len(images):
+                _show_image(ax, images[c], maps[c], vmax=vmax, title=titles[c])
+            else:
+                ax.set_visible(False)
+        axes[r][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return fig
+
+
+def frequency_activation(frequency: np.ndarray, mean_activation: np.ndarray, entropy: np.ndarray,
+                         marked: Mapping[int, tuple[np.ndarray, np.ndarray]], max_entropy: float) -> Figure:
+    """PatchSAE's Figure 3: each live latent at (log10 frequency, log10 mean activation), coloured
+    by label entropy; the latents in ``marked`` (latent -> (reference images, patch maps)) are
+    circled and numbered, with their three reference images on the right."""
+    fig = plt.figure(figsize=(11, 4.6))
+    grid = fig.add_gridspec(len(marked), 4, width_ratios=[3.2, 0.55, 0.55, 0.55], wspace=0.08)
+    ax = fig.add_subplot(grid[:, 0])
+    live = (np.asarray(frequency) > 0) & np.isfinite(entropy)
+    frame = pd.DataFrame({"log10 frequency": np.log10(frequency[live]),
+                          "log10 mean activation": np.log10(np.maximum(mean_activation[live], 1e-12)),
+                          "label entropy": entropy[live]})
+    points = ax.scatter(frame["log10 frequency"], frame["log10 mean activation"], c=frame["label entropy"],
+                        cmap="viridis", vmin=0, vmax=max_entropy, s=9, alpha=0.8, linewidths=0)
+    fig.colorbar(points, ax=ax, label="label entropy (nats)", pad=0.01)
+    ax.set_xlabel("log10 frequency (fraction of tokens)")
+    ax.set_ylabel("log10 mean activation")
+    for j, (latent, (images, maps)) in enumerate(marked.items()):
+        x, y = np.log10(frequency[latent]), np.log10(max(mean_activation[latent], 1e-12))
+        ax.scatter([x], [y], s=80, facecolors="none", edgecolors="k", lw=1.2)
+        ax.annotate(f"{j + 1}", (x, y), xytext=(5, 5), textcoords="offset points", fontsize=9,
+                    weight="bold")
+        vmax = float(np.max(maps)) if np.size(maps) else None
+        for c in range(3):
+            sub = fig.add_subplot(grid[j, 1 + c])
+            if c < len(images):
+                _show_image(sub, images[c], maps[c], vmax=vmax)
+            else:
+                sub.set_visible(False)
+            if c == 0:
+                sub.set_ylabel(f"{j + 1}: latent {latent}", fontsize=7)
+    return fig
+
+
+def masking_curves(frame: pd.DataFrame, references: Mapping[str, float], n_latents: int) -> Figure:
+    """PatchSAE's Figure 5: accuracy against k with only the top-k latents on (left) or off
+    (right), for class-level and dataset-level rankings and random latents; ``references``
+    (label -> accuracy) drawn as horizontal lines (the model alone, with the full SAE spliced in)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, mode in zip(axes, ("on", "off")):
+        part = frame[frame["mode"] == mode]
+        for name, sub in part.groupby("latents", sort=False):
+            ax.plot(sub.k, 100 * sub.accuracy, "o-", ms=3.5, lw=1.5, label=name,
+                    color=LATENT_KIND_COLORS.get(name))
+        for j, (label, acc) in enumerate(references.items()):
+            ax.axhline(100 * acc, color="0.3", lw=1, ls=("--", ":", "-.")[j % 3], label=label)
+        ax.set_xscale("log")
+        plain_log_labels(ax.xaxis)
+        ax.set_xlim(0.8, n_latents * 1.25)
+        ax.set_xlabel("k (latents per image)")
+        ax.set_title(f"only the top-k latents {mode}" if mode == "on" else "top-k latents off",
+                     fontsize=10)
+    axes[0].set_ylabel("accuracy with the SAE spliced in (%)")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def class_scatter(frames: Mapping[str, pd.DataFrame]) -> Figure:
+    """PatchSAE's Figure 6: class-level counts of (latent, class) pairs under the base model (x)
+    and the adapted one (y), one panel per task, coloured by group (``frame`` columns: base count,
+    adapted count, group); counts on log(1 + count) axes."""
+    fig, axes = plt.subplots(1, len(frames), figsize=(5 * len(frames), 4.2), squeeze=False)
+    order = ["other", "high", "high-to-low", "low-to-high"]
+    for i, (ax, (task, frame)) in enumerate(zip(axes[0], frames.items())):
+        data = frame.assign(base=np.log1p(frame["base count"]), adapted=np.log1p(frame["adapted count"]))
+        sns.scatterplot(data=data, x="base", y="adapted", hue="group", palette=GROUP_COLORS,
+                        hue_order=[g for g in order if g in set(data.group)], s=12, linewidth=0,
+                        alpha=0.8, legend=i == 0, ax=ax)
+        top = float(max(data.base.max(), data.adapted.max())) * 1.05
+        ax.plot([0, top], [0, top], color="0.5", lw=0.8, ls="--")
+        ax.set_xlabel("base model: log(1 + class-level count)")
+        ax.set_ylabel("adapted model: log(1 + class-level count)")
+        ax.set_title(task, fontsize=10)
+    sns.move_legend(axes[0][0], "upper left", fontsize=7, title=None)
+    fig.tight_layout()
+    return fig
+
+
+def count_heatmaps(panels: Mapping[str, pd.DataFrame]) -> Figure:
+    """Class-level counts as heatmaps, one panel per entry (rows latents, columns classes),
+    each row scaled to its maximum so single-class and multi-class latents read alike."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.4), squeeze=False)
+    for ax, (title, frame) in zip(axes[0], panels.items()):
+        scaled = frame.div(frame.max(axis=1).replace(0, 1), axis=0)
+        sns.heatmap(scaled, cmap="mako_r", vmin=0, vmax=1, cbar=False, ax=ax, linewidths=0.3,
+                    linecolor="white")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("latent")
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(False)
+    fig.tight_layout()
+    return fig

@@ -30,6 +30,12 @@ PURPOSES = (
     "bench_data",          # benchmark inputs (bench/)
     "browser_samples",     # which examples the feature browser shows from each activation quantile
     "icl_sequences",       # the random token sequences of the in-context-learning probe (saelib.probes)
+    "vision_init",         # the book's ViT's initial weights (saelib.vision)
+    "vision_data_order",   # the ViT's pretraining batches
+    "image_splits",        # which images are held out, few-shot training sets (saelib.vision, prompts)
+    "prompt_init",         # deep prompts and adapted heads (saelib.prompts)
+    "prompt_data_order",   # the batches of prompt adaptation and linear probes
+    "latent_controls",     # random latents of the masking controls (saelib.patch_analysis)
 )
 
 

@@ -1,0 +1,322 @@
+"""Chapter 5's pieces: the image readers, the ViT's hook points, prompt adaptation with a frozen
+backbone, and the PatchSAE analyses (masking, statistics, grouping)."""
+
+import gzip
+import importlib.util
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from saelib.patch_analysis import (
+    existing_share,
+    group_latents,
+    group_summary,
+    harvest_tokens,
+    label_entropy,
+    latent_stats,
+    masked_reconstruction,
+    masking_curves,
+    patch_maps,
+    spliced_accuracy,
+    top_turnover,
+)
+from saelib.prompts import (
+    DeepPrompts,
+    PromptConfig,
+    adapt,
+    backbone_digest,
+    linear_probe,
+)
+from saelib.sae import SAE, SAEConfig
+from saelib.vision import (
+    FASHION_DIR,
+    HookedViT,
+    IdxFormatError,
+    ViTConfig,
+    load_digits,
+    load_fashion_mnist,
+    read_idx,
+    train_vit,
+)
+
+TINY = ViTConfig(d_model=16, n_layers=2, n_heads=2, d_mlp=32, epochs=0.012, batch_size=32, warmup_steps=5)
+
+
+def images(n, seed=0):
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- IDX reader
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def test_read_idx_round_trips_plain_and_gzip(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "a.idx").write_bytes(idx_bytes(a))
+    (tmp_path / "a.idx.gz").write_bytes(gzip.compress(idx_bytes(a)))
+    assert np.array_equal(read_idx(tmp_path / "a.idx"), a)
+    assert np.array_equal(read_idx(tmp_path / "a.idx.gz"), a)
+
+
+def test_read_idx_rejects_truncated_and_corrupt_files_clearly(tmp_path):
+    a = np.arange(5 * 28 * 28, dtype=np.int64).astype(np.uint8).reshape(5, 28, 28)
+    good = idx_bytes(a)
+    (tmp_path / "short.gz").write_bytes(gzip.compress(good[:-100]))
+    with pytest.raises(IdxFormatError, match=r"short.gz is truncated: .*shape \[5, 28, 28\].*reinstall"):
+        read_idx(tmp_path / "short.gz")
+    (tmp_path / "long").write_bytes(good + b"\x00")
+    with pytest.raises(IdxFormatError, match="longer than its header says"):
+        read_idx(tmp_path / "long")
+    packed = gzip.compress(good)
+    (tmp_path / "cut.gz").write_bytes(packed[: len(packed) // 2])  # a download cut short
+    with pytest.raises(IdxFormatError, match=r"cut.gz is a damaged gzip file.*dataset-fashion-mnist"):
+        read_idx(tmp_path / "cut.gz")
+    flipped = bytearray(packed)
+    flipped[len(flipped) // 2] ^= 0xFF  # a corrupt byte inside the compressed stream
+    (tmp_path / "flip.gz").write_bytes(bytes(flipped))
+    with pytest.raises(IdxFormatError, match="damaged gzip file"):
+        read_idx(tmp_path / "flip.gz")
+    (tmp_path / "text.gz").write_bytes(gzip.compress(b"hello, not an idx file"))
+    with pytest.raises(IdxFormatError, match="is not an IDX file"):
+        read_idx(tmp_path / "text.gz")
+    (tmp_path / "head").write_bytes(good[:9])
+    with pytest.raises(IdxFormatError, match="truncated inside its header"):
+        read_idx(tmp_path / "head")
+
+
+def test_fashion_reader_names_the_missing_package_and_mismatched_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist("test", root=tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros((4, 28, 28)))))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(3))))
+    with pytest.raises(IdxFormatError, match="do not form an image set"):
+        load_fashion_mnist("test", root=tmp_path)
+    with pytest.raises(ValueError, match="unknown split 'val'"):
+        load_fashion_mnist("val")
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_fashion_mnist_test_set():
+    x, y = load_fashion_mnist("test")
+    assert x.shape == (10_000, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() < x.max() <= 1
+    assert torch.equal(torch.bincount(y), torch.full((10,), 1000))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn is not installed")
+def test_digits_are_upscaled_to_the_vits_size():
+    x, y = load_digits()
+    assert x.shape == (1797, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
+    assert sorted(y.unique().tolist()) == list(range(10))
+
+
+# ----------------------------------------------------------------------------- the ViT
+
+def test_vit_hook_names_and_shapes():
+    model = HookedViT(TINY)
+    x = images(3)
+    logits, cache = model.run_with_cache(x)
+    assert logits.shape == (3, 10)
+    for i in range(TINY.n_layers):
+        for name in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"):
+            assert cache[f"blocks.{i}.{name}"].shape == (3, 1 + 7 * 7, 16), name
+        assert cache[f"blocks.{i}.attn.hook_pattern"].shape == (3, 2, 50, 50)
+    assert cache["hook_embed"].shape == (3, 49, 16) and cache["ln_final.hook_normalized"].shape == (3, 50, 16)
+    # stop_at_layer returns the residual stream after that many blocks, as the hook sees it
+    assert torch.allclose(model(x, stop_at_layer=1), cache["blocks.0.hook_resid_post"])
+    # deep prompts follow the image tokens; positions 0..49 stay CLS and patches
+    prompts = DeepPrompts(16, n_tokens=3, depth=2)
+    _, cache = model.run_with_cache(x, prompts=prompts)
+    assert cache["hook_pos_embed"].shape == (3, 50, 16)
+    assert cache["blocks.0.hook_resid_pre"].shape == (3, 53, 16)  # block 0's prompts appended
+    assert torch.equal(cache["blocks.0.hook_resid_pre"][:, 50:], prompts.tokens[0].expand(3, -1, -1))
+    assert torch.equal(cache["blocks.1.hook_resid_pre"][:, 50:], prompts.tokens[1].expand(3, -1, -1))
+    with pytest.raises(ValueError, match=r"expected images \[batch, 1, 28, 28\]"):
+        model(torch.rand(2, 28, 28))
+
+
+def test_vit_pretraining_resumes_exactly(tmp_path):
+    straight = train_vit(TINY, tmp_path / "a", progress=False, resume_every=5)
+    train_vit(TINY, tmp_path / "b", progress=False, resume_every=5, stop_at_step=10)
+    assert (tmp_path / "b" / "resume.pt").exists() and not (tmp_path / "b" / "model.pt").exists()
+    resumed = train_vit(TINY, tmp_path / "b", progress=False, resume_every=5)
+    a, b = (torch.load(d / "model.pt", weights_only=True) for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="different configuration"):
+        train_vit(TINY, tmp_path / "a", progress=False, lr=1e-2)
+    # bfloat16 autocast: other weights, still finite, and a finished record
+    half = train_vit(TINY, tmp_path / "c", progress=False, precision="bfloat16")
+    c = torch.load(half / "model.pt", weights_only=True)
+    assert all(torch.isfinite(c[k]).all() for k in c) and not torch.equal(a["head.weight"], c["head.weight"])
+    with pytest.raises(ValueError, match="precision must be"):
+        ViTConfig(precision="float16")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def test_prompt_adaptation_leaves_every_backbone_parameter_unchanged():
+    torch.manual_seed(0)
+    model = HookedViT(TINY)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    x, y = images(48), torch.arange(48) % 3
+    probe = linear_probe(model, x, y, 3, steps=20)
+    result = adapt(model, x, y, 3, PromptConfig(n_tokens=2, depth=2, epochs=3, batch_size=16, lr=1e-2),
+                   head_init=probe, cache=False, progress=False)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before
+    # ... while the prompts and the head did learn
+    assert not torch.equal(result.prompts.tokens, DeepPrompts(16, 2, 2).tokens)
+    assert not torch.equal(result.head.weight, probe.weight)
+    assert len(result.history) == 3
+
+
+def test_prompt_adaptation_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_CACHE", str(tmp_path))
+    model = HookedViT(TINY)
+    x, y = images(32), torch.arange(32) % 2
+    cfg = PromptConfig(n_tokens=2, depth=1, epochs=2, batch_size=16)
+    first = adapt(model, x, y, 2, cfg, progress=False)
+    again = adapt(model, x, y, 2, cfg, progress=False)
+    assert torch.equal(first.prompts.tokens, again.prompts.tokens) and again.seconds == first.seconds
+    digest = backbone_digest(model)
+    assert digest == backbone_digest(HookedViT(TINY))  # same seed, same weights: same cache key
+
+
+# ----------------------------------------------------------------------------- PatchSAE analyses
+
+def relu_sae(d_in=16, d_sae=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sae = SAE(SAEConfig(d_in, d_sae, rule="relu", l1_coeff=0.1))
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.2)
+        sae.init_from_sample(torch.randn(256, d_in, generator=gen) * 2 + 0.5)
+    return sae
+
+
+def test_masking_all_on_is_the_plain_splice_and_all_off_removes_every_latent():
+    sae = relu_sae()
+    x = torch.randn(5, 50, 16, generator=torch.Generator().manual_seed(1)) * 2
+    on = masked_reconstruction(sae, x, torch.ones(64, dtype=torch.bool))
+    assert torch.allclose(on, sae.reconstruct(x), atol=1e-5)
+    off = masked_reconstruction(sae, x, torch.zeros(64, dtype=torch.bool))
+    assert torch.allclose(off, (sae.b_dec / sae.input_scale).expand_as(x), atol=1e-6)
+    # one latent's contribution is exactly its code times its decoder row
+    only = masked_reconstruction(sae, x, torch.arange(64) == 7)
+    codes = sae.encode(x.reshape(-1, 16))[:, 7].reshape(5, 50, 1)
+    assert torch.allclose(only - off, codes * sae.decoder[7] / sae.input_scale, atol=1e-5)
+    # per-image masks broadcast over each image's tokens
+    per_image = torch.zeros(5, 64, dtype=torch.bool)
+    per_image[2] = True
+    mixed = masked_reconstruction(sae, x, per_image)
+    assert torch.allclose(mixed[2], on[2], atol=1e-6) and torch.allclose(mixed[0], off[0], atol=1e-6)
+    with pytest.raises(ValueError, match="the SAE has 64 latents"):
+        masked_reconstruction(sae, x, torch.ones(10, dtype=torch.bool))
+
+
+def test_spliced_accuracy_and_masking_curves_on_a_vit():
+    torch.manual_seed(0)
+    model = HookedViT(TINY).eval()
+    x, y = images(40), torch.arange(40) % 10
+    acts = model(x, stop_at_layer=1)
+    sae = SAE(SAEConfig(16, 64, rule="relu", l1_coeff=0.1))
+    sae.init_from_sample(acts.reshape(-1, 16))
+    truth = (model(x).argmax(-1) == y).float().mean().item()
+    assert spliced_accuracy(model, 0, acts, y) == pytest.approx(truth)
+    plain = spliced_accuracy(model, 0, acts, y, sae)
+    assert spliced_accuracy(model, 0, acts, y, sae, torch.ones(64, dtype=torch.bool)) == pytest.approx(plain)
+    counts = torch.rand(64, 10, generator=torch.Generator().manual_seed(2))
+    curves = masking_curves(model, 0, sae, acts, y, counts, [1, 5, 64])
+    assert set(curves.latents) == {"class top-k", "dataset top-k", "random k"} and len(curves) == 18
+    at_all = curves[curves.k == 64]
+    assert np.allclose(at_all[at_all["mode"] == "on"].accuracy, plain)
+    # one row by hand: every image keeps the 5 latents its true class counts most
+    top5 = torch.zeros(10, 64, dtype=torch.bool).scatter_(1, counts.argsort(0, descending=True)[:5].T, True)
+    row = curves[(curves.k == 5) & (curves.latents == "class top-k") & (curves["mode"] == "off")]
+    assert row.accuracy.item() == pytest.approx(spliced_accuracy(model, 0, acts, y, sae, ~top5[y]))
+
+
+def test_latent_stats_agree_with_a_direct_computation():
+    sae = relu_sae()
+    x = torch.randn(6, 50, 16, generator=torch.Generator().manual_seed(3)) * 2
+    y = torch.tensor([0, 1, 1, 2, 0, 2])
+    st = latent_stats(sae, x, y, 3, tau=0.05, chunk=4)
+    codes = sae.encode(x.reshape(-1, 16)).reshape(6, 50, 64)
+    assert torch.allclose(st.frequency, (codes > 0).float().mean((0, 1)))
+    assert torch.allclose(st.class_counts[:, 1], (codes[1:3] > 0.05).sum((0, 1)).float())
+    assert torch.allclose(st.class_mass.sum(1), codes.sum((0, 1)), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(st.image_max, codes.amax(1))
+    assert st.top_images(5, 2).tolist() == codes[:, :, 5].amax(1).argsort(descending=True)[:2].tolist()
+    maps, cls_codes = patch_maps(sae, x[:2], 5, 7)
+    assert maps.shape == (2, 7, 7) and torch.allclose(maps.reshape(2, 49), codes[:2, 1:, 5])
+    assert torch.allclose(cls_codes, codes[:2, 0, 5])
+
+
+def test_label_entropy_edge_cases():
+    mass = torch.tensor([[1.0, 0, 0], [1, 1, 1], [0, 0, 0], [3, 1, 0]])
+    h = label_entropy(mass)
+    assert h[0] == 0 and torch.isclose(h[1], torch.log(torch.tensor(3.0))) and torch.isnan(h[2])
+    p = torch.tensor([0.75, 0.25])
+    assert torch.isclose(h[3], -(p * p.log()).sum())
+
+
+def test_grouping_by_class_ranks():
+    base = torch.tensor([[9.0, 0], [8, 1], [0, 7], [1, 0], [0, 0]])
+    adapted = torch.tensor([[9.0, 0], [0, 1], [6, 7], [1, 0], [0, 5]])
+    g = group_latents(base, adapted, top=2, bottom=3)
+    pairs = {(r.latent, r["class"]): r.group for _, r in g.iterrows()}
+    assert pairs[(0, 0)] == "high" and pairs[(2, 1)] == "high"
+    assert pairs[(1, 0)] == "high-to-low"  # base rank 1, no count after: ranked last
+    assert pairs[(2, 0)] == "low-to-high" and pairs[(4, 1)] == "low-to-high"
+    summary = group_summary(g)
+    assert summary["high pairs"] == 2 and summary["low-to-high latents"] == 2
+    assert summary["changed share"] == pytest.approx(3 / 5)
+    # adapted tops: {0, 2} for class 0, {2, 4} for class 1; base tops: {0, 1} and {2, 1}
+    assert existing_share(base, adapted, top=2) == pytest.approx(2 / 3)
+    turnover = top_turnover(base, adapted, top=2)  # base tops (0,0) (1,0) (2,1) (1,1); adapted (0,0) (2,0) (2,1) (4,1)
+    assert turnover == {"new": pytest.approx(2 / 4), "dropped": pytest.approx(2 / 4)}
+    with pytest.raises(ValueError, match="0 < top <= bottom"):
+        group_latents(base, adapted, top=3, bottom=2)
+
+
+def test_vision_exercise_checks_accept_saelib_and_reject_mistakes(capsys):
+    from saelib.exercises import check_label_entropy, check_masked_reconstruction
+
+    assert check_label_entropy(label_entropy)
+    assert not check_label_entropy(lambda m: -(m / m.sum(1, keepdim=True) * (m / m.sum(1, keepdim=True)
+                                                                            ).log()).sum(1))
+    assert "NaN" in capsys.readouterr().out or True
+    assert check_masked_reconstruction(masked_reconstruction)
+    assert not check_masked_reconstruction(lambda sae, x, keep: (sae.encode(x) * keep) @ sae.decoder + sae.b_dec)
+    assert "divide by sae.input_scale" in capsys.readouterr().out
+
+
+def test_clip_vision_tower_behind_the_vit_interface():
+    """The gpu profile's route, offline: a randomly initialised CLIP vision tower from transformers
+    gets the ViT's hook names, and without prompts gives transformers' own pooled output."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from saelib.vision import HookedCLIPVision
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=28, patch_size=4)
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(config).eval()
+    model = HookedCLIPVision(tower).eval()
+    x = images(3)
+    _, cache = model.run_with_cache(x)
+    assert cache["blocks.1.hook_resid_post"].shape == (3, 50, 32) and cache["hook_embed"].shape == (3, 50, 32)
+    pixels = (x.expand(-1, 3, -1, -1) - model.pixel_mean) / model.pixel_std
+    with torch.no_grad():
+        expected = tower(pixel_values=pixels).pooler_output
+        assert torch.allclose(model(x, return_type="features"), expected, atol=1e-5)
+    prompts = DeepPrompts(32, n_tokens=2, depth=1)
+    _, cache = model.run_with_cache(x, prompts=prompts)
+    assert cache["blocks.1.hook_resid_post"].shape == (3, 52, 32)
+    assert torch.equal(harvest_tokens(model, x, "blocks.0.hook_resid_post", prompts=prompts),
+                       cache["blocks.0.hook_resid_post"][:, :50])
