@@ -498,6 +498,30 @@ def check_max_cosine_match(fn: Callable[[Tensor, Tensor], Any]) -> bool:
     return _run("max-cosine matching", fn, cases, compare)
 
 
+# --------------------------------------------------------------------------- scale (chapter 2b)
+
+def check_gap_trend(fn: Callable[[Any, float], Any]) -> bool:
+    """Check ``fn(ratios, tolerance) -> str``: "closes", "stays" or "widens" for ratios to a baseline
+    at increasing training lengths. Compared with ``saelib.scaling.gap_trend``."""
+    from saelib.scaling import gap_trend
+
+    cases = [Case("a gap of 12% shrinking to 3%", ([1.12, 1.08, 1.03], 0.02)),
+             Case("a gap of 3% growing to 9%", ([1.03, 1.05, 1.09], 0.02)),
+             Case("12% to 11%: within the tolerance", ([1.12, 1.10, 1.11], 0.02)),
+             Case("worse than the baseline, then better (crosses 1)", ([1.08, 1.0, 0.95], 0.02)),
+             Case("better than the baseline by 5%, then by 10% (a gap in its favour widens)",
+                  ([0.95, 0.92, 0.90], 0.02)),
+             Case("only the first and the last value count", ([1.10, 1.50, 1.10], 0.02)),
+             Case("a wider tolerance turns 'closes' into 'stays'", ([1.12, 1.08], 0.05)),
+             Case("two values, equal", ([1.0, 1.0], 0.02))]
+
+    def compare(case: Case, got: Any) -> list[str]:
+        expected = gap_trend(*case.args)
+        return [] if got == expected else [f"ratios {case.args[0]}: got {got!r}, expected {expected!r}"]
+
+    return _run("gap_trend", fn, cases, compare)
+
+
 # --------------------------------------------------------------------------- student copies
 
 def strip_solutions(nb) -> int:

@@ -275,3 +275,26 @@ def trajectories(coords: np.ndarray, steps: Sequence[int], labels: Sequence[str]
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- scale studies
+
+def over_tokens(frame: pd.DataFrame, metrics: Mapping[str, str], hue: str = "sae",
+                reference: float | None = None) -> Figure:
+    """One panel per metric (``metrics``: column -> axis label) against ``frame.tokens`` on a log
+    axis, one line per value of ``hue`` in the rules' colours; ``reference``: a horizontal line
+    (e.g. 1 for a ratio to a baseline)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.2), squeeze=False)
+    for i, (ax, (metric, label)) in enumerate(zip(axes[0], metrics.items())):
+        for name, part in frame.groupby(hue, sort=False):
+            ax.plot(part.tokens, part[metric], "o-", ms=4, lw=1.5, color=color(name), label=name)
+        if reference is not None:
+            ax.axhline(reference, color="0.3", lw=1, ls="--")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(label)
+        if i == 0:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
