@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from saelib.activations import RowSubset
 from saelib.sae import SAE
 
 TRENDS = ("closes", "stays", "widens")
@@ -69,16 +70,18 @@ def first_tokens_at(history: pd.DataFrame, sae: str, column: str, level: float) 
 
 
 def study_table(snapshots: Mapping[int, Mapping[str, SAE]], heldout: Tensor, seen: Tensor,
-                batch_size: int, tokens_per_step: int, splice: Mapping[str, Any] | None = None
-                ) -> pd.DataFrame:
-    """One row per (snapshot step, SAE): NMSE on ``heldout`` rows and on ``seen`` (rows it trained
-    on), both with batch allocation over batches of ``batch_size`` (L0 = k for TopK and MC, at most
-    k for FC), inference-mode L0 and NMSE on ``heldout``, and with ``splice`` (keyword arguments of
+                batch_size: int, tokens_per_step: int, unseen: Tensor | None = None,
+                splice: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """One row per (snapshot step, SAE): NMSE on ``heldout`` rows (held-out documents), on ``seen``
+    (rows it trained on) and on ``unseen`` (rows of the training documents it never trained on:
+    the overfitting check compares these two, which differ only in having been trained on), all
+    with batch allocation over batches of ``batch_size`` (L0 = k for TopK and MC, at most k for
+    FC); inference-mode L0 and NMSE on ``heldout``; and with ``splice`` (keyword arguments of
     ``saelib.splice.splice_sweep`` but the reconstructions: model, hook, windows, batch_size,
     max_norm) the CE increase with each SAE spliced in, batch-allocated.
 
-    Columns: step, tokens, sae, L0, NMSE, NMSE (trained on), L0 (inference), NMSE (inference),
-    CE increase (with splice)."""
+    Columns: step, tokens, sae, L0, NMSE, NMSE (trained on), NMSE (unseen) (with unseen),
+    L0 (inference), NMSE (inference), CE increase (with splice)."""
     from saelib.metrics import evaluate
     from saelib.splice import splice_sweep
 
@@ -92,11 +95,27 @@ def study_table(snapshots: Mapping[int, Mapping[str, SAE]], heldout: Tensor, see
             held = evaluate(sae, heldout, batch_size=batch_size, batch_allocation=True)
             train = evaluate(sae, seen, batch_size=batch_size, batch_allocation=True)
             infer = evaluate(sae, heldout, batch_size=batch_size)
+            extra = {} if unseen is None else {"NMSE (unseen)": evaluate(
+                sae, unseen, batch_size=batch_size, batch_allocation=True).nmse}
             rows.append({"step": step, "tokens": step * tokens_per_step, "sae": name,
                          "L0": held.l0, "NMSE": held.nmse, "NMSE (trained on)": train.nmse,
+                         **extra,
                          "L0 (inference)": infer.l0, "NMSE (inference)": infer.nmse,
                          **({"CE increase": ce[name]} if ce else {})})
     return pd.DataFrame(rows)
+
+
+def split_off_windows(rows: RowSubset, n_rows: int, rows_per_window: int
+                      ) -> tuple[RowSubset, RowSubset]:
+    """(rows of the first whole windows covering at least ``n_rows`` table rows, the rest): an
+    activation table split at a window boundary, so that no window has rows on both sides. Train on
+    the rest; the first part is the training documents' own never-trained-on sample."""
+    cut = -(-n_rows // rows_per_window) * rows_per_window
+    first = rows.rows < cut
+    if first.all() or not first.any():
+        raise ValueError(f"cannot split {len(rows)} rows at table row {cut}: one side is empty")
+    return (RowSubset(rows.table, rows.rows[first], rows.threshold),
+            RowSubset(rows.table, rows.rows[~first], rows.threshold))
 
 
 def relative_to(table: pd.DataFrame, baseline: str, columns: Sequence[str]) -> pd.DataFrame:
