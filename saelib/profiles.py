@@ -202,7 +202,7 @@ def resolve(chapter: str, profile: str | None = None, **overrides: Any) -> Param
     non-``None`` overrides applied.
 
     Fails at once, listing the valid names, on an unknown chapter, profile or knob."""
-    table = _chapter(chapter)
+    _chapter(chapter)
     if profile is None:
         profile = default_profile()
     if profile not in PROFILES:

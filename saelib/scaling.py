@@ -10,7 +10,8 @@ level (e.g. when 1% of a dictionary had died).
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -79,7 +79,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)  # JSON round-trips tuples as lists
-        self.snapshot_steps = tuple(sorted(set(int(s) for s in self.snapshot_steps)))
+        self.snapshot_steps = tuple(sorted({int(s) for s in self.snapshot_steps}))
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")

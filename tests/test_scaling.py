@@ -8,8 +8,14 @@ import torch
 from saelib.exercises import check_gap_trend
 from saelib.metrics import evaluate
 from saelib.sae import SAEConfig
-from saelib.scaling import (batch_allocated, doubling_steps, first_tokens_at, gap_trend,
-                            relative_to, study_table)
+from saelib.scaling import (
+    batch_allocated,
+    doubling_steps,
+    first_tokens_at,
+    gap_trend,
+    relative_to,
+    study_table,
+)
 from saelib.synthetic import make_synthetic
 from saelib.training import TrainConfig, _train_cfg_dict, train_saes
 
