@@ -10,7 +10,11 @@ level (e.g. when 1% of a dictionary had died).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,7 +86,8 @@ def study_table(snapshots: Mapping[int, Mapping[str, SAE]], heldout: Tensor, see
     max_norm) the CE increase with each SAE spliced in, batch-allocated.
 
     Columns: step, tokens, sae, L0, NMSE, NMSE (trained on), NMSE (unseen) (with unseen),
-    L0 (inference), NMSE (inference), CE increase (with splice)."""
+    L0 (inference), NMSE (inference), % never fired (on heldout, inference mode), CE increase
+    (with splice)."""
     from saelib.metrics import evaluate
     from saelib.splice import splice_sweep
 
@@ -102,6 +107,7 @@ def study_table(snapshots: Mapping[int, Mapping[str, SAE]], heldout: Tensor, see
                          "L0": held.l0, "NMSE": held.nmse, "NMSE (trained on)": train.nmse,
                          **extra,
                          "L0 (inference)": infer.l0, "NMSE (inference)": infer.nmse,
+                         "% never fired": 100 * infer.dead_frac,
                          **({"CE increase": ce[name]} if ce else {})})
     return pd.DataFrame(rows)
 
@@ -129,3 +135,21 @@ def relative_to(table: pd.DataFrame, baseline: str, columns: Sequence[str]) -> p
     for column in columns:
         out[f"{column} / {baseline}"] = out[column] / out.step.map(base[column])
     return out
+
+
+def cached_table(folder: Path, name: str, key: Mapping[str, Any],
+                 compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """``compute()`` once, stored as folder/tables/NAME-HASH.csv (HASH of ``key``, everything the
+    table depends on besides what ``folder`` already identifies, e.g. a trained run's cache folder
+    and the evaluation data's settings); later calls read it back. Evaluating every snapshot with
+    its CE splice costs minutes; a rerun of a chapter should not repeat them."""
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = Path(folder) / "tables" / f"{name}-{digest}.csv"
+    if path.exists():
+        return pd.read_csv(path)
+    table = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    table.to_csv(tmp, index=False)
+    tmp.replace(path)  # atomic: a killed run leaves no half-written table
+    return table

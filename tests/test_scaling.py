@@ -10,6 +10,7 @@ from saelib.metrics import evaluate
 from saelib.sae import SAEConfig
 from saelib.scaling import (
     batch_allocated,
+    cached_table,
     doubling_steps,
     first_tokens_at,
     gap_trend,
@@ -126,3 +127,19 @@ def test_study_table_matches_evaluate_and_its_overfitting_check_catches_memorisa
     learned = rows[8000].NMSE / rows[8000]["NMSE (trained on)"]
     assert (memorised > 1.5).all(), memorised.to_dict()
     assert (learned < 1.15).all(), learned.to_dict()
+
+
+def test_cached_table_computes_once_per_key(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return pd.DataFrame({"tokens": [100, 200], "NMSE": [0.123456789012345, 0.1]})
+
+    first = cached_table(tmp_path, "length", {"eval_tokens": 16}, compute)
+    again = cached_table(tmp_path, "length", {"eval_tokens": 16}, compute)
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(first, again)  # floats survive the CSV round trip exactly
+    cached_table(tmp_path, "length", {"eval_tokens": 32}, compute)
+    assert len(calls) == 2
+    assert not list((tmp_path / "tables").glob(".*tmp*"))
