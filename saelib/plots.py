@@ -16,7 +16,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, FormatStrFormatter, FuncFormatter
+from matplotlib.ticker import EngFormatter, FormatStrFormatter, FuncFormatter, NullFormatter
 
 RULE_COLORS = {"relu": "#7f7f7f", "topk": "#1f77b4", "topk+aux_k": "#17becf", "feature_choice": "#d62728",
                "feature_choice_matched": "#ff9896",
@@ -291,7 +291,9 @@ def over_tokens(frame: pd.DataFrame, metrics: Mapping[str, str], hue: str = "sae
         if reference is not None:
             ax.axhline(reference, color="0.3", lw=1, ls="--")
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.set_xticks(sorted(frame.tokens.unique()))  # the budgets, not crowded minor ticks
+        ax.xaxis.set_major_formatter(EngFormatter(sep="", places=1))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training tokens")
         ax.set_ylabel(label)
         if i == 0:
