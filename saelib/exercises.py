@@ -522,6 +522,33 @@ def check_gap_trend(fn: Callable[[Any, float], Any]) -> bool:
     return _run("gap_trend", fn, cases, compare)
 
 
+def check_first_tokens_at(fn: Callable[[Any, str, str, float], Any]) -> bool:
+    """Check ``fn(history, sae, column, level) -> int | None``: training tokens at the first logged
+    step where ``column`` of that SAE reached ``level``. Compared with
+    ``saelib.scaling.first_tokens_at``."""
+    import pandas as pd
+
+    from saelib.scaling import first_tokens_at
+
+    history = pd.DataFrame({
+        "sae": ["topk", "mc"] * 5,
+        "tokens": [t for t in (1000, 2000, 3000, 4000, 5000) for _ in range(2)],
+        "dead_frac": [0.0, 0.0, 0.004, 0.02, 0.01, 0.0, 0.03, 0.0, 0.008, 0.0],
+        "nmse": [0.9, 0.95, 0.5, 0.6, 0.3, 0.4, 0.25, 0.35, 0.2, 0.3]})
+    cases = [Case("TopK first reaches 1% dead exactly at the level (>=)", (history, "topk", "dead_frac", 0.01)),
+             Case("MC reaches 1% between two other SAEs' rows", (history, "mc", "dead_frac", 0.01)),
+             Case("a level never reached (None)", (history, "topk", "dead_frac", 0.5)),
+             Case("reached, then falling below again: the first time counts", (history, "topk", "dead_frac", 0.005)),
+             Case("reached at the first logged step", (history, "mc", "nmse", 0.9))]
+
+    def compare(case: Case, got: Any) -> list[str]:
+        expected = first_tokens_at(*case.args)
+        return [] if got == expected and (got is None) == (expected is None) else [
+            f"SAE {case.args[1]!r}, {case.args[2]} >= {case.args[3]}: got {got!r}, expected {expected!r}"]
+
+    return _run("first_tokens_at", fn, cases, compare)
+
+
 # --------------------------------------------------------------------------- student copies
 
 def strip_solutions(nb) -> int:

@@ -143,3 +143,25 @@ def test_cached_table_computes_once_per_key(tmp_path):
     cached_table(tmp_path, "length", {"eval_tokens": 32}, compute)
     assert len(calls) == 2
     assert not list((tmp_path / "tables").glob(".*tmp*"))
+
+
+def test_the_exercise_checks_name_what_a_wrong_answer_got_wrong(capsys):
+    from saelib.exercises import check_first_tokens_at
+
+    assert check_first_tokens_at(first_tokens_at)
+
+    def strictly_above(history, sae, column, level):  # ">" instead of ">="
+        rows = history[(history.sae == sae) & (history[column] > level)]
+        return None if rows.empty else int(rows.tokens.iloc[0])
+
+    assert not check_first_tokens_at(strictly_above)
+    out = capsys.readouterr().out
+    assert "SAE 'topk', dead_frac >= 0.01: got 4000, expected 3000" in out
+
+    def signed(ratios, tolerance=0.02):  # compares signed gaps: a growing lead reads as closing
+        change = (ratios[-1] - 1) - (ratios[0] - 1)
+        return "closes" if change < -tolerance else "widens" if change > tolerance else "stays"
+
+    assert not check_gap_trend(signed)
+    out = capsys.readouterr().out
+    assert "ratios [0.95, 0.92, 0.9]: got 'closes', expected 'widens'" in out
