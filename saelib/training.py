@@ -227,7 +227,7 @@ def train_cached(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: Trai
     """``train_saes`` into a cache folder keyed by the configs, ``data_key`` (what identifies the
     activations, e.g. a cache manifest) and the digests of any ``init_from`` weights: a finished run
     is reloaded at once, a killed one resumes."""
-    key = {"data": data_key, "train": _train_cfg_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()}}
+    key = {"data": data_key, "train": train_config_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()}}
     if init_from:
         key["init_from"] = _init_digests(init_from)
     return train_saes(saes, data, cfg, out_dir=ckpt.artifact_dir("saes", key), progress=progress,
@@ -318,7 +318,7 @@ def _start_or_resume(saes, data, cfg, out_dir, device, init_from):
         optims = {name: _new_optimizer(m, cfg) for name, m in models.items()}
         return models, optims, [], 0
     state = json.loads((latest / "state.json").read_text())
-    ckpt.check_same_config(_train_cfg_dict(cfg), state["train"], what=f"checkpoint {latest}")
+    ckpt.check_same_config(train_config_dict(cfg), state["train"], what=f"checkpoint {latest}")
     ckpt.check_same_config({n: c.to_dict() for n, c in saes.items()}, state["saes"], what=f"checkpoint {latest}")
     ckpt.check_same_config({"init_from": _init_digests(init_from or {})},
                            {"init_from": state.get("init_from", {})}, what=f"checkpoint {latest}")
@@ -332,7 +332,8 @@ def _start_or_resume(saes, data, cfg, out_dir, device, init_from):
     return models, optims, state["history"], state["step"]
 
 
-def _train_cfg_dict(cfg: TrainConfig) -> dict:
+def train_config_dict(cfg: TrainConfig) -> dict:
+    """``cfg`` as saved in checkpoints, cache keys and ``saelib.train``'s config.json."""
     d = dataclasses.asdict(cfg)
     d["adam_betas"] = list(d["adam_betas"])
     d["snapshot_steps"] = list(d["snapshot_steps"])
@@ -347,7 +348,7 @@ def _write_checkpoint(out_dir, step, models, optims, saes, cfg, history, init_fr
     for name, sae in models.items():
         ckpt.write_sae(sae, tmp / name)
         ckpt.save_optimizer(optims[name], tmp / f"{name}.adam.safetensors")
-    state = {"step": step, "train": _train_cfg_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()},
+    state = {"step": step, "train": train_config_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()},
              "init_from": _init_digests(init_from or {}), "history": history}
     (tmp / "state.json").write_text(json.dumps(state))
     ckpt.commit_dir(tmp, final)

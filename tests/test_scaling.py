@@ -18,7 +18,7 @@ from saelib.scaling import (
     study_table,
 )
 from saelib.synthetic import make_synthetic
-from saelib.training import TrainConfig, _train_cfg_dict, train_saes
+from saelib.training import TrainConfig, train_config_dict, train_saes
 
 D, F, K = 16, 64, 4
 CONFIGS = {"topk": SAEConfig(D, F, rule="topk", k=K),
@@ -80,8 +80,8 @@ def test_snapshots_are_the_weights_at_those_steps_and_survive_a_resume(data, tmp
 
 
 def test_snapshot_steps_leave_earlier_cache_keys_alone_and_are_checked():
-    assert "snapshot_steps" not in _train_cfg_dict(TrainConfig(steps=10))
-    assert _train_cfg_dict(TrainConfig(steps=10, snapshot_steps=(5,)))["snapshot_steps"] == [5]
+    assert "snapshot_steps" not in train_config_dict(TrainConfig(steps=10))
+    assert train_config_dict(TrainConfig(steps=10, snapshot_steps=(5,)))["snapshot_steps"] == [5]
     with pytest.raises(ValueError, match=r"snapshot_steps \[0, 11\] are outside 1..steps=10"):
         TrainConfig(steps=10, snapshot_steps=(0, 5, 11))
 
