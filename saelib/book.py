@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in profiles.CHAPTERS:
             print(f"\n[{name}]")
             for knob in profiles.knobs(name):
-                print(f"  {knob:28s}" + "  ".join(f"{p}={profiles.CHAPTERS[name][p][knob]!r}"
+                print(f"  {knob:28s}" + "  ".join(f"{p}={profiles.values(name, p)[knob]!r}"
                                                  for p in profiles.PROFILES))
         return 0
     if a.only:

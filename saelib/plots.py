@@ -16,7 +16,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, FormatStrFormatter, FuncFormatter
+from matplotlib.ticker import EngFormatter, FormatStrFormatter, FuncFormatter, NullFormatter
 
 RULE_COLORS = {"relu": "#7f7f7f", "topk": "#1f77b4", "topk+aux_k": "#17becf", "feature_choice": "#d62728",
                "feature_choice_matched": "#ff9896",
@@ -469,5 +469,26 @@ def count_heatmaps(panels: Mapping[str, pd.DataFrame]) -> Figure:
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(False)
+# ----------------------------------------------------------------------------- scale studies
+
+def over_tokens(frame: pd.DataFrame, metrics: Mapping[str, str], hue: str = "sae",
+                reference: float | None = None) -> Figure:
+    """One panel per metric (``metrics``: column -> axis label) against ``frame.tokens`` on a log
+    axis, one line per value of ``hue`` in the rules' colours; ``reference``: a horizontal line
+    (e.g. 1 for a ratio to a baseline)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.2), squeeze=False)
+    for i, (ax, (metric, label)) in enumerate(zip(axes[0], metrics.items())):
+        for name, part in frame.groupby(hue, sort=False):
+            ax.plot(part.tokens, part[metric], "o-", ms=4, lw=1.5, color=color(name), label=name)
+        if reference is not None:
+            ax.axhline(reference, color="0.3", lw=1, ls="--")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(frame.tokens.unique()))  # the budgets, not crowded minor ticks
+        ax.xaxis.set_major_formatter(EngFormatter(sep="", places=1))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(label)
+        if i == 0:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

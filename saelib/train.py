@@ -41,7 +41,7 @@ import torch
 from saelib import distributed
 from saelib.checkpoints import CheckpointError, check_same_config
 from saelib.sae import SAEConfig
-from saelib.training import TrainConfig
+from saelib.training import TrainConfig, train_config_dict
 
 
 class ConfigError(ValueError):
@@ -83,7 +83,9 @@ class RunConfig:
     export: ExportConfig
 
     def to_dict(self) -> dict:
-        return {"data": self.data, "train": dataclasses.asdict(self.train) | {"adam_betas": list(self.train.adam_betas)},
+        # The trainer's own form of the train section (JSON-ready, snapshot_steps left out while
+        # empty), so runs saved before a field was added still resume.
+        return {"data": self.data, "train": train_config_dict(self.train),
                 "sae": self.saes, "export": dataclasses.asdict(self.export)}
 
 

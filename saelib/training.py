@@ -78,12 +78,20 @@ class TrainConfig:
     """How many step checkpoints to keep."""
     seed: int = 0
     """Seed of the data order."""
+    snapshot_steps: tuple[int, ...] = ()
+    """Steps after which every SAE is also saved, weights only, to out_dir/snapshots/step_N/NAME
+    (never pruned): one long run then gives the SAEs at several training lengths (``snapshots``).
+    Left out of the saved config while empty, so runs from before this field keep their keys."""
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)  # JSON round-trips tuples as lists
+        self.snapshot_steps = tuple(sorted({int(s) for s in self.snapshot_steps}))
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        bad = [s for s in self.snapshot_steps if not 0 < s <= self.steps]
+        if bad:
+            raise ValueError(f"TrainConfig.snapshot_steps {bad} are outside 1..steps={self.steps}")
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -118,6 +126,16 @@ class TrainResult:
     (features firing at under half their Zipf target density, dead ones included), l1, aux and
     tokens_per_s (that SAE's own training speed)."""
     out_dir: Path | None
+
+    def snapshots(self) -> dict[int, dict[str, SAE]]:
+        """{step: {name: SAE}} of the run's ``snapshot_steps`` (in inference mode), read from disk."""
+        if self.out_dir is None:
+            raise ValueError("snapshots are saved only by runs with an out_dir (train_cached)")
+        found = {}
+        for folder in sorted((self.out_dir / "snapshots").glob("step_*")):
+            found[int(folder.name[5:])] = {name: ckpt.load_sae(folder / name).eval()
+                                           for name in self.saes}
+        return found
 
 
 def _fetch(data: ActivationTable, idx: Tensor, step: int, last_good: Path | None) -> Tensor:
@@ -199,6 +217,10 @@ def train_saes(
         if record:
             bar.set_postfix_str(_postfix(history[-len(models):]), refresh=False)  # tqdm's own rate limit
             tokens_timed, seconds = 0, {name: 0.0 for name in models}
+        # Before the checkpoint: a run killed between the two redoes this step on resume.
+        if out_dir and rank == 0 and step + 1 in cfg.snapshot_steps:
+            for name, sae in models.items():
+                ckpt.save_sae(sae, out_dir / "snapshots" / f"step_{step + 1:08d}" / name)
         if out_dir and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.steps, last_step)):
             if rank == 0:
                 _write_checkpoint(out_dir, step + 1, models, optims, saes, cfg, history, init_from, objectives)
@@ -220,7 +242,7 @@ def train_cached(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: Trai
     """``train_saes`` into a cache folder keyed by the configs, ``data_key`` (what identifies the
     activations, e.g. a cache manifest), the digests of any ``init_from`` weights and the
     objectives: a finished run is reloaded at once, a killed one resumes."""
-    key = {"data": data_key, "train": _train_cfg_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()}}
+    key = {"data": data_key, "train": train_config_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()}}
     if init_from:
         key["init_from"] = _init_digests(init_from)
     described = _describe(_objectives_for(saes, objectives))
@@ -332,7 +354,7 @@ def _start_or_resume(saes, data, cfg, out_dir, device, init_from, objectives):
         optims = {name: _new_optimizer(m, cfg) for name, m in models.items()}
         return models, optims, [], 0
     state = json.loads((latest / "state.json").read_text())
-    ckpt.check_same_config(_train_cfg_dict(cfg), state["train"], what=f"checkpoint {latest}")
+    ckpt.check_same_config(train_config_dict(cfg), state["train"], what=f"checkpoint {latest}")
     ckpt.check_same_config({n: c.to_dict() for n, c in saes.items()}, state["saes"], what=f"checkpoint {latest}")
     ckpt.check_same_config({"init_from": _init_digests(init_from or {})},
                            {"init_from": state.get("init_from", {})}, what=f"checkpoint {latest}")
@@ -349,9 +371,13 @@ def _start_or_resume(saes, data, cfg, out_dir, device, init_from, objectives):
     return models, optims, state["history"], state["step"]
 
 
-def _train_cfg_dict(cfg: TrainConfig) -> dict:
+def train_config_dict(cfg: TrainConfig) -> dict:
+    """``cfg`` as saved in checkpoints, cache keys and ``saelib.train``'s config.json."""
     d = dataclasses.asdict(cfg)
     d["adam_betas"] = list(d["adam_betas"])
+    d["snapshot_steps"] = list(d["snapshot_steps"])
+    if not d["snapshot_steps"]:
+        del d["snapshot_steps"]  # so the keys of runs made before the field stay the same
     return d
 
 
@@ -361,7 +387,7 @@ def _write_checkpoint(out_dir, step, models, optims, saes, cfg, history, init_fr
     for name, sae in models.items():
         ckpt.write_sae(sae, tmp / name)
         ckpt.save_optimizer(optims[name], tmp / f"{name}.adam.safetensors")
-    state = {"step": step, "train": _train_cfg_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()},
+    state = {"step": step, "train": train_config_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()},
              "init_from": _init_digests(init_from or {}), "objectives": _describe(objectives),
              "history": history}
     (tmp / "state.json").write_text(json.dumps(state))

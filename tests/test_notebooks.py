@@ -46,14 +46,25 @@ def test_parameters_cell_declares_profile_and_every_knob(path):
 
 
 def test_profiles_share_knobs_and_reject_unknown_names():
+    required = set(profiles.PROFILES) - set(profiles.BASE)
     for chapter, table in profiles.CHAPTERS.items():
-        assert set(table) == set(profiles.PROFILES)
-        assert all(set(table[p]) == set(table["cpu"]) for p in profiles.PROFILES), chapter
-    with pytest.raises(ValueError, match=r"unknown profile 'laptop'.*'ci', 'cpu', 'gpu'"):
+        assert required <= set(table) <= set(profiles.PROFILES), chapter
+        assert all(set(table[p]) == set(table["cpu"]) for p in table), chapter
+    with pytest.raises(ValueError, match=r"unknown profile 'laptop'.*'ci', 'cpu', 'cpu-long', 'gpu'"):
         profiles.resolve("synthetic", "laptop")
     with pytest.raises(ValueError, match=r"unknown parameter 'stepz'.*did you mean 'steps'"):
         profiles.resolve("synthetic", "ci", stepz=3)
     assert profiles.resolve("synthetic", "ci", steps=7, k=None).steps == 7
+
+
+def test_cpu_long_falls_back_to_cpu_where_a_chapter_has_none():
+    assert "cpu-long" not in profiles.CHAPTERS["synthetic"]
+    long = profiles.resolve("synthetic", "cpu-long")
+    assert long.profile == "cpu-long"
+    assert {k: v for k, v in long.items() if k != "profile"} == profiles.CHAPTERS["synthetic"]["cpu"]
+    own = profiles.CHAPTERS["allocation_scale"]
+    assert profiles.resolve("allocation_scale", "cpu-long").length_steps == own["cpu-long"]["length_steps"]
+    assert own["cpu-long"]["length_steps"] > own["cpu"]["length_steps"]
 
 
 def test_profile_none_reads_saelib_profile_else_cpu(monkeypatch):
