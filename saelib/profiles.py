@@ -43,6 +43,7 @@ _SCALE_CPU = dict(model="smollm2-135m", hook="blocks.15.hook_resid_post", corpus
                   # TopK's 0.41% dead is shown, not asserted (below the 1% premise).
                   expect_claims={"mc_beats_topk_long": False, "fc_beats_topk_long": False,
                                  "mc_gap_closes": True, "fc_gap_closes": False,
+                                 "aux_zipf_gap_closes": False,
                                  "mc_ce_beats_topk_long": False, "topk_dies": False,
                                  "fc_no_dead_32x": False, "mc_fewer_dead_32x": False,
                                  "second_hook_agrees": True})
