@@ -139,11 +139,6 @@ def frontier_at(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
     return float(np.exp(np.interp(np.log(x), lx, ly)))
 
 
-def frontier_nmse_at(l0: float, frontier_l0: Sequence[float], frontier_nmse: Sequence[float]) -> float:
-    """``frontier_at`` for the NMSE of a family at an L0."""
-    return frontier_at(l0, frontier_l0, frontier_nmse)
-
-
 def max_cosine(directions: Tensor, dictionary: Tensor) -> Tensor:
     """For each row of ``directions``, its largest cosine similarity with any row of ``dictionary``."""
     a = directions / directions.norm(dim=1, keepdim=True)
