@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
@@ -90,7 +89,6 @@ def _mse(a: Tensor, b: Tensor) -> Tensor:
     return F.mse_loss(a, b) / distributed.world_size()
 
 
-@dataclass(frozen=True)
 class Local:
     """The paper's SAE_local: MSE(a, a_hat) + phi * ||c||_1."""
 
