@@ -330,7 +330,7 @@ class WindowTable:
                 raise ValueError(f"expected activations [windows, ctx, d_in], got shape {list(source.shape)}")
             self.cache, self._acts, self.context_size = None, source.float(), source.shape[1]
         else:
-            if source.spec.exclude_bos or source.manifest["rows_per_window"] != source.spec.context_size:
+            if source.spec.exclude_bos:
                 raise ValueError(f"{source!r} stores token rows without BOS; a WindowTable needs whole "
                                  "windows: harvest with CacheSpec(exclude_bos=False)")
             self.cache, self._acts, self.context_size = source, None, source.spec.context_size

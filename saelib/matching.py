@@ -29,8 +29,8 @@ from torch import Tensor
 
 from saelib.sae import SAE
 
-__all__ = ["cosines", "max_cosine_match", "max_cosine_within", "assign", "track_back", "births", "firing_matrix", "jaccard",
-           "dominant_token"]
+__all__ = ["cosines", "max_cosine_match", "max_cosine_within", "assign", "track_back", "births",
+           "firing_matrix", "jaccard", "dominant_token"]
 
 
 def _unit(rows: Tensor) -> Tensor:

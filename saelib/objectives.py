@@ -43,7 +43,8 @@ from saelib import distributed
 from saelib.losses import LossTerms, sae_loss
 from saelib.sae import PRECISIONS, SAE, SAEOutput
 
-__all__ = ["Objective", "Reconstruction", "Local", "E2E", "token_rows", "later_resid_hooks"]
+__all__ = ["Objective", "Reconstruction", "Local", "E2E", "token_rows", "later_resid_hooks",
+           "later_residual_streams"]
 
 
 class Objective(Protocol):
@@ -96,9 +97,10 @@ class Local:
         return {"objective": "local"}
 
     def loss(self, sae: SAE, batch: Tensor, shared: dict) -> tuple[LossTerms, SAEOutput]:
-        out = sae(token_rows(batch))
+        x = token_rows(batch)
+        out = sae(x)
         penalty, terms = _paper_terms(sae, out)
-        return dataclasses.replace(terms, total=_mse(out.x_hat, token_rows(batch)) + penalty), out
+        return dataclasses.replace(terms, total=_mse(out.x_hat, x) + penalty), out
 
 
 _RESID = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)$")
@@ -116,6 +118,12 @@ def later_resid_hooks(model, hook: str) -> list[str]:
     if start is None:
         raise ValueError(f"{hook!r} is not a residual-stream hook (blocks.N.hook_resid_pre/post)")
     return [f"blocks.{k}.hook_resid_pre" for k in range(start + 1, model.cfg.n_layers)]
+
+
+def later_residual_streams(model, hook: str) -> list[str]:
+    """Every residual stream after the SAE's layer: each later block's input, then the last block's
+    output (what the unembedding reads). Where an e2e SAE's splice can move the model."""
+    return [*later_resid_hooks(model, hook), f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
 
 
 class E2E:
@@ -140,7 +148,7 @@ class E2E:
             raise ValueError(f"kl_coeff and ds_coeff must be >= 0, got {kl_coeff}, {ds_coeff}")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}")
-        self.later = [*later_resid_hooks(model, hook), f"blocks.{n_layers - 1}.hook_resid_post"]
+        self.later = later_residual_streams(model, hook)
         # The paper's D: every later block's input; at the last block, the final residual stream.
         ds_hooks = list((self.later[:-1] or self.later) if ds_hooks is None else ds_hooks)
         wrong = [h for h in ds_hooks if h not in self.later]

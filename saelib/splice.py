@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saelib.objectives import later_residual_streams
 from saelib.progress import bar as progress_bar
 from saelib.subject_models import check_hook_point
 
@@ -134,11 +135,8 @@ def downstream_errors(model, hook: str, reconstructs: Mapping[str, object], wind
     the last block's ``hook_resid_post``). One row per (sae, hook): ``mse`` (mean over positions 1..
     and dimensions, the activations' own units) and ``explained_variance`` (1 - squared error /
     the clean activations' variance about their mean, pooled over all windows)."""
-    from saelib.objectives import later_resid_hooks  # objectives imports the trainer's losses
-
     check_hook_point(model, hook)
-    hooks = list(hooks) if hooks is not None else [*later_resid_hooks(model, hook),
-                                                   f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    hooks = list(hooks) if hooks is not None else later_residual_streams(model, hook)
     for h in hooks:
         check_hook_point(model, h)
     first = int(exclude_bos)
