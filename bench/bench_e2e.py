@@ -3,7 +3,7 @@
     python bench/bench_e2e.py [--steps 6 --batch 16 --context 128 --smollm --json out.json]
 
 For each subject model, a ReLU SAE (8 x d_model features) trains for ``--steps`` steps of ``--batch``
-windows with each objective (``saelib.objectives``): local, e2e and e2e+ds, the e2e ones with the
+windows with each objective (``saelib.core.objectives``): local, e2e and e2e+ds, the e2e ones with the
 model's run from the SAE's layer in float32 and under bfloat16 autocast. Each SAE trains alone, so
 an e2e step includes its own clean run. Reported: SAE tokens/s (positions 1.. of each window) over
 the steps after the first, and the time relative to local. Models:
@@ -24,11 +24,11 @@ import time
 
 import torch
 
-from saelib.activations import WindowTable, token_windows
-from saelib.objectives import E2E, Local
-from saelib.sae import SAEConfig
-from saelib.subject_models import load_subject_model, organism_dir
-from saelib.training import TrainConfig, train_saes
+from saelib.core.objectives import E2E, Local
+from saelib.core.sae import SAEConfig
+from saelib.core.training import TrainConfig, train_saes
+from saelib.subjects.activations import WindowTable, token_windows
+from saelib.subjects.language_models import load_subject_model, organism_dir
 
 
 def measure(model, hook: str, steps: int, batch: int, context: int) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Activation-harvest speed: tokens/s of saelib.activations at a middle layer vs the full model.
+"""Activation-harvest speed: tokens/s of saelib.subjects.activations at a middle layer vs the full model.
 
     python bench/bench_harvest.py [--batch 16 --context 128 --batches 4 --json out.json]
 
@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from saelib.activations import CacheSpec, at_precision, get_or_build_cache, harvest, token_windows
-from saelib.subject_models import load_subject_model, organism_dir, stop_layer, train_organism
+from saelib.core.hooks import stop_layer
+from saelib.subjects.activations import CacheSpec, at_precision, get_or_build_cache, harvest, token_windows
+from saelib.subjects.language_models import load_subject_model, organism_dir, train_organism
 
 
 def seconds(fn) -> float:

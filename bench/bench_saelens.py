@@ -3,7 +3,7 @@
     python bench/bench_saelens.py [--steps 20 --d-sae 4608 --k 32 --batch 4096 --cache DIR --json out.json]
 
 Both train the same size (d_in x d_sae, k) with Adam at the same lr, warm-up and decay point, on the
-same batches in the same order (saelib.training.batch_indices over one in-memory table), with no
+same batches in the same order (saelib.core.training.batch_indices over one in-memory table), with no
 auxiliary loss (SAELens's dead-feature window is set past the run; saelib's aux = "none"), and the
 same start for b_dec: the geometric median of the same sample of rows saelib's trainer draws. That
 start is saelib's; SAELens 6.54 has no data-dependent b_dec initialisation (it starts b_dec at zero),
@@ -16,7 +16,7 @@ only after that equal-quality check is printed; with no such run, no ratio is cl
 
 The synthetic rows are drawn from their own random stream ("bench_data"), independent of the SAE
 initialisation streams: a shared stream would put the true directions into saelib's initial decoder.
-Each runs through its own training entry point: saelib.training.train_saes, and SAELens's SAETrainer
+Each runs through its own training entry point: saelib.core.training.train_saes, and SAELens's SAETrainer
 fed by an in-memory iterator (its TopKTrainingSAE with dense activations: its sparse-activation
 variant, --saelens sparse, fails in backward on CPU with torch 2.13, "aten::view" on SparseCPU).
 
@@ -36,12 +36,12 @@ import statistics
 import time
 
 import torch
+from bench_train import gaussian_plus_sparse, matmul_gflops
 from torch import Tensor
 
-from bench_train import gaussian_plus_sparse, matmul_gflops
-from saelib.metrics import per_token_error
-from saelib.sae import SAEConfig, geometric_median
-from saelib.training import TrainConfig, batch_indices, train_saes
+from saelib.core.metrics import per_token_error
+from saelib.core.sae import SAEConfig, geometric_median
+from saelib.core.training import TrainConfig, batch_indices, train_saes
 
 
 class TimedTable:
@@ -60,7 +60,7 @@ class TimedTable:
 
 
 def load_cache(path: str, n: int) -> Tensor:
-    from saelib.activations import open_cache
+    from saelib.subjects.activations import open_cache
 
     cache = open_cache(path)
     x = cache[torch.arange(min(n, len(cache)))]

@@ -33,10 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from saelib import seeding
-from saelib.metrics import evaluate
-from saelib.sae import SAE, SAEConfig
-from saelib.training import TrainConfig, _new_optimizer, _train_step, train_saes
+from saelib.core import seeding
+from saelib.core.metrics import evaluate
+from saelib.core.sae import SAE, SAEConfig
+from saelib.core.training import TrainConfig, _new_optimizer, _train_step, train_saes
 
 
 def gemm_operands(batch: int, d: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

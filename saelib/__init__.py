@@ -1,13 +1,37 @@
-"""saelib: sparse autoencoders as sparse allocation rules, and the notebooks of the book built on it.
+"""saelib: sparse autoencoders as sparse allocation rules, and the book built on them.
 
-One module per concept: allocation (the rules), sae (the model), losses, training, metrics,
-checkpoints, corpora, subject_models, activations, splice, synthetic, seeding (random streams),
-progress, plots, claims, profiles, book, browser and browse (feature browser), exercises, cli.
+Four layers, each importing only from the ones below it (a contract the tests check):
+
+- ``saelib.core``: the SAE, its allocation rules, losses, objectives, the trainer, metrics and storage;
+- ``saelib.subjects``: what SAEs read: corpora, language models, vision models, harvested activations;
+- ``saelib.studies``: analyses of SAEs in their models (splicing, matching, scaling, patch statistics);
+- ``saelib.browser`` and ``saelib.book`` (the feature browser; the notebooks' runner, profiles,
+  claims, plots and exercises), then ``saelib.cli``, the ``saelib`` command.
+
+The names below are the public API for training and evaluating SAEs::
+
+    from saelib import SAEConfig, TrainConfig, train_saes, evaluate
 """
 
 __version__ = "0.1.0"
 
 import warnings
 
-# tqdm.auto (saelib.progress) falls back to text bars where ipywidgets is missing (e.g. papermill); that is fine.
+# tqdm.auto (saelib.core.progress) falls back to text bars where ipywidgets is missing (e.g. papermill); that is fine.
 warnings.filterwarnings("ignore", message="IProgress not found")
+
+from saelib.core.allocation import RULES, AllocationContext, get_rule, register  # noqa: E402
+from saelib.core.checkpoints import CheckpointError, latest_checkpoint, load_sae, save_sae, step_checkpoints  # noqa: E402
+from saelib.core.metrics import Evaluation, evaluate  # noqa: E402
+from saelib.core.objectives import E2E, Local, Reconstruction  # noqa: E402
+from saelib.core.sae import SAE, SAEConfig  # noqa: E402
+from saelib.core.saelens_io import export_saelens, load_saelens  # noqa: E402
+from saelib.core.synthetic import make_synthetic  # noqa: E402
+from saelib.core.training import TrainConfig, TrainResult, initial_saes, train_cached, train_saes  # noqa: E402
+
+__all__ = [
+    "SAE", "SAEConfig", "TrainConfig", "TrainResult", "train_saes", "train_cached", "initial_saes",
+    "save_sae", "load_sae", "latest_checkpoint", "step_checkpoints", "CheckpointError",
+    "evaluate", "Evaluation", "Reconstruction", "Local", "E2E",
+    "RULES", "AllocationContext", "register", "get_rule", "make_synthetic", "export_saelens", "load_saelens",
+]

@@ -7,14 +7,23 @@ import numpy as np
 import pytest
 import torch
 
-from saelib import activations
-from saelib.activations import (CacheMismatchError, CacheSpec, NonFiniteActivationError, build_caches,
-                                WindowTable, drop_norm_outliers, get_or_build_cache, harvest, open_cache,
-                                token_windows)
-from saelib.metrics import evaluate
-from saelib.sae import SAEConfig
-from saelib.subject_models import load_subject_model, train_organism
-from saelib.training import TrainConfig, train_saes
+from saelib.core.metrics import evaluate
+from saelib.core.sae import SAEConfig
+from saelib.core.training import TrainConfig, train_saes
+from saelib.subjects import activations
+from saelib.subjects.activations import (
+    CacheMismatchError,
+    CacheSpec,
+    NonFiniteActivationError,
+    WindowTable,
+    build_caches,
+    drop_norm_outliers,
+    get_or_build_cache,
+    harvest,
+    open_cache,
+    token_windows,
+)
+from saelib.subjects.language_models import load_subject_model, train_organism
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 
@@ -186,7 +195,7 @@ def test_drop_norm_outliers_keeps_the_typical_rows():
 
 
 def test_heldout_reads_on_when_the_first_budget_has_no_heldout_document(env):
-    from saelib.corpora import KJV_DATA
+    from saelib.subjects.corpora import KJV_DATA
 
     if not KJV_DATA.exists():
         pytest.skip("kjv corpus (Debian bible-kjv-text) is not installed")

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from saelib.allocation import (RULES, AllocationContext, get_rule, top_n_indices, zipf_capacities,
-                               zipf_profile)
+from saelib.core.allocation import RULES, AllocationContext, get_rule, top_n_indices, zipf_capacities, zipf_profile
 
 B, F, K = 64, 96, 5
 

@@ -8,19 +8,17 @@ import shutil
 import subprocess
 import tempfile
 from html.parser import HTMLParser
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from saelib.activations import drop_norm_outliers, harvest, open_cache
-from saelib.browse import main
 from saelib.browser import FeatureData, TokenIndex, gather_features, shown_text, token_text, write_browser
-from saelib.checkpoints import save_sae
-from saelib.sae import SAE, SAEConfig
-from saelib.subject_models import _transformer_lens, train_organism, train_tokenizer
+from saelib.browser.cli import main
+from saelib.core.checkpoints import save_sae
+from saelib.core.sae import SAE, SAEConfig
+from saelib.subjects.activations import drop_norm_outliers, harvest, open_cache
+from saelib.subjects.language_models import _transformer_lens, train_organism, train_tokenizer
 
 HOOK = "blocks.0.hook_resid_post"
 HOSTILE = ["<script>alert(1)</script>", "a\"b'c&d<e>&amp;", "\x00\x1b\x7f\u2028"]

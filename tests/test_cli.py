@@ -1,4 +1,4 @@
-"""python -m saelib.train: a synthetic run end to end, resume, overrides, config errors, torchrun."""
+"""python -m saelib train: a synthetic run end to end, resume, overrides, config errors, torchrun."""
 
 import json
 import os
@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from saelib.checkpoints import latest_checkpoint, load_sae
-from saelib.saelens_io import load_saelens
-from saelib.train import main
+from saelib.cli.train import main
+from saelib.core.checkpoints import latest_checkpoint, load_sae
+from saelib.core.saelens_io import load_saelens
 
 CONFIG = """
 [data]
@@ -160,7 +160,7 @@ def test_torchrun_two_ranks_match_one_process(single, tmp_path):
     out = tmp_path / "out"
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-           "-m", "saelib.train", _config(tmp_path), "--out", str(out), "--no-progress"]
+           "-m", "saelib", "train", _config(tmp_path), "--out", str(out), "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 1  # rank 0 alone reports

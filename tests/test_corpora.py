@@ -6,8 +6,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from saelib import corpora
-from saelib.corpora import CorpusUnavailable, list_corpora, load_corpus
+from saelib.subjects import corpora
+from saelib.subjects.corpora import CorpusUnavailable, list_corpora, load_corpus
 
 DATA = {
     "kjv": corpora.KJV_DATA,

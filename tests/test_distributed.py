@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from saelib.checkpoints import latest_checkpoint, load_sae
-from saelib.sae import SAEConfig
-from saelib.synthetic import make_synthetic
-from saelib.training import TrainConfig, train_saes
+from saelib.core.checkpoints import latest_checkpoint, load_sae
+from saelib.core.sae import SAEConfig
+from saelib.core.synthetic import make_synthetic
+from saelib.core.training import TrainConfig, train_saes
 
 
 def _setup():

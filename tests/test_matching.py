@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from saelib import matching
-from saelib.exercises import CopyingModel, tiny_model
-from saelib.probes import icl_score, mean_loss, repeated_sequences
-from saelib.sae import SAE, SAEConfig
+from saelib.book.exercises import CopyingModel, tiny_model
+from saelib.core.sae import SAE, SAEConfig
+from saelib.studies import matching
+from saelib.subjects.probes import icl_score, mean_loss, repeated_sequences
 
 
 def dictionary(n=64, d=16, seed=0):

@@ -13,7 +13,8 @@ import sys
 import nbformat
 import pytest
 
-from saelib import book, profiles
+from saelib.book import build as book
+from saelib.book import profiles
 
 NOTEBOOKS = sorted((book.ROOT / "notebooks").glob("*.ipynb"))
 
@@ -21,7 +22,7 @@ NOTEBOOKS = sorted((book.ROOT / "notebooks").glob("*.ipynb"))
 def chapter_of(path):
     source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells)
     match = re.search(r'from_parameters\("(\w+)"', source)
-    assert match, f"{path.name} does not resolve its parameters with saelib.profiles.from_parameters"
+    assert match, f"{path.name} does not resolve its parameters with saelib.book.profiles.from_parameters"
     return match.group(1)
 
 
@@ -117,8 +118,8 @@ def test_allocation_chapter_through_the_online_routes(tmp_path, monkeypatch):
     directory (the loader online names take) and an `hf:` dataset streamed by `datasets`."""
     from transformers import AutoModelForCausalLM
 
-    from saelib.corpora import load_corpus
-    from saelib.subject_models import load_smollm2_hf
+    from saelib.subjects.corpora import load_corpus
+    from saelib.subjects.language_models import load_smollm2_hf
 
     hf, tokenizer = load_smollm2_hf()
     model_dir = tmp_path / "smollm2-hf"

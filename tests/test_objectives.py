@@ -1,14 +1,15 @@
-"""Braun et al.'s local / e2e / e2e+ds objectives (saelib.objectives) through the one trainer."""
+"""Braun et al.'s local / e2e / e2e+ds objectives (saelib.core.objectives) through the one trainer."""
 
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from saelib.activations import WindowTable
-from saelib.objectives import E2E, Local, Reconstruction, later_resid_hooks, token_rows
-from saelib.sae import SAE, SAEConfig
-from saelib.splice import downstream_errors, splice_metrics
-from saelib.training import TrainConfig, initial_saes, train_saes
+from saelib.core.hooks import later_resid_hooks
+from saelib.core.objectives import E2E, Local, Reconstruction, token_rows
+from saelib.core.sae import SAE, SAEConfig
+from saelib.core.training import TrainConfig, initial_saes, train_saes
+from saelib.studies.splice import downstream_errors, splice_metrics
+from saelib.subjects.activations import WindowTable
 
 HOOK = "blocks.1.hook_resid_pre"
 N_LAYERS, D, CTX = 4, 32, 12
@@ -18,7 +19,7 @@ CFG = TrainConfig(steps=12, batch_size=8, lr=3e-3, warmup_steps=2, init_tokens=2
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(1234)  # the subject model's own seed; SAEs draw from saelib.seeding streams
+    torch.manual_seed(1234)  # the subject model's own seed; SAEs draw from saelib.core.seeding streams
     cfg = HookedTransformerConfig(n_layers=N_LAYERS, d_model=D, n_heads=4, d_head=8, d_mlp=64, n_ctx=CTX,
                                   d_vocab=50, act_fn="gelu", normalization_type="LN")
     return HookedTransformer(cfg).eval()

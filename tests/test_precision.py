@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from saelib.allocation import RULES, AllocationContext, zipf_capacities
-from saelib.losses import sae_loss
-from saelib.sae import SAE, SAEConfig
-from saelib.training import TrainConfig, train_saes
+from saelib.core.allocation import RULES, AllocationContext, zipf_capacities
+from saelib.core.losses import sae_loss
+from saelib.core.sae import SAE, SAEConfig
+from saelib.core.training import TrainConfig, train_saes
 
 D, F, K = 64, 512, 8
 

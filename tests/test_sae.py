@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from saelib.allocation import RULES
-from saelib.losses import sae_loss
-from saelib.sae import SAE, SAEConfig, positive_mass
+from saelib.core.allocation import RULES
+from saelib.core.losses import sae_loss
+from saelib.core.sae import SAE, SAEConfig, positive_mass
 
 D, F, K = 16, 64, 4
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from saelib.saelens_io import export_saelens, load_saelens
-from saelib.sae import SAE, SAEConfig
-from saelib.training import TrainConfig, train_saes
+from saelib.core.sae import SAEConfig
+from saelib.core.saelens_io import export_saelens, load_saelens
+from saelib.core.training import TrainConfig, train_saes
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_saelens_reads_the_export_and_computes_the_same_reconstruction(trained, 
 
 
 def test_a_corrupt_export_gives_a_clear_error(trained, tmp_path):
-    from saelib.checkpoints import CheckpointError
+    from saelib.core.checkpoints import CheckpointError
 
     folder = export_saelens(trained[1]["topk"], tmp_path / "sae")
     (folder / "sae_weights.safetensors").write_bytes(b"\x00garbage")

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from saelib import book, cli
+from saelib import cli
+from saelib.book import build as book
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(book.ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
-def run(*args: str, exe: tuple[str, ...] = (sys.executable, "-m", "saelib.cli")) -> subprocess.CompletedProcess:
+def run(*args: str, exe: tuple[str, ...] = (sys.executable, "-m", "saelib")) -> subprocess.CompletedProcess:
     return subprocess.run([*exe, *args], capture_output=True, text=True, cwd=book.ROOT, env=ENV)
 
 
@@ -39,8 +40,9 @@ def test_arguments_pass_through(tmp_path, capsys):
     assert "00_synthetic" in capsys.readouterr().out
 
 
-def test_python_dash_m_forms_still_work():
-    assert run("--help", exe=(sys.executable, "-m", "saelib.exercises")).returncode == 0
+def test_python_dash_m_forms():
+    assert "student-copy" in run("--help", exe=(sys.executable, "-m", "saelib")).stdout
+    assert run("student-copy", "--help", exe=(sys.executable, "-m", "saelib")).returncode == 0
     assert "--only" in run("--help", exe=(sys.executable, "-m", "saelib.book")).stdout
 
 

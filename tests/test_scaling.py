@@ -5,10 +5,12 @@ import pandas as pd
 import pytest
 import torch
 
-from saelib.exercises import check_gap_trend
-from saelib.metrics import evaluate
-from saelib.sae import SAEConfig
-from saelib.scaling import (
+from saelib.book.exercises import check_gap_trend
+from saelib.core.metrics import evaluate
+from saelib.core.sae import SAEConfig
+from saelib.core.synthetic import make_synthetic
+from saelib.core.training import TrainConfig, train_config_dict, train_saes
+from saelib.studies.scaling import (
     batch_allocated,
     cached_table,
     doubling_steps,
@@ -17,8 +19,6 @@ from saelib.scaling import (
     relative_to,
     study_table,
 )
-from saelib.synthetic import make_synthetic
-from saelib.training import TrainConfig, train_config_dict, train_saes
 
 D, F, K = 16, 64, 4
 CONFIGS = {"topk": SAEConfig(D, F, rule="topk", k=K),
@@ -146,7 +146,7 @@ def test_cached_table_computes_once_per_key(tmp_path):
 
 
 def test_the_exercise_checks_name_what_a_wrong_answer_got_wrong(capsys):
-    from saelib.exercises import check_first_tokens_at
+    from saelib.book.exercises import check_first_tokens_at
 
     assert check_first_tokens_at(first_tokens_at)
 

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from saelib import profiles, seeding
-from saelib.metrics import max_cosine
-from saelib.sae import SAE, SAEConfig
-from saelib.synthetic import make_synthetic
+from saelib.book import profiles
+from saelib.core import seeding
+from saelib.core.metrics import max_cosine
+from saelib.core.sae import SAE, SAEConfig
+from saelib.core.synthetic import make_synthetic
 
 
 def test_each_purpose_has_its_own_stream():

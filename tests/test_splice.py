@@ -5,11 +5,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from saelib.activations import harvest, token_windows
-from saelib.sae import SAEConfig
-from saelib.splice import splice_metrics, splice_sweep
-from saelib.subject_models import load_subject_model, train_organism
-from saelib.training import TrainConfig, train_saes
+from saelib.core.sae import SAEConfig
+from saelib.core.training import TrainConfig, train_saes
+from saelib.studies.splice import splice_metrics, splice_sweep
+from saelib.subjects.activations import harvest, token_windows
+from saelib.subjects.language_models import load_subject_model, train_organism
 
 HOOK = "blocks.0.hook_resid_post"
 

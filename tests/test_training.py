@@ -10,12 +10,12 @@ import time
 import pytest
 import torch
 
-from saelib.checkpoints import CheckpointError, latest_checkpoint, load_sae
-from saelib.losses import aux_residual_loss, dead_weights, sae_loss, zipf_shortfall_weights
-from saelib.metrics import evaluate, max_cosine
-from saelib.sae import SAE, SAEConfig
-from saelib.synthetic import make_synthetic
-from saelib.training import NonFiniteError, TrainConfig, initial_saes, train_cached, train_saes
+from saelib.core.checkpoints import CheckpointError, latest_checkpoint, load_sae
+from saelib.core.losses import aux_residual_loss, dead_weights, sae_loss, zipf_shortfall_weights
+from saelib.core.metrics import evaluate, max_cosine
+from saelib.core.sae import SAE, SAEConfig
+from saelib.core.synthetic import make_synthetic
+from saelib.core.training import NonFiniteError, TrainConfig, initial_saes, train_cached, train_saes
 
 D, F = 32, 128
 N_TRAIN = 80_000  # rows [:N_TRAIN] train the SAEs; the other 20,000 are held out
@@ -126,7 +126,7 @@ def test_resume_after_a_real_kill(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys, time, torch
         sys.path.insert(0, {os.getcwd()!r})
-        import saelib.training as T
+        import saelib.core.training as T
         from tests.test_training import _small_run
         x, cfgs, cfg = _small_run()
         cfg.checkpoint_every = 1
@@ -234,7 +234,7 @@ def test_aux_k_sends_gradient_to_dead_features_only_through_the_aux_term():
 
 def test_zipf_shortfall_is_one_for_dead_and_zero_at_target():
     sae = SAE(SAEConfig(16, 8, rule="mutual_choice", k=2, dead_after_tokens=10))
-    from saelib.allocation import zipf_profile
+    from saelib.core.allocation import zipf_profile
     target = zipf_profile(8, 2, 1.0).float()
     sae.density.copy_(target)
     sae.density[3] *= 0.5

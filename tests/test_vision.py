@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from saelib.patch_analysis import (
+from saelib.core.sae import SAE, SAEConfig
+from saelib.studies.patch_analysis import (
     existing_share,
     group_latents,
     group_summary,
@@ -22,15 +23,14 @@ from saelib.patch_analysis import (
     spliced_accuracy,
     top_turnover,
 )
-from saelib.prompts import (
+from saelib.subjects.prompts import (
     DeepPrompts,
     PromptConfig,
     adapt,
     backbone_digest,
     linear_probe,
 )
-from saelib.sae import SAE, SAEConfig
-from saelib.vision import (
+from saelib.subjects.vision import (
     FASHION_DIR,
     HookedViT,
     IdxFormatError,
@@ -285,7 +285,7 @@ def test_grouping_by_class_ranks():
 
 
 def test_vision_exercise_checks_accept_saelib_and_reject_mistakes(capsys):
-    from saelib.exercises import check_label_entropy, check_masked_reconstruction
+    from saelib.book.exercises import check_label_entropy, check_masked_reconstruction
 
     assert check_label_entropy(label_entropy)
     assert not check_label_entropy(lambda m: -(m / m.sum(1, keepdim=True) * (m / m.sum(1, keepdim=True)
@@ -301,7 +301,7 @@ def test_clip_vision_tower_behind_the_vit_interface():
     gets the ViT's hook names, and without prompts gives transformers' own pooled output."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from saelib.vision import HookedCLIPVision
+    from saelib.subjects.vision import HookedCLIPVision
 
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=28, patch_size=4)

@@ -1,0 +1,5 @@
+import sys
+
+from saelib.cli import main
+
+sys.exit(main())

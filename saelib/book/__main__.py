@@ -1,0 +1,5 @@
+import sys
+
+from saelib.book.build import main
+
+sys.exit(main())

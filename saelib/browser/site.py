@@ -1,0 +1,638 @@
+"""Feature browser: every feature of an SAE, explored by its examples, offline.
+
+Readers understand a feature by its examples, so for each feature this module gathers, over a token
+budget of an activation table, its density, a histogram of its activations, its top-activating
+contexts (every token of the window shaded by the feature's activation), samples from each quantile
+bin of its activations (not only the top) and the output tokens its decoder direction promotes and
+suppresses through the unembedding.
+
+Gathering (``gather_features``) reads the table once and encodes each batch with every SAE (the
+expensive part). It keeps only the sparse codes, 10 bytes per kept entry (64 MB for 200k tokens at
+L0 32), sorts them by feature and descending value, and computes everything per feature from them.
+
+Rendering: ``write_browser`` writes a static site that works from ``file://`` and inside the book
+(an index page per SAE with a sortable, searchable feature table; one viewer page whose data come
+from small ``.js`` files, so no server and no ``fetch``); ``FeatureView`` shows one feature in a
+notebook, rendered in Python without JavaScript. Token text is set with ``textContent`` in the
+browser and ``html.escape``-d in Python, so no token can inject markup.
+
+Units: activations are the SAE's codes, in its normalised units (the contribution to the input is
+``value * decoder_row / input_scale``). Logit effects use the decoder rows directly (unit norm, the
+feature's direction; dividing by ``input_scale`` would scale every entry alike), read through the
+final norm's weight (and its centring, for LayerNorm) and ``W_U``: the change in each logit when the
+residual moves one unit along the direction, ignoring the norm's rescaling.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+import shutil
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saelib.core import seeding
+from saelib.core.hooks import parse_hook
+from saelib.core.progress import bar as progress_bar
+from saelib.core.sae import SAE
+from saelib.core.storage import artifact_dir, atomic_dir, commit_dir
+
+__all__ = ["TokenIndex", "FeatureData", "FeatureView", "BrowserSummary", "gather_features", "write_browser",
+           "book_browser", "logit_effects", "token_text", "shown_text"]
+
+ASSETS = Path(__file__).with_name("assets")
+"""Hooks whose activations live in the residual stream's basis, where ``W_U`` can read a direction."""
+CHUNK = 256
+"""Features per data file of the browser: a feature page loads one file of about 300 kB."""
+
+
+# ============================================================================ which token a row is
+
+@dataclass
+class TokenIndex:
+    """Row ``r`` of an activation table is token ``windows[window[r], position[r]]``."""
+
+    windows: np.ndarray
+    """int [n_windows, context]: the token windows the activations were harvested from."""
+    window: np.ndarray
+    position: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.windows = np.asarray(self.windows)
+        self.window, self.position = np.asarray(self.window, np.int64), np.asarray(self.position, np.int64)
+        if self.windows.ndim != 2 or self.window.shape != self.position.shape:
+            raise ValueError(f"TokenIndex needs windows [n_windows, context] and one window and position per row; "
+                             f"got windows {self.windows.shape}, {self.window.shape} and {self.position.shape}")
+        if len(self.window) and (self.window.max() >= len(self.windows) or self.position.max() >= self.windows.shape[1]):
+            raise ValueError("TokenIndex: a row points outside the windows")
+
+    @classmethod
+    def from_table(cls, table, n_rows: int | None = None) -> "TokenIndex":
+        """The index of a table that knows its tokens (``.tokens`` and ``.locate``: an ActivationCache,
+        or a RowSubset of one)."""
+        if not (hasattr(table, "tokens") and hasattr(table, "locate")):
+            raise TypeError(f"{type(table).__name__} does not say which token each row is (no .tokens and .locate); "
+                            "pass tokens=TokenIndex.from_windows(windows) with the windows it was harvested from")
+        window, position = table.locate(np.arange(len(table) if n_rows is None else n_rows))
+        return cls(np.asarray(table.tokens), window, position)
+
+    @classmethod
+    def from_windows(cls, windows: Tensor | np.ndarray, exclude_bos: bool = True) -> "TokenIndex":
+        """The index of ``saelib.subjects.activations.harvest(model, hooks, windows, exclude_bos=...)``'s rows."""
+        windows = np.asarray(windows.cpu() if isinstance(windows, Tensor) else windows)
+        first = int(exclude_bos)
+        rows = np.arange(len(windows) * (windows.shape[1] - first))
+        return cls(windows, rows // (windows.shape[1] - first), first + rows % (windows.shape[1] - first))
+
+    def row_at(self, n_rows: int) -> Tensor:
+        """[n_windows, context]: the row (< n_rows) at each window position, -1 where none was scanned."""
+        out = torch.full(self.windows.shape, -1, dtype=torch.long)
+        out[torch.from_numpy(self.window[:n_rows]), torch.from_numpy(self.position[:n_rows])] = torch.arange(n_rows)
+        return out
+
+
+# ============================================================================ gathering
+
+@dataclass
+class FeatureData:
+    """What the browser shows of every feature of one SAE, over the first ``n_tokens`` rows of a table.
+
+    Example rows are -1 (values 0) where a feature has fewer examples; contexts are the feature's
+    activation at offsets ``-before..after`` of the example's token, NaN where no scanned row is."""
+
+    name: str
+    n_tokens: int
+    count: Tensor
+    """[F] rows where the feature fired."""
+    max: Tensor
+    """[F] largest activation (0 if it never fired)."""
+    hist: Tensor
+    """[F, n_bins] counts of nonzero activations in equal bins from 0 to the feature's max."""
+    top_rows: Tensor
+    """[F, n_top] rows of the highest activations, descending."""
+    top_values: Tensor
+    quantile_edges: Tensor
+    """[F, n_quantiles + 1] smallest activation of each quantile bin (ascending; 0 if empty), then the max."""
+    sample_rows: Tensor
+    """[F, n_quantiles, n_samples] rows sampled (stratified) from each quantile bin, lowest bin first."""
+    sample_values: Tensor
+    top_context: Tensor
+    """[F, n_top, before + 1 + after] activations around each top example."""
+    sample_context: Tensor
+    """[F, n_quantiles, n_samples, before + 1 + after]."""
+    tokens: TokenIndex = field(repr=False)
+    before: int = 16
+    after: int = 7
+    promoted: Tensor | None = None
+    """[F, n_logits] token ids with the largest logit effect of the decoder direction, descending."""
+    promoted_logits: Tensor | None = None
+    suppressed: Tensor | None = None
+    """[F, n_logits] token ids with the most negative effect, most negative first."""
+    suppressed_logits: Tensor | None = None
+    logit_note: str = ""
+    """Why there are no logit effects (empty when there are)."""
+
+    @property
+    def density(self) -> Tensor:
+        return self.count / self.n_tokens
+
+    def context_ids(self, row: int) -> list[int | None]:
+        """Token ids at offsets ``-before..after`` of a row's token (None outside its window)."""
+        w, p = int(self.tokens.window[row]), int(self.tokens.position[row])
+        ids = self.tokens.windows[w]
+        return [int(ids[q]) if 0 <= q < len(ids) else None for q in range(p - self.before, p + self.after + 1)]
+
+    def view(self, feature: int, tokenizer) -> "FeatureView":
+        """The feature's page, for a notebook (``_repr_html_``)."""
+        return FeatureView(self, feature, tokenizer)
+
+
+def gather_features(saes: Mapping[str, SAE], table, *, tokens: TokenIndex | None = None, n_tokens: int | None = None,
+                    model=None, hook: str | None = None, batch_size: int = 4096, n_top: int = 8,
+                    n_quantiles: int = 4, n_samples: int = 4, n_bins: int = 32, before: int = 16, after: int = 7,
+                    n_logits: int = 10, seed: int = 0, progress: bool = True) -> dict[str, FeatureData]:
+    """Gather every feature of every SAE over the first ``n_tokens`` rows of ``table`` in one pass.
+
+    ``table`` is any activation table (``len``, ``table[LongTensor] -> [n, d_in]``); ``tokens`` says
+    which token each row is (default: ``TokenIndex.from_table(table)``). ``model`` (a
+    HookedTransformer) adds the logit effects unless ``hook`` is given and is not in the residual basis."""
+    if not saes:
+        raise ValueError("gather_features needs at least one SAE")
+    widths = {name: sae.cfg.d_in for name, sae in saes.items()}
+    if len(set(widths.values())) != 1:
+        raise ValueError(f"the SAEs read activations of different widths {widths}: gather them separately")
+    n = len(table) if n_tokens is None else min(int(n_tokens), len(table))
+    if n <= 0:
+        raise ValueError(f"no rows to scan: the table has {len(table)} rows and n_tokens={n_tokens}")
+    tokens = TokenIndex.from_table(table, n) if tokens is None else tokens
+    if len(tokens.window) < n:
+        raise ValueError(f"the TokenIndex covers {len(tokens.window)} rows but {n} are scanned")
+    codes = _encode_all(saes, table, n, batch_size, progress)
+    row_at = tokens.row_at(n)
+    gen = seeding.generator("browser_samples", seed)
+    out = {}
+    for name, sae in saes.items():
+        data = _summarise(name, *codes[name], sae.cfg.d_sae, n, tokens, row_at, gen, n_top, n_quantiles,
+                          n_samples, n_bins, before, after)
+        _add_logit_effects(data, sae, model, hook, n_logits)
+        out[name] = data
+    return out
+
+
+@torch.no_grad()
+def _encode_all(saes: Mapping[str, SAE], table, n: int, batch_size: int,
+                progress: bool) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """The one pass over the table: (rows, features, values) of every SAE's kept entries."""
+    parts: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {name: [] for name in saes}
+    modes = {name: sae.training for name, sae in saes.items()}
+    try:
+        for sae in saes.values():
+            sae.eval()
+        for lo in progress_bar(range(0, n, batch_size), show=progress, desc="browser: encoding", unit="batch"):
+            x = table[torch.arange(lo, min(n, lo + batch_size))].float()
+            for name, sae in saes.items():
+                c = sae(x.to(sae.decoder.device)).codes
+                col_dtype = torch.int16 if sae.cfg.d_sae < 2 ** 15 else torch.int32
+                parts[name].append(((c.rows + lo).int().cpu(), c.cols.to(col_dtype).cpu(), c.values.float().cpu()))
+    finally:
+        for name, sae in saes.items():
+            sae.train(modes[name])
+    return {name: tuple(torch.cat(t) for t in zip(*p)) for name, p in parts.items()}  # type: ignore[misc]
+
+
+def _summarise(name: str, rows: Tensor, cols: Tensor, vals: Tensor, n_features: int, n: int, tokens: TokenIndex,
+               row_at: Tensor, gen: torch.Generator, n_top: int, n_quantiles: int, n_samples: int, n_bins: int,
+               before: int, after: int) -> FeatureData:
+    """Per-feature statistics and examples from the codes, sorted by feature then descending value."""
+    order = torch.argsort(vals, descending=True, stable=True)
+    order = order[torch.argsort(cols[order], stable=True)]
+    r, c, v = rows[order].long(), cols[order].long(), vals[order]
+    count = torch.bincount(c, minlength=n_features)
+    start = torch.cumsum(count, 0) - count
+    # Index len(v) is a sentinel (row -1, value 0) for the examples a feature does not have.
+    r_pad, v_pad = torch.cat([r, r.new_tensor([-1])]), torch.cat([v, v.new_zeros(1)])
+    vmax = torch.where(count > 0, v_pad[torch.where(count > 0, start, len(v))], 0.0)
+    bins = (v / vmax[c] * n_bins).long().clamp_(0, n_bins - 1)
+    hist = torch.bincount(c * n_bins + bins, minlength=n_features * n_bins).view(n_features, n_bins)
+
+    j = torch.arange(n_top)
+    top = torch.where(j < count[:, None], start[:, None] + j, len(v))
+    # Quantile bin b holds ascending ranks [b n / Q, (b + 1) n / Q); rank a sits at start + n - 1 - a.
+    b = torch.arange(n_quantiles + 1)
+    lo_rank = (b * count[:, None]) // n_quantiles  # [F, Q + 1]
+    size = (lo_rank[:, 1:] - lo_rank[:, :-1])[..., None]  # [F, Q, 1]
+    # Stratified: sample s is uniform in the s-th of n_samples equal slices of the bin (all of a small bin).
+    s = torch.arange(n_samples + 1)
+    cut = (s * size) // n_samples  # [F, Q, S + 1]
+    u = torch.rand(n_features, n_quantiles, n_samples, generator=gen)
+    s = s[:-1]
+    within = torch.where(size >= n_samples, cut[..., :-1] + (u * (cut[..., 1:] - cut[..., :-1])).long(), s)
+    rank = lo_rank[:, :-1, None] + within
+    sample = torch.where(s < size, start[:, None, None] + count[:, None, None] - 1 - rank, len(v))
+    # Edges: each bin's smallest value (its lowest ascending rank; 0 for an empty bin), then the max.
+    lowest = torch.where(size[..., 0] > 0, start[:, None] + count[:, None] - 1 - lo_rank[:, :-1], len(v))
+    edges = torch.cat([v_pad[lowest], vmax[:, None]], 1)
+
+    keys, perm = torch.sort(rows.long() * n_features + cols.long())
+    lookup = (keys, vals[perm])
+    feats = torch.arange(n_features)
+    return FeatureData(
+        name=name, n_tokens=n, count=count, max=vmax, hist=hist, top_rows=r_pad[top], top_values=v_pad[top],
+        quantile_edges=edges, sample_rows=r_pad[sample], sample_values=v_pad[sample],
+        top_context=_contexts(r_pad[top], feats[:, None].expand(-1, n_top), tokens, row_at, lookup, n_features,
+                              before, after),
+        sample_context=_contexts(r_pad[sample], feats[:, None, None].expand_as(sample), tokens, row_at, lookup,
+                                 n_features, before, after),
+        tokens=tokens, before=before, after=after)
+
+
+def _contexts(ex_rows: Tensor, ex_feats: Tensor, tokens: TokenIndex, row_at: Tensor,
+              lookup: tuple[Tensor, Tensor], n_features: int, before: int, after: int) -> Tensor:
+    """[..., before + 1 + after]: feature ``ex_feats``'s activation around each example row (NaN where
+    there is no scanned row: outside the window, unscanned positions, padding examples)."""
+    shape = ex_rows.shape
+    ex_rows, ex_feats = ex_rows.reshape(-1), ex_feats.reshape(-1)
+    safe = ex_rows.clamp(min=0).numpy()
+    w = torch.from_numpy(tokens.window[safe])[:, None]
+    q = torch.from_numpy(tokens.position[safe])[:, None] + torch.arange(-before, after + 1)
+    inside = (q >= 0) & (q < row_at.shape[1]) & (ex_rows[:, None] >= 0)
+    nearby = torch.where(inside, row_at[w, q.clamp(0, row_at.shape[1] - 1)], -1)
+    keys, values = lookup
+    want = nearby * n_features + ex_feats[:, None]
+    at = torch.searchsorted(keys, want).clamp(max=max(len(keys) - 1, 0))
+    found = (keys[at] == want) if len(keys) else torch.zeros_like(want, dtype=torch.bool)
+    acts = torch.where(found, values[at] if len(keys) else 0.0, 0.0)
+    return torch.where(nearby >= 0, acts, float("nan")).reshape(*shape, -1)
+
+
+# ============================================================================ logit effects
+
+@torch.no_grad()
+def logit_effects(decoder: Tensor, model, k: int = 10, chunk: int = 512) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(promoted ids, their logits, suppressed ids, their logits), each [F, k], of each decoder row
+    read through the model's final norm weight (centred first for LayerNorm) and ``W_U``."""
+    directions = decoder.detach().float().to(model.W_U.device)
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        directions = directions - directions.mean(1, keepdim=True)
+    weight = getattr(getattr(model, "ln_final", None), "w", None)
+    unembed = model.W_U.float() * (weight.float()[:, None] if weight is not None else 1.0)
+    k = min(k, unembed.shape[1])
+    out: list[list[Tensor]] = [[], [], [], []]
+    for lo in range(0, len(directions), chunk):
+        logits = directions[lo:lo + chunk] @ unembed
+        hi, low = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
+        for part, t in zip(out, (hi.indices, hi.values, low.indices, low.values)):
+            part.append(t.cpu())
+    return tuple(torch.cat(p) for p in out)  # type: ignore[return-value]
+
+
+def _add_logit_effects(data: FeatureData, sae: SAE, model, hook: str | None, k: int) -> None:
+    if model is None or not hasattr(model, "W_U"):
+        data.logit_note = "no model given: no logit effects"
+    elif sae.cfg.d_in != model.cfg.d_model or (hook is not None and not parse_hook(hook).in_residual_basis):
+        data.logit_note = f"the hook {hook or ''} is not in the residual stream's basis: no logit effects"
+    else:
+        data.promoted, data.promoted_logits, data.suppressed, data.suppressed_logits = logit_effects(
+            sae.decoder, model, k)
+
+
+# ============================================================================ token text
+
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins for bytes (GPT-2's scheme): printable Latin-1 bytes are
+    themselves, the others are chr(256 + i) in byte order."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    table = {chr(b): b for b in keep}
+    table.update({chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in keep)})
+    return table
+
+
+_BYTES = _byte_decoder()
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """The token's text. A byte-level fragment that is not valid UTF-8 alone (half a character)
+    comes back as its bytes written ``\\xe2\\x80``, not as the replacement character."""
+    text = tokenizer.decode([int(token_id)], clean_up_tokenization_spaces=False)
+    if "\ufffd" in text:
+        raw = tokenizer.convert_ids_to_tokens(int(token_id))
+        if isinstance(raw, str) and raw and all(ch in _BYTES for ch in raw):
+            return bytes(_BYTES[ch] for ch in raw).decode("utf-8", errors="backslashreplace")
+    return text
+
+
+def shown_text(text: str) -> str:
+    """What a token looks like on a page: newline as ↵, tab as ⇥; control, format (e.g. bidi overrides),
+    unassigned and line/paragraph separator characters as escapes such as ``\\x1b`` or ``\\u202e``
+    (invisible, disruptive or not allowed in HTML otherwise); everything else unchanged."""
+    out = []
+    for ch in text:
+        if ch == "\n":
+            out.append("↵")
+        elif ch == "\t":
+            out.append("⇥")
+        elif unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp"):
+            out.append(ascii(ch)[1:-1])  # e.g. \x1b, \u2028
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+# ============================================================================ notebook view
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _shade(act: float, vmax: float) -> str:
+    return f"rgba(255,110,0,{min(1.0, max(0.0, act / vmax)) if vmax > 0 else 0:.2f})"
+
+
+def _esc(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+class FeatureView:
+    """One feature as HTML for a notebook: histogram, logit effects, top contexts, quantile samples.
+
+    Rendered in Python (no JavaScript), so it shows wherever notebook HTML does."""
+
+    def __init__(self, data: FeatureData, feature: int, tokenizer):
+        if not 0 <= feature < len(data.count):
+            raise IndexError(f"feature {feature} out of range: {data.name} has {len(data.count)} features")
+        self.data, self.feature, self.tokenizer = data, feature, tokenizer
+        self._texts: dict[int, str] = {}
+
+    def _text(self, token_id: int) -> str:
+        if token_id not in self._texts:
+            self._texts[token_id] = shown_text(token_text(self.tokenizer, token_id))
+        return self._texts[token_id]
+
+    def _context(self, row: int, acts: Tensor) -> str:
+        d, vmax = self.data, float(self.data.max[self.feature])
+        spans = []
+        for off, (tid, act) in enumerate(zip(d.context_ids(row), acts.tolist())):
+            if tid is None or (math.isnan(act) and off - d.before + int(d.tokens.position[row]) == 0):
+                continue  # outside the window, or an unscanned BOS
+            unscanned = math.isnan(act)
+            cls = "tok" + (" max" if off == d.before else "") + (" u" if unscanned else "")
+            title = ("not scanned" if unscanned else f"activation {_fmt(act)}") + f" · token id {tid}"
+            style = f' style="background:{_shade(act, vmax)}"' if not unscanned and act > 0 else ""
+            spans.append(f'<span class="{cls}" title="{_esc(title)}"{style}>{_esc(self._text(tid))}</span>')
+        return f'<div class="ctx">{"".join(spans)}</div>'
+
+    def _examples(self, rows: Tensor, values: Tensor, contexts: Tensor) -> str:
+        return "".join(f'<div class="ex"><span class="val">{_fmt(float(val))}</span>{self._context(int(row), ctx)}</div>'
+                       for row, val, ctx in zip(rows, values, contexts) if row >= 0)
+
+    def _logit_table(self, title: str, ids: Tensor | None, logits: Tensor | None) -> str:
+        if ids is None or logits is None:
+            return ""
+        cells = "".join(f'<tr><td class="tt"><span>{_esc(self._text(int(t)))}</span></td><td>{float(x):+.3f}</td></tr>'
+                        for t, x in zip(ids[self.feature], logits[self.feature]))
+        return f'<table class="logits"><tr><th colspan="2">{_esc(title)}</th></tr>{cells}</table>'
+
+    def _repr_html_(self) -> str:
+        d, f = self.data, self.feature
+        head = (f'<div class="head"><b>{_esc(d.name)} · feature {f}</b> density {100 * float(d.density[f]):.3g}% '
+                f'({int(d.count[f])} of {d.n_tokens:,} tokens) · max {_fmt(float(d.max[f]))}</div>')
+        if d.count[f] == 0:
+            body = f"<p>This feature did not fire on the {d.n_tokens:,} scanned tokens.</p>"
+        else:
+            bins = []
+            for q in reversed(range(d.sample_rows.shape[1])):
+                lo, hi = d.quantile_edges[f, q], d.quantile_edges[f, q + 1]
+                n_q = d.sample_rows.shape[1]
+                if d.sample_rows[f, q, 0] >= 0:
+                    bins.append(f'<h4>quantile {100 * q // n_q}-{100 * (q + 1) // n_q}%: activations '
+                                f'{_fmt(float(lo))} to {_fmt(float(hi))}</h4>'
+                                + self._examples(d.sample_rows[f, q], d.sample_values[f, q], d.sample_context[f, q]))
+            body = ('<h4>top activations</h4>' + self._examples(d.top_rows[f], d.top_values[f], d.top_context[f])
+                    + "".join(bins))
+        logits = (self._logit_table("promoted", d.promoted, d.promoted_logits)
+                  + self._logit_table("suppressed", d.suppressed, d.suppressed_logits)) or _esc(d.logit_note)
+        svg = histogram_svg(d.hist[f].tolist(), float(d.max[f]))
+        return (f'<div class="saeb"><style>{_css()}</style>{head}<div class="row">{svg}{logits}</div>{body}</div>')
+
+
+def histogram_svg(counts: list[int], vmax: float, width: int = 340, height: int = 110) -> str:
+    """Bars of the activation histogram on a log count scale (the low bins hold most tokens)."""
+    top = math.log1p(max(counts)) if counts and max(counts) > 0 else 1.0
+    bar = (width - 10) / max(1, len(counts))
+    rects = "".join(f'<rect x="{5 + i * bar:.1f}" y="{height - 20 - h:.1f}" width="{bar - 1:.1f}" height="{h:.1f}">'
+                    f'<title>{c} tokens</title></rect>'
+                    for i, c in enumerate(counts) if c > 0
+                    for h in [(height - 34) * math.log1p(c) / top])
+    return (f'<svg class="hist" width="{width}" height="{height}" viewBox="0 0 {width} {height}">{rects}'
+            f'<text x="5" y="{height - 5}">0</text><text x="{width - 5}" y="{height - 5}" text-anchor="end">'
+            f'{_fmt(vmax)}</text><text x="5" y="10">tokens per activation bin (log scale)</text></svg>')
+
+
+def _css() -> str:
+    return (ASSETS / "browser.css").read_text()
+
+
+# ============================================================================ the static site
+
+@dataclass
+class BrowserSummary:
+    """What ``write_browser`` wrote and what it cost."""
+
+    index: Path
+    """The top page (open it from file:// or link to it from the book)."""
+    bytes: int
+    seconds: float
+    n_tokens: int
+    features: dict[str, FeatureData] = field(repr=False)
+    """The gathered data, e.g. for ``features[name].view(i, tokenizer)`` in the notebook."""
+
+
+def _r(x: float) -> float | int:
+    """3 significant digits: enough for shading and labels, and short in JSON."""
+    return 0 if x == 0 else float(f"{x:.3g}")
+
+
+def _js(key: str, value) -> str:
+    # ensure_ascii: the file is plain ASCII JavaScript whatever the token text is.
+    return f"SAEB.put({json.dumps(key)},{json.dumps(value, separators=(',', ':'), ensure_ascii=True)});\n"
+
+
+def _page(title: str, body: str, root: str, scripts: list[str] = (), init: str = "") -> str:
+    tags = "".join(f'<script src="{_esc(s)}"></script>' for s in scripts) + (f"<script>{init}</script>" if init else "")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+            f'<link rel="stylesheet" href="{root}assets/browser.css"></head>\n<body class="saeb">{body}\n{tags}'
+            f'\n</body></html>\n')
+
+
+def _slug(name: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "sae"
+    slug, i = base, 1
+    while slug in taken:
+        i += 1
+        slug = f"{base}_{i}"
+    taken.add(slug)
+    return slug
+
+
+class _SiteWriter:
+    """Writes one SAE's pages and data files, and collects the windows and tokens they refer to."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.windows: set[int] = set()
+        self.token_ids: set[int] = set()
+
+    def example(self, d: FeatureData, row: int, value: float, ctx: np.ndarray) -> list:
+        w, p = int(d.tokens.window[row]), int(d.tokens.position[row])
+        self.windows.add(w)
+        nonzero = [(int(off) - d.before, _r(float(ctx[off]))) for off in np.flatnonzero(np.nan_to_num(ctx))
+                   if off != d.before]
+        return [w, p, _r(value), [x for pair in nonzero for x in pair]]
+
+    def feature(self, d: FeatureData, f: int, top: tuple, samples: tuple) -> dict:
+        if d.count[f] == 0:
+            return {"h": [], "t": [], "q": [], "p": [], "s": []}
+        rows, values, ctx = top
+        rec: dict = {"h": d.hist[f].tolist(), "q": [],
+                     "t": [self.example(d, r, v, c) for r, v, c in zip(rows[f], values[f], ctx[f]) if r >= 0]}
+        s_rows, s_values, s_ctx = samples
+        n_q = s_rows.shape[1]
+        for q in reversed(range(n_q)):
+            ex = [self.example(d, r, v, c) for r, v, c in zip(s_rows[f, q], s_values[f, q], s_ctx[f, q]) if r >= 0]
+            if ex:
+                edges = d.quantile_edges[f]
+                rec["q"].append([f"{100 * q // n_q}-{100 * (q + 1) // n_q}%", _r(float(edges[q])),
+                                 _r(float(edges[q + 1])), ex])
+        for key, ids, logits in (("p", d.promoted, d.promoted_logits), ("s", d.suppressed, d.suppressed_logits)):
+            if ids is not None and logits is not None:
+                rec[key] = [[int(t), _r(float(x))] for t, x in zip(ids[f], logits[f])]
+                self.token_ids.update(rec[key][i][0] for i in range(len(rec[key])))
+            else:
+                rec[key] = []
+        return rec
+
+    def write(self, d: FeatureData, root: str) -> dict:
+        """Write the SAE's folder; return its line of the top page."""
+        data = self.folder / "data"
+        data.mkdir(parents=True)
+        top = (d.top_rows.numpy(), d.top_values.numpy(), d.top_context.numpy())
+        samples = (d.sample_rows.numpy(), d.sample_values.numpy(), d.sample_context.numpy())
+        n_features = len(d.count)
+        for lo in range(0, n_features, CHUNK):
+            chunk = [self.feature(d, f, top, samples) for f in range(lo, min(n_features, lo + CHUNK))]
+            (data / f"f{lo // CHUNK}.js").write_text(_js(f"f{lo // CHUNK}", chunk))
+        first = d.top_rows[:, 0].clamp(min=0).numpy()
+        top_token = np.where(d.top_rows[:, 0].numpy() >= 0, d.tokens.windows[d.tokens.window[first],
+                                                                             d.tokens.position[first]], -1)
+        promoted = d.promoted[:, 0].numpy() if d.promoted is not None else np.full(n_features, -1)
+        self.token_ids.update(int(t) for t in top_token if t >= 0)
+        meta = {"name": d.name, "n_features": n_features, "n_tokens": d.n_tokens, "chunk": CHUNK,
+                "before": d.before, "after": d.after, "logit_note": d.logit_note,
+                "density": [_r(x) for x in d.density.tolist()], "max": [_r(x) for x in d.max.tolist()],
+                "count": d.count.tolist(), "top": top_token.tolist(), "promoted": promoted.tolist()}
+        (data / "index.js").write_text(_js("index", meta))
+        scripts = [f"{root}assets/browser.js", f"{root}data/tokens.js", "data/index.js"]  # SAEB first
+        title = f"{d.name}: features"
+        (self.folder / "index.html").write_text(_page(title, (
+            f'<div class="nav"><a href="{root}index.html">\u2190 all SAEs</a></div><h1>{_esc(d.name)}</h1>'
+            f'<p class="note">{n_features:,} features over {d.n_tokens:,} tokens. Click a column to sort; search '
+            'by feature number, top token or promoted token.</p><input id="search" type="search" '
+            'placeholder="feature number or token text"> <span id="shown" class="note"></span>'
+            '<table id="features"><thead><tr><th data-key="index">feature</th><th data-key="density">density</th>'
+            '<th data-key="max">max activation</th><th>top token</th><th>promotes</th></tr></thead>'
+            '<tbody></tbody></table>'), root, scripts, "SAEB.indexPage();"))
+        (self.folder / "feature.html").write_text(
+            _page(f"{d.name}: feature", '<div id="feature"></div>', root, scripts, "SAEB.featurePage();"))
+        fired = int((d.count > 0).sum())
+        return {"name": d.name, "href": f"{self.folder.name}/index.html", "features": n_features, "fired": fired}
+
+
+def write_browser(saes: Mapping[str, SAE], model, table, out_dir: str | Path, *, tokens: TokenIndex | None = None,
+                  n_tokens: int | None = 200_000, hook: str | None = None, tokenizer=None, title: str = "SAE features",
+                  progress: bool = True, **gather: int) -> BrowserSummary:
+    """Write a static feature browser of ``saes`` into ``out_dir`` (replaced atomically) and return
+    its index page, size and time.
+
+    ``model`` is the subject model (a HookedTransformer: its tokenizer renders the text, its ``W_U``
+    gives the logit effects; None for neither, then pass ``tokenizer``). ``table`` and ``tokens`` are
+    as in ``gather_features``, which gets the remaining keyword arguments (n_top, n_quantiles, ...)."""
+    t0 = time.perf_counter()
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("write_browser needs a tokenizer to show text: pass a model with .tokenizer or tokenizer=")
+    features = gather_features(saes, table, tokens=tokens, n_tokens=n_tokens, model=model, hook=hook,
+                               progress=progress, **gather)
+    out = Path(out_dir)
+    tmp = atomic_dir(out)
+    (tmp / "assets").mkdir()
+    for asset in ("browser.js", "browser.css"):
+        (tmp / "assets" / asset).write_text((ASSETS / asset).read_text())
+    taken: set[str] = {"assets", "data"}
+    writers, lines = [], []
+    for name, d in progress_bar(features.items(), show=progress, desc="browser: writing", unit="sae"):
+        writer = _SiteWriter(tmp / _slug(name, taken))
+        lines.append(writer.write(d, "../"))
+        writers.append(writer)
+    first = next(iter(features.values()))
+    _write_tokens(tmp / "data", first.tokens, first.n_tokens, writers, tokenizer)
+    rows = "".join(f'<tr><td><a href="{_esc(x["href"])}">{_esc(x["name"])}</a></td><td class="num">{x["features"]:,}'
+                   f'</td><td class="num">{x["fired"]:,}</td></tr>' for x in lines)
+    (tmp / "index.html").write_text(_page(title, (
+        f'<h1>{_esc(title)}</h1><p class="note">Each SAE\'s features over {first.n_tokens:,} tokens: density, '
+        'activation histogram, top-activating contexts, samples from each activation quantile and the tokens '
+        'each feature\'s decoder direction promotes and suppresses. Written by saelib.browser.</p>'
+        f'<table id="saes"><tr><th>SAE</th><th>features</th><th>fired</th></tr>{rows}</table>'), ""))
+    commit_dir(tmp, out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return BrowserSummary(out / "index.html", size, time.perf_counter() - t0, first.n_tokens, features)
+
+
+def _write_tokens(folder: Path, tokens: TokenIndex, n_rows: int, writers: list[_SiteWriter], tokenizer) -> None:
+    """data/tokens.js: the windows the examples come from, their unscanned positions, and the text of
+    every token shown."""
+    folder.mkdir()
+    used = sorted(set().union(*(w.windows for w in writers)))
+    row_at = tokens.row_at(n_rows).numpy()
+    windows = {w: tokens.windows[w].tolist() for w in used}
+    unscanned = {w: np.flatnonzero(row_at[w] < 0).tolist() for w in used}
+    ids = set().union(*(w.token_ids for w in writers), *(set(ws) for ws in windows.values()))
+    vocab = {t: shown_text(token_text(tokenizer, t)) for t in sorted(ids)}
+    (folder / "tokens.js").write_text(_js("tokens", {"vocab": vocab, "windows": windows,
+                                                     "unscanned": {w: u for w, u in unscanned.items() if u}}))
+
+
+BROWSER_DIR_ENV = "SAELIB_BROWSER_DIR"
+"""Where chapters publish their browsers; the book's runner points it into the build, which serves
+it as ``_static/browser/<chapter>/`` (a chapter links there). Unset: ``./_browser``."""
+
+
+def book_browser(chapter: str, saes: Mapping[str, SAE], model, table, key: Mapping, *, show: str | None = None,
+                 **kwargs) -> tuple[Path, dict, FeatureData | None]:
+    """A chapter's browser, written once and reused: ``write_browser`` into a cache folder keyed by
+    ``key`` (what identifies the SAEs and the tokens, e.g. their training run) and copied to
+    ``$SAELIB_BROWSER_DIR/<chapter>``. Returns the published index, the summary of the writing run
+    (bytes, seconds, tokens) and the gathered data of SAE ``show`` (kept in the cache too, so a
+    notebook can display one feature inline on a rerun without gathering again)."""
+    cached = artifact_dir("browsers", {"chapter": chapter, **key, "kwargs": kwargs, "saes": sorted(saes),
+                                       "show": show})
+    if not (cached / "summary.json").exists():
+        summary = write_browser(saes, model, table, cached / "site", **kwargs)
+        if show is not None:
+            torch.save(summary.features[show], cached / "shown.pt")
+        (cached / "summary.json").write_text(json.dumps(
+            {"bytes": summary.bytes, "seconds": summary.seconds, "n_tokens": summary.n_tokens}))
+    published = Path(os.environ.get(BROWSER_DIR_ENV, "_browser")) / chapter
+    shutil.rmtree(published, ignore_errors=True)
+    shutil.copytree(cached / "site", published)
+    shown = torch.load(cached / "shown.pt", weights_only=False) if (cached / "shown.pt").exists() else None
+    return published / "index.html", json.loads((cached / "summary.json").read_text()), shown

@@ -1,0 +1,433 @@
+"""Train SAEs from a TOML config: ``python -m saelib train CONFIG.toml [--set key=value ...] [--out DIR]``.
+
+Sections (``--help-config`` lists every field with its type, default and documentation):
+
+* ``[data]``: exactly one of ``cache = "DIR"`` (an existing activation cache), ``model`` + ``hook``
+  (plus any other ``CacheSpec`` field: the cache is built on first use), or ``synthetic = {...}``
+  (``saelib.core.synthetic.make_synthetic`` arguments);
+* ``[train]``: ``TrainConfig`` fields;
+* ``[sae.NAME]``: ``SAEConfig`` fields, one table per SAE trained side by side (``d_in`` defaults to
+  the data's width);
+* ``[export]``: ``ExportConfig`` fields (SAELens-format copies of the final SAEs).
+
+The output folder gets ``config.json`` (the resolved config), ``checkpoints/``, ``history.csv``,
+``history.jsonl``, ``saes/NAME`` and, when enabled, ``saelens/NAME``. Running the same command again
+resumes from the newest checkpoint; a folder made with a different config is refused.
+
+Data-parallel: ``torchrun --nproc_per_node N -m saelib train CONFIG.toml`` (each rank reads its slice
+of every global batch; rank 0 alone prints and writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import re
+import sys
+import textwrap
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from saelib.core import distributed
+from saelib.core.checkpoints import CheckpointError, check_same_config
+from saelib.core.sae import SAEConfig
+from saelib.core.training import TrainConfig, train_config_dict
+
+
+class ConfigError(ValueError):
+    """A config file or --set override is invalid; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the activations come from. Any CacheSpec field (model, hook, corpus, n_tokens, ...) may
+    also be given here: with model and hook set, the cache is built on first use."""
+
+    cache: str | None = None
+    """Directory of an existing activation cache (saelib.subjects.activations.open_cache)."""
+    synthetic: dict | None = None
+    """Arguments of saelib.core.synthetic.make_synthetic (n_tokens, d, n_features, active, ...)."""
+    cache_root: str | None = None
+    """Where a cache built from model + hook goes (default: $SAELIB_CACHE/activations/<spec key>)."""
+
+
+@dataclass
+class ExportConfig:
+    """Copies of the final SAEs in other formats."""
+
+    saelens: bool = False
+    """Also write each final SAE in SAELens's layout to OUT/saelens/NAME."""
+    model_name: str = ""
+    """Model name recorded in the SAELens cfg.json (default: data.model)."""
+    hook_name: str = ""
+    """Hook name recorded in the SAELens cfg.json (default: data.hook)."""
+
+
+@dataclass
+class RunConfig:
+    data: dict
+    """The [data] table with defaults filled in (DataConfig, CacheSpec or make_synthetic fields)."""
+    train: TrainConfig
+    saes: dict[str, dict]
+    """SAEConfig fields per SAE; d_in may be missing until the data is known."""
+    export: ExportConfig
+
+    def to_dict(self) -> dict:
+        # The trainer's own form of the train section (JSON-ready, snapshot_steps left out while
+        # empty), so runs saved before a field was added still resume.
+        return {"data": self.data, "train": train_config_dict(self.train),
+                "sae": self.saes, "export": dataclasses.asdict(self.export)}
+
+
+# ============================================================================ field docs and types
+
+
+def _cache_spec_class() -> type:
+    # Imported lazily: saelib.subjects.activations pulls in TransformerLens, which synthetic runs never need.
+    from saelib.subjects.activations import CacheSpec
+
+    return CacheSpec
+
+
+def field_docs(cls: type) -> dict[str, tuple[str, str]]:
+    """{field: (annotation source, attribute docstring)} read from the class source, so each field is
+    documented once, under its definition."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            doc = after.value.value if (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                                        and isinstance(after.value.value, str)) else ""
+            docs[node.target.id] = (ast.unparse(node.annotation), inspect.cleandoc(doc))
+    return docs
+
+
+class Field(typing.NamedTuple):
+    type: Any
+    default: Any
+    """The default value, or dataclasses.MISSING for a required field."""
+    doc: str
+
+
+def _fields(target: type | Callable) -> dict[str, Field]:
+    """The fields of a dataclass (documented by attribute docstrings) or a function's parameters."""
+    hints = typing.get_type_hints(target)
+    if dataclasses.is_dataclass(target):
+        docs = field_docs(target)
+        return {f.name: Field(hints[f.name], f.default if f.default is not dataclasses.MISSING else
+                              f.default_factory() if f.default_factory is not dataclasses.MISSING
+                              else dataclasses.MISSING, docs.get(f.name, ("", ""))[1])
+                for f in dataclasses.fields(target)}
+    return {p.name: Field(hints.get(p.name, Any), dataclasses.MISSING if p.default is inspect.Parameter.empty
+                          else p.default, "") for p in inspect.signature(target).parameters.values()}
+
+
+def _suggest(key: str, known: dict[str, Field]) -> str | None:
+    """The field a mistyped key most likely meant: by name, else by the key's words against phrases of
+    each field's docstring (so that learning_rate finds lr, "Peak Adam learning rate")."""
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return close[0]
+    words = " ".join(key.lower().replace("_", " ").split())
+
+    def score(name: str) -> float:
+        doc = re.findall(r"[a-z0-9]+", known[name].doc.lower())
+        n = len(words.split())
+        return max((difflib.SequenceMatcher(None, words, " ".join(doc[i:i + n])).ratio()
+                    for i in range(len(doc))), default=0.0)
+
+    best = max(known, key=score, default=None)
+    return best if best is not None and score(best) >= 0.8 else None
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """``value`` converted to ``tp`` (int -> float, list -> tuple) or a ConfigError naming ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        # TOML has no null: an optional field that is present must have the non-None type.
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_value(value, inner, key)
+    if origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_check_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is Any or isinstance(value, origin or tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _check_table(table: Any, known: dict[str, tuple[Any, Any]], prefix: str) -> dict:
+    """Type-checked copy of a TOML table; unknown keys are rejected with the closest valid name."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{prefix}: expected a table, got {type(table).__name__} {table!r}")
+    out = {}
+    for key, value in table.items():
+        if key not in known:
+            close = _suggest(key, known)
+            hint = f"did you mean {prefix}.{close}?" if close else f"valid keys: {', '.join(known)}"
+            raise ConfigError(f"{prefix}.{key}: unknown key; {hint}")
+        out[key] = _check_value(value, known[key].type, f"{prefix}.{key}")
+    return out
+
+
+def _build(cls: type, kwargs: dict, prefix: str) -> Any:
+    """``cls(**kwargs)``, with missing required fields and the class's own validation errors
+    (e.g. k > d_sae) reported under the key they name."""
+    known = _fields(cls)
+    missing = [name for name, f in known.items() if f.default is dataclasses.MISSING and name not in kwargs]
+    if missing:
+        raise ConfigError(f"{prefix}: missing required key(s) {', '.join(f'{prefix}.{m}' for m in missing)}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        # Validation messages name the field they reject ("k must be ...", "unknown aux loss ...").
+        named = [w for w in re.findall(r"[A-Za-z_]\w*", str(e)) if w in known]
+        raise ConfigError(f"{prefix}.{named[0]}: {e}" if named else f"{prefix}: {e}") from e
+
+
+# ============================================================================ loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=VALUE`` -> (["a", "b", "c"], VALUE parsed as a TOML value, else as a bare string)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # so that --set data.hook=blocks.3.hook_resid_post needs no quotes
+    return key.strip().split("."), value
+
+
+def _apply_override(raw: dict, path: list[str], value: Any) -> None:
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a table")
+    node[path[-1]] = value
+
+
+def _check_data(raw: dict) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"data: expected a table, got {type(raw).__name__}")
+    own = _fields(DataConfig)
+    # CacheSpec is imported only when the table has keys beyond DataConfig's (see _cache_spec_class).
+    spec = _fields(_cache_spec_class()) if set(raw) - set(own) else {}
+    data = _check_table(raw, own | spec, "data")
+    sources = [name for name, present in (("cache", "cache" in data), ("synthetic", "synthetic" in data),
+                                          ("model + hook", bool(set(data) & set(spec)))) if present]
+    if len(sources) != 1:
+        raise ConfigError("data: give exactly one of data.cache, data.synthetic or data.model + data.hook "
+                          f"(found: {', '.join(sources) or 'none'})")
+    if spec:
+        _build(_cache_spec_class(), {k: v for k, v in data.items() if k in spec}, "data")
+        return data | {k: f.default for k, f in spec.items() if k not in data}
+    if "synthetic" in data:
+        known = _fields(_make_synthetic())
+        synthetic = _check_table(data["synthetic"], known, "data.synthetic")
+        missing = [k for k, f in known.items() if f.default is dataclasses.MISSING and k not in synthetic]
+        if missing:
+            raise ConfigError(f"data.synthetic: missing required key(s) {', '.join(missing)}")
+        data["synthetic"] = {k: synthetic.get(k, f.default) for k, f in known.items()}
+    return data
+
+
+def _make_synthetic() -> Callable:
+    from saelib.core.synthetic import make_synthetic
+
+    return make_synthetic
+
+
+def _data_width(data: dict) -> int | None:
+    """d_in when it is known without harvesting anything."""
+    if "synthetic" in data:
+        return data["synthetic"]["d"]
+    if "cache" in data:
+        from saelib.subjects.activations import open_cache
+
+        return open_cache(data["cache"]).d_in
+    return None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read, override and validate a run config (every error is a ConfigError naming its key)."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from e
+    for item in overrides:
+        _apply_override(raw, *parse_override(item))
+    sections = {"data", "train", "sae", "export"}
+    for key in raw:
+        if key not in sections:
+            close = difflib.get_close_matches(key, sections, n=1)
+            raise ConfigError(f"{key}: unknown section; " + (f"did you mean {close[0]}?" if close else
+                                                             f"valid: {', '.join(sorted(sections))}"))
+    for key in ("data", "train", "sae"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing section [{key}]")
+    data = _check_data(raw["data"])
+    train = _build(TrainConfig, _check_table(raw["train"], _fields(TrainConfig), "train"), "train")
+    export = _build(ExportConfig, _check_table(raw.get("export", {}), _fields(ExportConfig), "export"), "export")
+    if not isinstance(raw["sae"], dict) or not raw["sae"]:
+        raise ConfigError("sae: expected one or more [sae.NAME] tables")
+    width = _data_width(data)
+    saes = {}
+    for name, table in raw["sae"].items():
+        kwargs = _check_table(table, _fields(SAEConfig), f"sae.{name}")
+        if width is not None:
+            if kwargs.setdefault("d_in", width) != width:
+                raise ConfigError(f"sae.{name}.d_in: {kwargs['d_in']} differs from the data's width {width}")
+        # Validate now (before any data is built); d_in=1 stands in for a width not yet known.
+        saes[name] = _build(SAEConfig, {"d_in": 1} | kwargs, f"sae.{name}").to_dict() | (
+            {} if "d_in" in kwargs else {"d_in": None})
+    return RunConfig(data, train, saes, export)
+
+
+def load_data(data: dict, progress: bool = True) -> Any:
+    """The activation table the [data] section describes (a cache is harvested by rank 0 first)."""
+    if "synthetic" in data:
+        return _make_synthetic()(**data["synthetic"]).activations
+    from saelib.subjects.activations import get_or_build_cache, open_cache
+
+    if "cache" in data:
+        return open_cache(data["cache"])
+    spec = _cache_spec_class()(**{k: v for k, v in data.items() if k not in _fields(DataConfig)})
+    # Rank 0 harvests; the other ranks wait at the barrier, then open what it built.
+    if distributed.rank() > 0:
+        distributed.barrier()
+    cache = get_or_build_cache(spec, root=data.get("cache_root"), progress=progress and distributed.rank() == 0)
+    if distributed.rank() == 0:
+        distributed.barrier()
+    return cache
+
+
+# ============================================================================ help
+
+
+def help_config() -> str:
+    """Every config field with its type, default and docstring, by section."""
+    def section(title: str, cls: type, notes: dict[str, str] | None = None) -> list[str]:
+        lines = [f"[{title}]", textwrap.indent(inspect.cleandoc(cls.__doc__ or ""), "  # ")]
+        for name, (annotation, doc) in field_docs(cls).items():
+            default = _fields(cls)[name].default
+            shown = (notes or {}).get(name) or ("required" if default is dataclasses.MISSING else
+                                                f"default {json.dumps(default)}")
+            lines.append(f"  {name}: {annotation} ({shown})")
+            if doc:
+                lines.append(textwrap.indent(textwrap.fill(doc, 92), "      "))
+        return lines + [""]
+
+    synth = _fields(_make_synthetic())
+    lines = section("data", DataConfig) + section("data (CacheSpec fields, with model + hook)", _cache_spec_class())
+    lines += ["[data.synthetic]  (saelib.core.synthetic.make_synthetic)"]
+    lines += [f"  {k}: {_type_name(f.type)} ({'required' if f.default is dataclasses.MISSING else f'default {f.default!r}'})"
+              for k, f in synth.items()] + [""]
+    lines += section("train", TrainConfig)
+    lines += section("sae.NAME", SAEConfig, {"d_in": "default: the data's width"})
+    lines += section("export", ExportConfig)
+    return "\n".join(lines)
+
+
+# ============================================================================ run
+
+
+def _check_out_dir(out: Path, cfg: dict) -> None:
+    saved = out / "config.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        # export may change between runs: it only affects what is written after training.
+        check_same_config({k: cfg[k] for k in ("data", "train", "sae")},
+                          {k: old.get(k) for k in ("data", "train", "sae")},
+                          what=f"the run in {out} (see {saved})")
+
+
+def run(cfg: RunConfig, out: Path, progress: bool = True) -> Any:
+    """Train the configured SAEs into ``out`` (resuming a run already there); returns the TrainResult."""
+    from saelib.core.saelens_io import export_saelens
+    from saelib.core.training import train_saes
+
+    rank0 = distributed.rank() == 0
+    data = load_data(cfg.data, progress)
+    width = int(data[torch.arange(1)].shape[-1])
+    for name, sae in cfg.saes.items():
+        if sae["d_in"] is None:
+            sae["d_in"] = width
+    saes = {name: _build(SAEConfig, kw, f"sae.{name}") for name, kw in cfg.saes.items()}
+    resolved = cfg.to_dict()
+    _check_out_dir(out, resolved)
+    distributed.barrier()  # every rank has read the old config.json before rank 0 replaces it
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".config.json.tmp"
+        tmp.write_text(json.dumps(resolved, indent=2))
+        tmp.replace(out / "config.json")
+    result = train_saes(saes, data, cfg.train, out_dir=out, progress=progress)
+    if rank0:
+        result.history.to_json(out / "history.jsonl", orient="records", lines=True)
+        if cfg.export.saelens:
+            for name, sae in result.saes.items():
+                export_saelens(sae, out / "saelens" / name,
+                               model_name=cfg.export.model_name or cfg.data.get("model", ""),
+                               hook_name=cfg.export.hook_name or cfg.data.get("hook", ""),
+                               context_size=cfg.data.get("context_size"))
+        if len(result.history):
+            last = result.history.groupby("sae").tail(1)
+            print(last[["sae", "step", "nmse", "l0", "dead_frac"]].to_string(index=False))
+        print(f"wrote {out}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m saelib train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="TOML run config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-3 --set sae.topk.k=64 (TOML syntax)")
+    p.add_argument("--out", help="output folder (default: runs/<config name>)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    if a.help_config:
+        print(help_config())
+        return
+    if a.config is None:
+        p.error("a config file is required")
+    distributed.init_from_env()
+    try:
+        cfg = load_config(a.config, a.overrides)
+        if a.print_config:
+            if distributed.rank() == 0:
+                print(json.dumps(cfg.to_dict(), indent=2))
+            return
+        run(cfg, Path(a.out) if a.out else Path("runs") / Path(a.config).stem, progress=not a.no_progress)
+    except (ConfigError, CheckpointError) as e:
+        if distributed.rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if distributed.is_distributed():
+            torch.distributed.destroy_process_group()

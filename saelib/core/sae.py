@@ -1,0 +1,338 @@
+"""The sparse autoencoder: one model for every variant, which differ by their allocation rule.
+
+    z     = W_enc (s x - b_dec) + b_enc          pre-activations; s scales x to unit mean squared norm
+    codes = allocation_rule(z)                   a sparse subset of the positive entries of z
+    x_hat = (W_dec^T codes + b_dec) / s          reconstruction, in the input's own units
+
+Memory layout: ``encoder`` and ``decoder`` are both [d_sae, d_in], so row i of each belongs to
+feature i (the SAELens export transposes the encoder). Decoder rows have unit norm: the trainer
+projects out the gradient component parallel to each row before the Adam step and renormalises the
+rows after it (Adam's update is not exactly tangent, so the projection alone would drift).
+
+Sparse compute: the codes have k nonzeros per token on average, so decoding is a weighted sum of
+k decoder rows per token (``embedding_bag`` with per-sample weights) instead of a dense matmul, and
+the encoder's weight gradient touches only the kept entries (``_KeptPreacts``). The one dense
+product left per step is the encoder's forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from saelib.core import distributed, seeding
+from saelib.core.allocation import AllocationContext, get_rule, threshold_select
+
+# Above this fraction of kept entries the dense kernels are faster than the sparse ones
+# (a ReLU SAE early in training keeps about half of all entries).
+SPARSE_MAX_DENSITY = 0.05
+AUX_LOSSES = ("none", "aux_k", "aux_zipf")
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""The precisions saelib computes in (an SAE's encoder product, a harvest's forward pass)."""
+
+
+@dataclass
+class SAEConfig:
+    """Everything that defines an SAE. Saved beside every checkpoint and checked on resume."""
+
+    d_in: int
+    """Width of the activations (the model's d_model at the hook)."""
+    d_sae: int
+    """Number of dictionary features."""
+    rule: str = "topk"
+    """Allocation rule: relu, topk, feature_choice, mutual_choice (see saelib.core.allocation)."""
+    k: int = 32
+    """Active features per token: exact for topk, the batch average for feature/mutual choice.
+    Unused by relu, whose sparsity is set by l1_coeff."""
+    l1_coeff: float = 0.0
+    """Weight of the L1 penalty on codes (relu). Decoder rows are unit norm, so weighting the
+    penalty by decoder norms would change nothing."""
+    aux: str = "none"
+    """Auxiliary loss: none, aux_k (dead features regress the residual, Gao et al.) or aux_zipf
+    (dead and under-utilised features, weighted by their shortfall from the Zipf target)."""
+    aux_coeff: float = 1 / 32
+    """Weight alpha of the auxiliary loss."""
+    k_aux: int = 256
+    """Features each token may use in the auxiliary reconstruction."""
+    dead_after_tokens: int = 1_000_000
+    """A feature that has not fired for this many training tokens counts as dead (Gao et al. use
+    10M tokens at much larger token budgets than this book's)."""
+    zipf_exponent: float = 1.0
+    """Exponent s of the Zipf profile (density of rank r proportional to (r + 1) ** -s) used for
+    Feature Choice capacities and the aux_zipf target."""
+    stats_decay: float = 0.99
+    """Per-step decay of the running averages (firing density, FC demand, inference thresholds)."""
+    normalize_input: bool = True
+    """Scale activations to unit mean squared norm (the scale is stored; outputs are unscaled)."""
+    seed: int = 0
+    """Seed of the weight initialisation (its own random stream, see saelib.core.seeding)."""
+    encoder_dtype: str = "float32"
+    """Precision of the encoder's dense product, the one dense GEMM of a step: float32, or bfloat16
+    (twice as fast on CPUs with AVX-512 BF16 and on GPUs). Weights, gradients, the optimizer and the
+    decoder stay float32; with bfloat16 the rule selects from bfloat16 pre-activations and the kept
+    values carry bfloat16's ~3 significant digits."""
+
+    def __post_init__(self) -> None:
+        rule = get_rule(self.rule)
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if not rule.l1_penalty and not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k must be in 1..d_sae={self.d_sae}, got k={self.k}")
+        if self.aux not in AUX_LOSSES:
+            raise ValueError(f"unknown aux loss {self.aux!r}; valid: {list(AUX_LOSSES)}")
+        if self.l1_coeff < 0 or self.aux_coeff < 0:
+            raise ValueError("l1_coeff and aux_coeff must be >= 0")
+        if self.k_aux <= 0:
+            raise ValueError(f"k_aux must be positive, got {self.k_aux}")
+        if self.encoder_dtype not in PRECISIONS:
+            raise ValueError(f"unknown encoder_dtype {self.encoder_dtype!r}; valid: {list(PRECISIONS)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SAEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown SAEConfig fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class SparseCodes:
+    """The kept entries of the code matrix, grouped by token (row) in ascending order."""
+
+    rows: Tensor
+    cols: Tensor
+    values: Tensor
+    shape: tuple[int, int]
+
+    def l0_per_token(self) -> Tensor:
+        return torch.bincount(self.rows, minlength=self.shape[0])
+
+    def fire_counts(self) -> Tensor:
+        return torch.bincount(self.cols, minlength=self.shape[1])
+
+    def to_dense(self) -> Tensor:
+        dense = self.values.new_zeros(self.shape)
+        return dense.index_put((self.rows, self.cols), self.values)
+
+
+@dataclass
+class SAEOutput:
+    x_hat: Tensor
+    """Reconstruction in the input's units."""
+    codes: SparseCodes
+    x_norm: Tensor = field(repr=False)
+    """Input scaled to unit mean squared norm (the units the losses are computed in)."""
+    x_hat_norm: Tensor = field(repr=False)
+    preacts: Tensor = field(repr=False)
+    """Pre-activations z (no gradient); kept for the auxiliary losses."""
+    preact_bias: Tensor = field(repr=False)
+    """b_enc - W_enc b_dec, with gradient: what kept_values needs to gather more entries of z."""
+
+
+class _KeptPreacts(torch.autograd.Function):
+    """values = z[rows, cols] where z = x_norm @ encoder.T + bias, with a gradient that only
+    touches the kept entries: grad encoder[i] = sum over kept (t, i) of g * x_norm[t]."""
+
+    @staticmethod
+    def forward(ctx, encoder, bias, x_norm, preacts, rows, cols):  # type: ignore[override]
+        ctx.save_for_backward(x_norm, rows, cols)
+        ctx.n_features = preacts.shape[1]
+        return preacts[rows, cols].float()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x_norm, rows, cols = ctx.saved_tensors
+        grad = grad.float()
+        n_tokens, n_features = x_norm.shape[0], ctx.n_features
+        grad_bias = grad.new_zeros(n_features).index_add_(0, cols, grad)
+        if rows.numel() > SPARSE_MAX_DENSITY * n_tokens * n_features:
+            dense = grad.new_zeros(n_tokens, n_features).index_put_((rows, cols), grad)
+            grad_encoder = dense.T @ x_norm
+        else:
+            order = torch.argsort(cols)
+            offsets = torch.searchsorted(cols[order], torch.arange(n_features, device=cols.device))
+            grad_encoder = F.embedding_bag(rows[order], x_norm, offsets, mode="sum",
+                                           per_sample_weights=grad[order])
+        return grad_encoder, grad_bias, None, None, None, None
+
+
+def positive_mass(rows: Tensor, chunk: int = 256) -> Tensor:
+    """Sum of the positive entries of each row: rows.clamp(min=0).sum(1), bit for bit, but through a
+    small reused buffer; a fresh full-size clamped copy (75 MB per step) costs twice the sum itself."""
+    out = rows.new_empty(rows.shape[0], dtype=torch.float32)
+    buf = rows.new_empty(min(chunk, rows.shape[0]), rows.shape[1])
+    for start in range(0, rows.shape[0], chunk):
+        part = buf[: min(chunk, rows.shape[0] - start)]
+        torch.clamp(rows[start:start + chunk], min=0, out=part)
+        torch.sum(part, 1, dtype=torch.float32, out=out[start:start + chunk])
+    return out
+
+
+def decode_sparse(rows: Tensor, cols: Tensor, values: Tensor, decoder: Tensor, n_tokens: int) -> Tensor:
+    """sum over kept (t, i) of values * decoder[i], per token t (rows sorted ascending)."""
+    if rows.numel() > SPARSE_MAX_DENSITY * n_tokens * decoder.shape[0]:
+        dense = values.new_zeros(n_tokens, decoder.shape[0]).index_put((rows, cols), values)
+        return dense @ decoder
+    offsets = torch.searchsorted(rows, torch.arange(n_tokens, device=rows.device))
+    return F.embedding_bag(cols, decoder, offsets, mode="sum", per_sample_weights=values)
+
+
+def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-8) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows."""
+    median = x.mean(0)
+    for _ in range(iters):
+        weights = 1.0 / (x - median).norm(dim=1).clamp(min=eps)
+        updated = (weights[:, None] * x).sum(0) / weights.sum()
+        if (updated - median).norm() < 1e-6 * median.norm().clamp(min=eps):
+            return updated
+        median = updated
+    return median
+
+
+class SAE(nn.Module):
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.rule = get_rule(cfg.rule)
+        gen = seeding.generator("sae_init", cfg.seed)
+        decoder = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+        decoder /= decoder.norm(dim=1, keepdim=True)
+        self.decoder = nn.Parameter(decoder)
+        # Tied initialisation (Gao et al.): each feature starts by reading its own direction.
+        self.encoder = nn.Parameter(decoder.clone())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("density", torch.zeros(cfg.d_sae))
+        """Running firing frequency per token of each feature (decayed per step)."""
+        self.register_buffer("demand", torch.zeros(cfg.d_sae))
+        """Running positive pre-activation mass per token: how much the data asks for a feature.
+        Feature Choice ranks features by it (ranking by firing density would freeze the initial
+        order, since FC caps how often a feature may fire)."""
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
+        self.register_buffer("threshold", torch.full((cfg.d_sae,), float("inf")))
+        """Inference thresholds of batch-level rules (inf = never observed firing)."""
+
+    # ----------------------------------------------------------------------------- set-up
+    @torch.no_grad()
+    def init_from_sample(self, x: Tensor) -> None:
+        """Set the input scale and put b_dec at the geometric median of a sample of activations."""
+        self._check_input(x)
+        if self.cfg.normalize_input:
+            self.input_scale.fill_(float(x.pow(2).sum(1).mean().rsqrt()))
+        self.b_dec.copy_(geometric_median(x * self.input_scale))
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.cfg.d_in:
+            raise ValueError(
+                f"expected activations of shape [tokens, {self.cfg.d_in}], got {list(x.shape)}; "
+                "is this the hook point (and model) the SAE was built for?")
+
+    # ----------------------------------------------------------------------------- forward
+    def feature_rank(self) -> Tensor:
+        """Rank of each feature by demand (0 = most demanded; ties by index)."""
+        order = torch.argsort(-self.demand, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order), device=order.device)
+        return rank
+
+    def preactivations(self, x_norm: Tensor) -> tuple[Tensor, Tensor]:
+        """(z without gradient, in ``cfg.encoder_dtype``; effective bias b_enc - W_enc b_dec with
+        gradient, float32)."""
+        bias = self.b_enc - self.encoder @ self.b_dec
+        with torch.no_grad():
+            dtype = PRECISIONS[self.cfg.encoder_dtype]
+            encoder, x_in, b = self.encoder.to(dtype), x_norm.to(dtype), bias.to(dtype)
+            if self.rule.feature_major:
+                z = torch.addmm(b[:, None], encoder, x_in.T).T
+            else:
+                z = torch.addmm(b, x_in, encoder.T)
+        return z, bias
+
+    def kept_values(self, x_norm: Tensor, z: Tensor, bias: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        """z[rows, cols] with the sparse gradient to the encoder and preact_bias."""
+        return _KeptPreacts.apply(self.encoder, bias, x_norm, z, rows, cols)
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        """Encode and decode a batch [tokens, d_in]. In training mode, batch-level rules allocate
+        over the batch and the running statistics are updated; in eval mode they encode each token
+        by the tracked thresholds, so a single token encodes deterministically."""
+        self._check_input(x)
+        x_norm = x * self.input_scale
+        z, bias = self.preactivations(x_norm)
+        if self.training or self.rule.inference_threshold == "none":
+            ctx = AllocationContext(k=self.cfg.k, zipf_exponent=self.cfg.zipf_exponent,
+                                    feature_rank=self.feature_rank() if self.rule.feature_major else None)
+            kept = self.rule.select(z, ctx)
+        else:
+            kept = threshold_select(z, self.threshold)
+        rows, cols = kept // self.cfg.d_sae, kept % self.cfg.d_sae
+        values = self.kept_values(x_norm, z, bias, rows, cols)
+        x_hat_norm = decode_sparse(rows, cols, values, self.decoder, x.shape[0]) + self.b_dec
+        codes = SparseCodes(rows, cols, values, (x.shape[0], self.cfg.d_sae))
+        if self.training:
+            self._update_statistics(codes, z)
+        return SAEOutput(x_hat_norm / self.input_scale, codes, x_norm, x_hat_norm, z, bias)
+
+    @torch.no_grad()
+    def _update_statistics(self, codes: SparseCodes, z: Tensor) -> None:
+        """Running statistics over the (global) batch; identical on every data-parallel rank."""
+        decay = self.cfg.stats_decay
+        n_tokens = codes.shape[0] * distributed.world_size()
+        fired = distributed.all_reduce(codes.fire_counts())
+        self.density.mul_(decay).add_(fired / n_tokens, alpha=1 - decay)
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired > 0, 0)
+        if self.rule.feature_major:
+            mass = distributed.all_reduce(positive_mass(z.t()))
+            self.demand.mul_(decay).add_(mass / n_tokens, alpha=1 - decay)
+        if self.rule.inference_threshold == "none":
+            return
+        # Smallest kept value per feature (inf where a feature kept nothing).
+        smallest = torch.full_like(self.threshold, float("inf")).scatter_reduce(
+            0, codes.cols, codes.values.detach(), reduce="amin")
+        if self.rule.inference_threshold == "global":
+            smallest = smallest.min().expand_as(smallest).clone()
+        distributed.all_reduce(smallest, "min")
+        seen = torch.isfinite(smallest)
+        blended = torch.where(torch.isinf(self.threshold), smallest,
+                              decay * self.threshold + (1 - decay) * smallest)
+        self.threshold.copy_(torch.where(seen, blended, self.threshold))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Reconstruction of activations of any leading shape [..., d_in] (inference mode)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(x.reshape(-1, x.shape[-1])).x_hat.reshape(x.shape)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense codes [tokens, d_sae] (inference mode, normalised units)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(x).codes.to_dense()
+        finally:
+            self.train(was_training)
+
+    # ----------------------------------------------------------------------------- unit norm
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        if self.decoder.grad is not None:
+            g = self.decoder.grad
+            g -= (g * self.decoder).sum(1, keepdim=True) * self.decoder
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.decoder /= self.decoder.norm(dim=1, keepdim=True)

@@ -1,0 +1,399 @@
+"""Train one or more SAEs on the same stream of activations, with checkpoints and exact resume.
+
+The data is a *table* of activations: anything with ``len(table)`` rows and ``table[idx]`` returning
+a float tensor [len(idx), d_in] for a LongTensor of row indices (a torch Tensor in memory, or
+``saelib.subjects.activations.ActivationCache`` on disk). The trainer shuffles by index with a seeded
+permutation per epoch, so batch ``step`` is a pure function of (seed, step): a run resumed from a
+checkpoint sees exactly the batches an uninterrupted run would, and reproduces its weights.
+
+Data-parallel (under torchrun, see saelib.core.distributed): each rank reads its own contiguous slice of
+every global batch, gradients are summed over ranks (each rank's loss is its share of the global
+loss), batch-level rules allocate over the global batch, and rank 0 alone writes checkpoints.
+Batches are defined globally, so a run can resume with a different number of ranks.
+
+What each SAE minimises is its *objective* (``saelib.core.objectives``): saelib's reconstruction loss by
+default, or one of Braun et al.'s local / e2e / e2e+ds, which read windows of activations
+(``saelib.subjects.activations.WindowTable``: a row is a window, ``tokens_per_row`` tokens for the SAE).
+SAEs of one run may have different objectives; they see the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Protocol
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from saelib.core import checkpoints as ckpt
+from saelib.core import distributed, seeding, storage
+from saelib.core.losses import dead_weights, zipf_shortfall_weights
+from saelib.core.objectives import Objective, Reconstruction, token_rows
+from saelib.core.progress import bar as progress_bar
+from saelib.core.sae import SAE, SAEConfig
+
+
+class ActivationTable(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, idx: Tensor) -> Tensor: ...
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or inf in a batch of activations or in a loss."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train (shared by every SAE of one run). Saved with checkpoints and checked on resume."""
+
+    steps: int
+    """Optimizer steps; tokens seen = steps * batch_size (* the table's tokens_per_row)."""
+    batch_size: int = 4096
+    """Rows per step (the global batch when data-parallel): tokens, or windows of a WindowTable."""
+    lr: float = 4e-4
+    """Peak Adam learning rate."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0 to lr."""
+    decay_start: float = 0.8
+    """Fraction of training after which lr decays linearly to min_lr_frac * lr at the last step."""
+    min_lr_frac: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm of each SAE to this (0 disables)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's beta1, beta2."""
+    init_tokens: int = 16384
+    """Sample (in tokens) used for the input scale and the geometric-median b_dec."""
+    log_every: int = 50
+    """Record metrics every this many steps (and after the first and the last step)."""
+    checkpoint_every: int = 1000
+    """Write a checkpoint every this many steps (and at the last step), when out_dir is set."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep."""
+    seed: int = 0
+    """Seed of the data order."""
+    snapshot_steps: tuple[int, ...] = ()
+    """Steps after which every SAE is also saved, weights only, to out_dir/snapshots/step_N/NAME
+    (never pruned): one long run then gives the SAEs at several training lengths (``snapshots``).
+    Left out of the saved config while empty, so runs from before this field keep their keys."""
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)  # JSON round-trips tuples as lists
+        self.snapshot_steps = tuple(sorted({int(s) for s in self.snapshot_steps}))
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        bad = [s for s in self.snapshot_steps if not 0 < s <= self.steps]
+        if bad:
+            raise ValueError(f"TrainConfig.snapshot_steps {bad} are outside 1..steps={self.steps}")
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        start = int(self.decay_start * self.steps)
+        if step < start:
+            return self.lr
+        frac = (step - start) / max(1, self.steps - 1 - start)
+        return self.lr * (1 - (1 - self.min_lr_frac) * min(1.0, frac))
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n_rows: int, seed: int, epoch: int) -> Tensor:
+    return torch.randperm(n_rows, generator=seeding.generator(f"data_order:{epoch}", seed))
+
+
+def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> Tensor:
+    """Row indices of batch ``step``: consecutive slices of a seeded permutation per epoch
+    (sorted within the batch, which makes disk reads sequential and changes nothing else)."""
+    per_epoch = n_rows // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the data ({n_rows} rows)")
+    epoch, i = divmod(step, per_epoch)
+    return _epoch_permutation(n_rows, seed, epoch)[i * batch_size:(i + 1) * batch_size].sort().values
+
+
+@dataclass
+class TrainResult:
+    saes: dict[str, SAE]
+    history: pd.DataFrame
+    """One row per (logged step, SAE): step, tokens, sae, lr, loss, nmse, l0, dead_frac, underused_frac
+    (features firing at under half their Zipf target density, dead ones included), l1, aux and
+    tokens_per_s (that SAE's own training speed)."""
+    out_dir: Path | None
+
+    def snapshots(self) -> dict[int, dict[str, SAE]]:
+        """{step: {name: SAE}} of the run's ``snapshot_steps`` (in inference mode), read from disk."""
+        if self.out_dir is None:
+            raise ValueError("snapshots are saved only by runs with an out_dir (train_cached)")
+        found = {}
+        for folder in sorted((self.out_dir / "snapshots").glob("step_*")):
+            found[int(folder.name[5:])] = {name: ckpt.load_sae(folder / name).eval()
+                                           for name in self.saes}
+        return found
+
+
+def _fetch(data: ActivationTable, idx: Tensor, step: int, last_good: Path | None) -> Tensor:
+    x = data[idx]
+    x = x if isinstance(x, Tensor) else torch.as_tensor(x)
+    x = x.float()
+    # Collective, so that every rank stops together rather than waiting on a stopped one.
+    bad = int(distributed.all_reduce((~torch.isfinite(x)).sum()))
+    if bad:
+        where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+        raise NonFiniteError(f"step {step}: the batch of activations contains {bad} NaN/inf values; "
+                             f"training stopped ({where}). Check the activation source (e.g. an "
+                             "fp16 overflow in the model or a corrupt cache).")
+    return x
+
+
+def train_saes(
+    saes: Mapping[str, SAEConfig],
+    data: ActivationTable,
+    cfg: TrainConfig,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+    device: str | torch.device = "cpu",
+    init_from: Mapping[str, SAE] | None = None,
+    objectives: Objective | Mapping[str, Objective] | None = None,
+) -> TrainResult:
+    """Train several SAEs side by side on one activation stream.
+
+    ``objectives``: what each SAE minimises (one for all, or one per SAE name; default
+    ``saelib.core.objectives.Reconstruction``). Part of the checkpoint, so a resume under another
+    objective is refused.
+
+    ``init_from`` starts the named SAEs from given weights instead of the random initialisation
+    (the others start as usual), e.g. SAE-Track's chain, where the SAE of each model checkpoint
+    continues from the previous checkpoint's (see ``initial_saes``).
+
+    With ``out_dir``, checkpoints go to out_dir/checkpoints and the final SAEs to out_dir/saes/NAME;
+    calling again with the same arguments resumes from the newest checkpoint (a checkpoint made with
+    other configs is refused). ``stop_at_step`` ends the call early after checkpointing that step,
+    as a kill would (used to test resume). ``device`` is where the SAEs train; batches are read on
+    the CPU and moved there."""
+    if not saes:
+        raise ValueError("train_saes needs at least one SAE config")
+    rank, world = distributed.rank(), distributed.world_size()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of ranks {world}")
+    n_rows = len(data)
+    d_in = int(data[torch.arange(1)].shape[-1])
+    for name, sae_cfg in saes.items():
+        if sae_cfg.d_in != d_in:
+            raise ValueError(f"SAE {name!r} has d_in={sae_cfg.d_in} but the activations have width {d_in}")
+    objectives = _objectives_for(saes, objectives)
+    tokens_per_row = getattr(data, "tokens_per_row", 1)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    models, optims, history, start = _start_or_resume(saes, data, cfg, out_dir, device, init_from, objectives)
+
+    last_step = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
+    last_good = ckpt.latest_checkpoint(out_dir) if out_dir else None
+    seconds = {name: 0.0 for name in models}
+    tokens_timed = 0
+    bar = progress_bar(range(start, last_step), initial=start, total=cfg.steps, show=progress and rank == 0,
+               desc="training " + ", ".join(models), unit="step")
+    for step in bar:
+        idx = batch_indices(step, cfg.batch_size, n_rows, cfg.seed).chunk(world)[rank]
+        x = _fetch(data, idx, step, last_good).to(device, non_blocking=True)
+        lr = cfg.lr_at(step)
+        record = step == 0 or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        tokens_timed += cfg.batch_size * tokens_per_row
+        shared: dict = {}  # what objectives compute once per batch (e2e: the clean model run)
+        for name, sae in models.items():
+            t0 = time.perf_counter()
+            row = _train_step(sae, optims[name], x, objectives[name], shared, lr, cfg.grad_clip, step, name)
+            seconds[name] += time.perf_counter() - t0
+            if record:
+                row.update(step=step + 1, tokens=(step + 1) * cfg.batch_size * tokens_per_row, sae=name, lr=lr,
+                           tokens_per_s=tokens_timed / max(seconds[name], 1e-9))
+                history.append(row)
+        if record:
+            bar.set_postfix_str(_postfix(history[-len(models):]), refresh=False)  # tqdm's own rate limit
+            tokens_timed, seconds = 0, {name: 0.0 for name in models}
+        # Before the checkpoint: a run killed between the two redoes this step on resume.
+        if out_dir and rank == 0 and step + 1 in cfg.snapshot_steps:
+            for name, sae in models.items():
+                ckpt.save_sae(sae, out_dir / "snapshots" / f"step_{step + 1:08d}" / name)
+        if out_dir and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.steps, last_step)):
+            if rank == 0:
+                _write_checkpoint(out_dir, step + 1, models, optims, saes, cfg, history, init_from, objectives)
+            last_good = out_dir / "checkpoints" / f"step_{step + 1:08d}"
+    bar.close()
+    if out_dir and last_step == cfg.steps and rank == 0:
+        for name, sae in models.items():
+            ckpt.save_sae(sae, out_dir / "saes" / name)
+    distributed.barrier()
+    for sae in models.values():
+        sae.eval()
+    return TrainResult(models, pd.DataFrame(history), out_dir)
+
+
+def train_cached(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: TrainConfig, data_key: object,
+                 progress: bool = True, device: str | torch.device = "cpu",
+                 init_from: Mapping[str, SAE] | None = None,
+                 objectives: Objective | Mapping[str, Objective] | None = None) -> TrainResult:
+    """``train_saes`` into a cache folder keyed by the configs, ``data_key`` (what identifies the
+    activations, e.g. a cache manifest), the digests of any ``init_from`` weights and the
+    objectives: a finished run is reloaded at once, a killed one resumes."""
+    key = {"data": data_key, "train": train_config_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()}}
+    if init_from:
+        key["init_from"] = _init_digests(init_from)
+    described = _describe(_objectives_for(saes, objectives))
+    if described != _describe(_objectives_for(saes, None)):  # the default keeps existing keys
+        key["objectives"] = described
+    return train_saes(saes, data, cfg, out_dir=storage.artifact_dir("saes", key), progress=progress,
+                      device=device, init_from=init_from, objectives=objectives)
+
+
+def _objectives_for(saes: Mapping[str, SAEConfig], objectives) -> dict[str, Objective]:
+    if objectives is None or hasattr(objectives, "loss"):
+        return {name: objectives or Reconstruction() for name in saes}
+    missing, unknown = sorted(set(saes) - set(objectives)), sorted(set(objectives) - set(saes))
+    if missing or unknown:
+        raise ValueError(f"objectives must name every SAE trained: missing {missing}, not trained {unknown}")
+    return dict(objectives)
+
+
+def _describe(objectives: Mapping[str, Objective]) -> dict[str, dict]:
+    return {name: obj.config() for name, obj in sorted(objectives.items())}
+
+
+def _train_step(sae: SAE, opt: torch.optim.Optimizer, x: Tensor, objective: Objective, shared: dict,
+                lr: float, clip: float, step: int, name: str) -> dict:
+    terms, out = objective.loss(sae, x, shared)
+    if not torch.isfinite(terms.total):
+        raise NonFiniteError(f"step {step}: SAE {name!r} has a non-finite loss ({terms.total.item()}); "
+                             "try a lower learning rate")
+    opt.zero_grad(set_to_none=True)
+    terms.total.backward()
+    for p in sae.parameters():
+        distributed.all_reduce(p.grad)
+    sae.remove_parallel_decoder_grad()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    sae.normalize_decoder()
+    # Loss terms are this rank's shares of the global-batch values: sum them over ranks.
+    totals = torch.stack([terms.total, terms.nmse, terms.l1, terms.aux,
+                          terms.nmse.new_tensor(out.codes.values.numel())]).detach()
+    loss, recon, sparsity, aux, kept = distributed.all_reduce(totals).tolist()
+    row = {"loss": loss, "nmse": recon, "l1": sparsity, "aux": aux,
+           "l0": kept / (out.codes.shape[0] * distributed.world_size()),
+           "dead_frac": dead_weights(sae).mean().item(),
+           "underused_frac": (zipf_shortfall_weights(sae) > 0.5).float().mean().item()}
+    for extra in ("kl", "downstream"):  # the e2e objectives' terms
+        if getattr(terms, extra) is not None:
+            row[extra] = distributed.all_reduce(getattr(terms, extra).clone()).item()
+    return row
+
+
+def _postfix(rows: list[dict]) -> str:
+    return " | ".join(f"{r['sae']}: nmse {r['nmse']:.3f} L0 {r['l0']:.1f} dead {100 * r['dead_frac']:.1f}%"
+                      for r in rows[:3])
+
+
+def _new_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # fused: one kernel per step for all parameters instead of ~10 elementwise passes each.
+    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
+
+
+def initial_saes(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: TrainConfig,
+                 device: str | torch.device = "cpu",
+                 init_from: Mapping[str, SAE] | None = None) -> dict[str, SAE]:
+    """The SAEs exactly as ``train_saes`` starts them (step 0): random weights from each config's
+    seed, input scale and geometric-median b_dec from a seeded sample of ``cfg.init_tokens`` rows.
+    What "before training" means wherever the book compares a result with its starting point.
+
+    An SAE named in ``init_from`` instead copies that SAE's parameters and running statistics (its
+    config must be the same) and keeps only the input scale measured on ``data``: the scale belongs
+    to the activations (a model's residual norm grows during training), the learned weights act in
+    the normalised units, so they carry over to the new data unchanged."""
+    init_from = dict(init_from or {})
+    unknown = sorted(set(init_from) - set(saes))
+    if unknown:
+        raise ValueError(f"init_from names SAEs that are not being trained: {unknown}; training {list(saes)}")
+    n_rows = len(data)
+    n_init = -(-cfg.init_tokens // getattr(data, "tokens_per_row", 1))  # rows holding init_tokens tokens
+    init_idx = torch.randperm(n_rows, generator=seeding.generator("init_sample", cfg.seed))[:n_init]
+    sample = token_rows(_fetch(data, init_idx.sort().values, 0, None)).to(device)
+    models = {}
+    for name, sae_cfg in saes.items():
+        models[name] = SAE(sae_cfg).to(device)
+        models[name].init_from_sample(sample)
+        if name in init_from:
+            _copy_weights(init_from[name], models[name], name)
+    return models
+
+
+@torch.no_grad()
+def _copy_weights(source: SAE, target: SAE, name: str) -> None:
+    ckpt.check_same_config(target.cfg.to_dict(), source.cfg.to_dict(), what=f"init_from[{name!r}]")
+    scale = target.input_scale.clone()
+    target.load_state_dict({k: v.detach().clone() for k, v in source.state_dict().items()})
+    target.input_scale.copy_(scale)
+
+
+def _init_digests(init_from: Mapping[str, SAE]) -> dict[str, str]:
+    """A short hash of each SAE's weights and statistics: what ``init_from`` adds to a cache key."""
+    return {name: ckpt.sae_digest(sae) for name, sae in sorted(init_from.items())}
+
+
+def _start_or_resume(saes, data, cfg, out_dir, device, init_from, objectives):
+    latest = ckpt.latest_checkpoint(out_dir) if out_dir else None
+    if latest is None:
+        models = initial_saes(saes, data, cfg, device, init_from)
+        optims = {name: _new_optimizer(m, cfg) for name, m in models.items()}
+        return models, optims, [], 0
+    state = json.loads((latest / "state.json").read_text())
+    ckpt.check_same_config(train_config_dict(cfg), state["train"], what=f"checkpoint {latest}")
+    ckpt.check_same_config({n: c.to_dict() for n, c in saes.items()}, state["saes"], what=f"checkpoint {latest}")
+    ckpt.check_same_config({"init_from": _init_digests(init_from or {})},
+                           {"init_from": state.get("init_from", {})}, what=f"checkpoint {latest}")
+    default = _describe(_objectives_for(saes, None))  # checkpoints from before objectives existed
+    ckpt.check_same_config({"objectives": _describe(objectives)},
+                           {"objectives": state.get("objectives", default)}, what=f"checkpoint {latest}")
+    models, optims = {}, {}
+    for name, sae_cfg in saes.items():
+        models[name] = ckpt.load_sae(latest / name, expected=sae_cfg).to(device)
+        optims[name] = _new_optimizer(models[name], cfg)
+        ckpt.load_optimizer(optims[name], latest / f"{name}.adam.safetensors")
+    for sae in models.values():
+        sae.train()
+    return models, optims, state["history"], state["step"]
+
+
+def train_config_dict(cfg: TrainConfig) -> dict:
+    """``cfg`` as saved in checkpoints, cache keys and `saelib train`'s config.json."""
+    d = dataclasses.asdict(cfg)
+    d["adam_betas"] = list(d["adam_betas"])
+    d["snapshot_steps"] = list(d["snapshot_steps"])
+    if not d["snapshot_steps"]:
+        del d["snapshot_steps"]  # so the keys of runs made before the field stay the same
+    return d
+
+
+def _write_checkpoint(out_dir, step, models, optims, saes, cfg, history, init_from, objectives) -> Path:
+    final = out_dir / "checkpoints" / f"step_{step:08d}"
+    tmp = storage.atomic_dir(final)
+    for name, sae in models.items():
+        ckpt.write_sae(sae, tmp / name)
+        ckpt.save_optimizer(optims[name], tmp / f"{name}.adam.safetensors")
+    state = {"step": step, "train": train_config_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()},
+             "init_from": _init_digests(init_from or {}), "objectives": _describe(objectives),
+             "history": history}
+    (tmp / "state.json").write_text(json.dumps(state))
+    storage.commit_dir(tmp, final)
+    ckpt.prune_checkpoints(out_dir, cfg.keep_checkpoints)
+    csv = out_dir / ".history.csv.tmp"
+    pd.DataFrame(history).to_csv(csv, index=False)
+    csv.replace(out_dir / "history.csv")
+    return final

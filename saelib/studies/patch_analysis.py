@@ -1,0 +1,345 @@
+"""PatchSAE analyses (Lim et al. 2025, arXiv 2412.05276): an SAE on every token of a ViT, read
+per latent, per class and per patch.
+
+* ``harvest_tokens``: the residual stream at a hook for CLS + patch tokens ([images, tokens, d];
+  prompt tokens of an adapted model are left out, the SAE never saw any).
+* ``latent_stats``: per latent, the firing frequency over tokens, the mean activation where it
+  fires, the activation mass per class (label entropy and label std are read from it), the
+  binarised class-level counts (tokens with activation above ``tau``, summed over the images of a
+  class: a latents x classes count matrix) and each image's strongest activation (to pick
+  reference images).
+* ``patch_maps``: one latent's activation on each patch of some images (the segmentation-like masks).
+* ``masked_reconstruction`` / ``spliced_accuracy`` / ``masking_curves``: classify with the SAE's
+  reconstruction spliced in at the hook, keeping only (or removing) chosen latents.
+* ``group_latents``: high / high-to-low / low-to-high latents between a base and an adapted model,
+  by their class-level ranks.
+
+Activations and ``tau`` are in the SAE's normalised units (inputs scaled to unit mean squared norm).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from saelib.core import seeding
+from saelib.core.hooks import hook_layer
+from saelib.core.sae import SAE
+
+__all__ = [
+    "GROUPS",
+    "LatentStats",
+    "class_ranks",
+    "existing_share",
+    "group_latents",
+    "group_summary",
+    "harvest_tokens",
+    "label_entropy",
+    "label_std",
+    "latent_stats",
+    "masked_reconstruction",
+    "masking_curves",
+    "patch_maps",
+    "spliced_accuracy",
+    "top_turnover",
+]
+
+GROUPS = ("high", "high-to-low", "low-to-high")
+
+
+@torch.no_grad()
+def harvest_tokens(model, images: Tensor, hook: str, prompts=None, batch_size: int = 500) -> Tensor:
+    """Activations at ``hook`` for the CLS and patch tokens of ``images``: [n, 1 + grid^2, d]."""
+    layer = hook_layer(hook)
+    if hook not in model.hook_dict:
+        raise ValueError(f"{hook!r} is not a hook point of this model; e.g. "
+                         f"{[h for h in model.hook_dict if h.endswith('resid_post')]}")
+    n_image = model.cfg.n_tokens
+    out = []
+    for i in range(0, len(images), batch_size):
+        got: list[Tensor] = []
+
+        def keep(act, hook=None, got=got):
+            got.append(act[:, :n_image].detach().to("cpu", copy=True))
+
+        stop = layer + 1 if layer is not None and layer >= 0 else None
+        model.run_with_hooks(images[i:i + batch_size], fwd_hooks=[(hook, keep)], prompts=prompts,
+                             stop_at_layer=stop)
+        out.append(got[0])
+    return torch.cat(out)
+
+
+def label_entropy(class_mass: Tensor) -> Tensor:
+    """Entropy (nats) of p_c = class mass / total mass for each latent (row); NaN for a latent
+    with no mass. 0 = it fires on one class only; ln C = evenly over all C classes."""
+    total = class_mass.sum(1, keepdim=True)
+    p = class_mass / total.clamp(min=1e-30)
+    h = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(1)
+    return torch.where(total.squeeze(1) > 0, h, torch.full_like(h, float("nan")))
+
+
+def label_std(class_mass: Tensor) -> Tensor:
+    """Standard deviation over classes of p_c (as ``label_entropy``); NaN for a silent latent."""
+    total = class_mass.sum(1, keepdim=True)
+    p = class_mass / total.clamp(min=1e-30)
+    return torch.where(total.squeeze(1) > 0, p.std(1), torch.full_like(p[:, 0], float("nan")))
+
+
+@dataclass
+class LatentStats:
+    """Statistics of every latent of an SAE over a set of labelled images."""
+
+    frequency: Tensor
+    """[L] fraction of tokens (CLS and patches) where the latent is positive."""
+    mean_activation: Tensor
+    """[L] mean activation over the tokens where it is positive (0 if it never is)."""
+    class_mass: Tensor
+    """[L, C] summed activation over the tokens of each class's images."""
+    class_counts: Tensor
+    """[L, C] tokens with activation > tau, summed over each class's images (binarised,
+    class-level activation)."""
+    image_max: Tensor
+    """[N, L] each image's largest activation of each latent."""
+    tau: float
+    n_tokens: int
+
+    @property
+    def label_entropy(self) -> Tensor:
+        return label_entropy(self.class_mass)
+
+    @property
+    def label_std(self) -> Tensor:
+        return label_std(self.class_mass)
+
+    @property
+    def dataset_counts(self) -> Tensor:
+        """[L] binarised counts summed over every class (dataset-level activation)."""
+        return self.class_counts.sum(1)
+
+    def top_images(self, latent: int, n: int) -> Tensor:
+        """Indices of the ``n`` images where ``latent`` is strongest (reference images)."""
+        return self.image_max[:, latent].argsort(descending=True, stable=True)[:n]
+
+
+def _images_per_chunk(acts: Tensor, sae: SAE, most: int = 250) -> int:
+    """Images per chunk so that one chunk's dense codes stay under ~50M numbers (200 MB): all of
+    ``most`` for the book's ViT, a few for CLIP's 197 tokens x 49,152 latents."""
+    return max(1, min(most, 50_000_000 // (acts.shape[1] * sae.cfg.d_sae)))
+
+
+@torch.no_grad()
+def _codes(sae: SAE, acts: Tensor) -> Tensor:
+    """Dense codes [n, tokens, L] of activations [n, tokens, d]."""
+    n, t, d = acts.shape
+    return sae.encode(acts.reshape(n * t, d).to(sae.b_dec.device)).cpu().reshape(n, t, -1)
+
+
+@torch.no_grad()
+def latent_stats(sae: SAE, acts: Tensor, labels: Tensor, n_classes: int, tau: float,
+                 chunk: int | None = None) -> LatentStats:
+    """``LatentStats`` of ``sae`` on activations [n_images, tokens, d] with image ``labels``."""
+    if acts.ndim != 3 or len(acts) != len(labels):
+        raise ValueError(f"expected activations [images, tokens, d] and one label per image, got "
+                         f"{list(acts.shape)} and {len(labels)} labels")
+    n_latents = sae.cfg.d_sae
+    chunk = chunk or _images_per_chunk(acts, sae)
+    fired = torch.zeros(n_latents, dtype=torch.float64)
+    mass = torch.zeros(n_latents, dtype=torch.float64)
+    class_mass = torch.zeros(n_classes, n_latents, dtype=torch.float64)
+    class_counts = torch.zeros(n_classes, n_latents, dtype=torch.float64)
+    image_max = []
+    for i in range(0, len(acts), chunk):
+        codes = _codes(sae, acts[i:i + chunk])
+        y = labels[i:i + chunk]
+        fired += (codes > 0).sum((0, 1)).double()
+        per_image = codes.sum(1).double()
+        mass += per_image.sum(0)
+        class_mass.index_add_(0, y, per_image)
+        class_counts.index_add_(0, y, (codes > tau).sum(1).double())
+        image_max.append(codes.amax(1))
+    n_tokens = acts.shape[0] * acts.shape[1]
+    return LatentStats(frequency=(fired / n_tokens).float(),
+                       mean_activation=(mass / fired.clamp(min=1)).float(),
+                       class_mass=class_mass.T.float().contiguous(),
+                       class_counts=class_counts.T.float().contiguous(),
+                       image_max=torch.cat(image_max), tau=tau, n_tokens=n_tokens)
+
+
+@torch.no_grad()
+def patch_maps(sae: SAE, acts: Tensor, latent: int, grid: int) -> tuple[Tensor, Tensor]:
+    """One latent on some images: (patch activations [n, grid, grid], CLS activations [n])."""
+    codes = _codes(sae, acts)[:, :, latent]
+    return codes[:, 1:].reshape(len(acts), grid, grid), codes[:, 0]
+
+
+# ============================================================================ masking
+
+@torch.no_grad()
+def masked_reconstruction(sae: SAE, x: Tensor, keep: Tensor) -> Tensor:
+    """The SAE's reconstruction of ``x`` [..., d] from the kept latents only.
+
+    ``keep`` is a boolean mask over latents: [L] for every row, or one mask per leading index of
+    ``x`` (e.g. [images, L] for x of [images, tokens, d]). All True gives the plain reconstruction;
+    all False leaves b_dec alone (no latent contributes)."""
+    if keep.shape[-1] != sae.cfg.d_sae:
+        raise ValueError(f"keep has {keep.shape[-1]} entries per mask; the SAE has {sae.cfg.d_sae} latents")
+    lead = x.shape[:-1]
+    x = x.to(sae.b_dec.device)
+    codes = sae.encode(x.reshape(-1, x.shape[-1])).reshape(*lead, sae.cfg.d_sae)
+    return _decode_kept(sae, codes, keep)
+
+
+def _decode_kept(sae: SAE, codes: Tensor, keep: Tensor) -> Tensor:
+    """Reconstruction, in input units, from dense codes [..., L] with only ``keep`` latents."""
+    mask = keep.to(codes.device, codes.dtype)
+    while mask.ndim < codes.ndim:  # one mask per image: broadcast over its tokens
+        mask = mask.unsqueeze(-2)
+    x_hat_norm = (codes * mask) @ sae.decoder + sae.b_dec
+    return x_hat_norm / sae.input_scale
+
+
+@torch.no_grad()
+def spliced_accuracy(model, layer: int, acts: Tensor, labels: Tensor, sae: SAE | None = None,
+                     keep: Tensor | None = None, batch_size: int | None = None) -> float:
+    """Accuracy of ``model`` when the residual stream after block ``layer`` (``acts``: CLS and
+    patches, harvested without prompts) is replaced by the SAE's reconstruction (``keep``: the
+    latents kept, [L] or [images, L]; None: the plain reconstruction). ``sae=None``: the clean
+    model, run from the same activations."""
+    batch_size = batch_size or (_images_per_chunk(acts, sae) if sae is not None else 250)
+    correct = 0
+    for i in range(0, len(acts), batch_size):
+        x = acts[i:i + batch_size]
+        if sae is not None:
+            if keep is None:
+                x = sae.reconstruct(x.to(sae.b_dec.device))
+            else:
+                x = masked_reconstruction(sae, x, keep if keep.ndim == 1 else keep[i:i + batch_size])
+        logits = model.classify(model.run_blocks(x.to(model.device), layer + 1))
+        correct += int((logits.argmax(-1).cpu() == labels[i:i + batch_size]).sum())
+    return correct / len(acts)
+
+
+def class_ranks(counts: Tensor) -> Tensor:
+    """[L, C] rank of each latent within each class by count (0 = largest; ties by latent index)."""
+    order = torch.argsort(-counts, dim=0, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(0, order, torch.arange(len(counts))[:, None].expand_as(order).contiguous())
+    return ranks
+
+
+def masking_curves(model, layer: int, sae: SAE, acts: Tensor, labels: Tensor, rank_counts: Tensor,
+                   ks: list[int], seed: int = 0, batch_size: int | None = None) -> pd.DataFrame:
+    """Accuracy against k for the PatchSAE masking experiment.
+
+    ``rank_counts`` [L, C] are class-level counts from *other* images (the ranking is never made
+    on the images it is evaluated on). For each image, "class top-k" are the k latents with the
+    most counts for its true class; "dataset top-k" the k with the most counts over all classes;
+    "random k" a seeded random draw per k. "on" keeps only those latents, "off" removes them."""
+    n_latents = sae.cfg.d_sae
+    class_order = torch.argsort(-rank_counts, dim=0, stable=True)  # [L, C]
+    dataset_order = torch.argsort(-rank_counts.sum(1), stable=True)
+    rows, masks = [], []
+    for k in ks:
+        k = min(k, n_latents)
+        by_class = torch.zeros(rank_counts.shape[1], n_latents, dtype=torch.bool)
+        by_class.scatter_(1, class_order[:k].T.contiguous(), True)
+        chosen = {"class top-k": by_class[labels],
+                  "dataset top-k": torch.zeros(n_latents, dtype=torch.bool).index_fill_(
+                      0, dataset_order[:k], True),
+                  "random k": torch.zeros(n_latents, dtype=torch.bool).index_fill_(
+                      0, torch.randperm(n_latents, generator=seeding.generator(
+                          f"latent_controls:{k}", seed))[:k], True)}
+        for latents, keep in chosen.items():
+            for mode, mask in (("on", keep), ("off", ~keep)):
+                rows.append({"k": k, "latents": latents, "mode": mode})
+                masks.append(mask)
+    # Each image's codes are computed once and decoded under every mask.
+    batch_size = batch_size or _images_per_chunk(acts, sae)
+    correct = torch.zeros(len(masks), dtype=torch.long)
+    with torch.no_grad():
+        for i in range(0, len(acts), batch_size):
+            codes = _codes(sae, acts[i:i + batch_size]).to(sae.b_dec.device)
+            y = labels[i:i + batch_size]
+            for j, mask in enumerate(masks):
+                x_hat = _decode_kept(sae, codes, mask if mask.ndim == 1 else mask[i:i + batch_size])
+                logits = model.classify(model.run_blocks(x_hat.to(model.device), layer + 1))
+                correct[j] += int((logits.argmax(-1).cpu() == y).sum())
+    return pd.DataFrame(rows).assign(accuracy=[c / len(acts) for c in correct.tolist()])
+
+
+# ============================================================================ grouping
+
+def group_latents(base_counts: Tensor, adapted_counts: Tensor, top: int, bottom: int) -> pd.DataFrame:
+    """(latent, class) pairs grouped by class-level rank before and after adaptation.
+
+    Within each class, latents are ranked by their class-level counts under each model (a latent
+    with no count is ranked last). "high": in the top ``top`` for both; "high-to-low": in the
+    base's top ``top`` but not in the adapted model's top ``bottom``; "low-to-high": the
+    reverse. Returns one row per grouped pair: latent, class, base and adapted rank and count,
+    group."""
+    if base_counts.shape != adapted_counts.shape:
+        raise ValueError(f"count matrices differ in shape: {list(base_counts.shape)} vs "
+                         f"{list(adapted_counts.shape)}")
+    if not 0 < top <= bottom:
+        raise ValueError(f"need 0 < top <= bottom, got top={top}, bottom={bottom}")
+    n = len(base_counts)
+    ranks = []
+    for counts in (base_counts, adapted_counts):
+        r = class_ranks(counts)
+        ranks.append(torch.where(counts > 0, r, torch.full_like(r, n)))
+    rb, ra = ranks
+    groups = {"high": (rb < top) & (ra < top), "high-to-low": (rb < top) & (ra >= bottom),
+              "low-to-high": (rb >= bottom) & (ra < top)}
+    rows = []
+    for group, mask in groups.items():
+        for latent, cls in torch.nonzero(mask).tolist():
+            rows.append({"latent": latent, "class": cls, "base rank": int(rb[latent, cls]),
+                         "adapted rank": int(ra[latent, cls]),
+                         "base count": float(base_counts[latent, cls]),
+                         "adapted count": float(adapted_counts[latent, cls]), "group": group})
+    return pd.DataFrame(rows, columns=["latent", "class", "base rank", "adapted rank", "base count",
+                                       "adapted count", "group"])
+
+
+def existing_share(base_counts: Tensor, adapted_counts: Tensor, top: int) -> float:
+    """Of the latents in the adapted model's top ``top`` of any class, the fraction already in the
+    base model's top ``top`` of some class of the same task: concepts re-used rather than new."""
+    def tops(counts: Tensor) -> set[int]:
+        r = class_ranks(counts)
+        return set(torch.nonzero(((r < top) & (counts > 0)).any(1)).flatten().tolist())
+
+    adapted = tops(adapted_counts)
+    return len(adapted & tops(base_counts)) / max(1, len(adapted))
+
+
+def top_turnover(base_counts: Tensor, adapted_counts: Tensor, top: int) -> dict[str, float]:
+    """How much each class's top ``top`` latents change with adaptation, without the gap between
+    the "high" and "low" bounds of ``group_latents``: "new" is the share of the adapted model's
+    top (latent, class) pairs that were not in the base model's top for that class, "dropped" the
+    share of the base model's top pairs that left it."""
+    def tops(counts: Tensor) -> Tensor:
+        return (class_ranks(counts) < top) & (counts > 0)
+
+    base, adapted = tops(base_counts), tops(adapted_counts)
+    return {"new": float((adapted & ~base).sum() / adapted.sum().clamp(min=1)),
+            "dropped": float((base & ~adapted).sum() / base.sum().clamp(min=1))}
+
+
+def group_summary(groups: pd.DataFrame) -> dict[str, float]:
+    """Unique latents and (latent, class) pairs per group, and the share of changed pairs."""
+    out: dict[str, float] = {}
+    for g in GROUPS:
+        part = groups[groups.group == g]
+        out[f"{g} latents"] = part.latent.nunique()
+        out[f"{g} pairs"] = len(part)
+    changed = out["high-to-low pairs"] + out["low-to-high pairs"]
+    out["changed share"] = changed / max(1, changed + out["high pairs"])
+    return out
+
+
+def to_numpy(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()

