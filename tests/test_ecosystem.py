@@ -21,8 +21,14 @@ from saelib.core.metrics import evaluate
 from saelib.core.sae import SAEConfig
 from saelib.core.saelens_io import export_saelens, read_saelens, run_metadata
 from saelib.core.training import TrainConfig, train_saes
-from saelib.studies.saebench import (CORE_FILENAME, CORE_SCHEMA, SchemaError, check_core_envelope, core_eval,
-                                     write_core_eval)
+from saelib.studies.saebench import (
+    CORE_FILENAME,
+    CORE_SCHEMA,
+    SchemaError,
+    check_core_envelope,
+    core_eval,
+    write_core_eval,
+)
 from saelib.studies.splice import splice_metrics
 from saelib.subjects.activations import harvest, token_windows
 from saelib.subjects.language_models import load_subject_model, train_organism

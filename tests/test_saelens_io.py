@@ -10,8 +10,7 @@ from safetensors import safe_open
 
 from saelib.core.checkpoints import CheckpointError, save_sae
 from saelib.core.sae import SAEConfig
-from saelib.core.saelens_io import (SAELENS_METADATA_KEYS, export_saelens, load_saelens, read_saelens,
-                                    run_metadata)
+from saelib.core.saelens_io import SAELENS_METADATA_KEYS, export_saelens, load_saelens, read_saelens, run_metadata
 from saelib.core.training import TrainConfig, train_saes
 
 RUN_DATA = {"model": "organism-ci", "hook": "blocks.0.hook_resid_post", "corpus": "mixed", "context_size": 12,
@@ -102,7 +101,7 @@ def test_saelens_preflight_accepts_a_run_export_and_refuses_one_without_metadata
 
 @pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu", "standard_no_b_dec_input"])
 def test_a_folder_written_by_saelens_loads_into_saelib(architecture, tmp_path):
-    sae_lens = pytest.importorskip("sae_lens")
+    pytest.importorskip("sae_lens")
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 

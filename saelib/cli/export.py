@@ -1,4 +1,4 @@
-"""Write saved SAEs in the ecosystem's formats: ``saelib export [--saelens P] [--saebench P] [--neuronpedia P] --out DIR``.
+"""Saved SAEs in the ecosystem's formats: ``saelib export [--saelens P] [--saebench P] [--neuronpedia P] --out DIR``.
 
 Each P is a `saelib train` run folder (every SAE under its ``saes/``), one saved SAE folder
 (``config.json`` + ``sae.safetensors``) or an SAELens folder (``cfg.json`` + ``sae_weights.safetensors``).

@@ -186,7 +186,8 @@ def read_saelens(folder: str | Path) -> SAELensFolder:
         cfg = SAEConfig(d_in=saelens_cfg["d_in"], d_sae=saelens_cfg["d_sae"], rule=rule,
                         k=int(saelens_cfg.get("k", 1)), normalize_input=False)
         s = 1.0
-    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
+                "b_dec": (cfg.d_in,)}
     bad = {k: list(w[k].shape) if k in w else "missing" for k, shape in expected.items()
            if k not in w or tuple(w[k].shape) != shape}
     if bad:

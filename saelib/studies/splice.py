@@ -3,9 +3,9 @@
 Reconstruction error (NMSE) says how far x_hat is from x; it does not say whether the model still
 works when it reads x_hat. ``splice_metrics`` replaces the activation at the SAE's hook with its
 reconstruction and compares next-token predictions with the clean run: the cross-entropy increase,
-the KL divergence from the clean predictions (and the zero-ablated run's, its reference), and the fraction of the CE gap to zero-ablating the
-hook that the SAE recovers. ``downstream_errors`` measures how far the later residual streams move
-(Braun et al.'s downstream reconstruction). Evaluate on held-out text
+the KL divergence from the clean predictions (and the zero-ablated run's, its reference), and the
+fraction of the CE gap to zero-ablating the hook that the SAE recovers. ``downstream_errors``
+measures how far the later residual streams move (Braun et al.'s downstream reconstruction). Evaluate on held-out text
 (``token_windows(..., split="heldout")``).
 """
 
