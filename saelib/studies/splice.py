@@ -5,8 +5,8 @@ works when it reads x_hat. ``splice_metrics`` replaces the activation at the SAE
 reconstruction and compares next-token predictions with the clean run: the cross-entropy increase,
 the KL divergence from the clean predictions (and the zero-ablated run's, its reference), and the
 fraction of the CE gap to zero-ablating the hook that the SAE recovers. ``downstream_errors``
-measures how far the later residual streams move (Braun et al.'s downstream reconstruction). Evaluate on held-out text
-(``token_windows(..., split="heldout")``).
+measures how far the later residual streams move (Braun et al.'s downstream reconstruction).
+Evaluate on held-out text (``token_windows(..., split="heldout")``).
 """
 
 from __future__ import annotations
