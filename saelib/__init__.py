@@ -25,7 +25,7 @@ from saelib.core.checkpoints import CheckpointError, latest_checkpoint, load_sae
 from saelib.core.metrics import Evaluation, evaluate  # noqa: E402
 from saelib.core.objectives import E2E, Local, Reconstruction  # noqa: E402
 from saelib.core.sae import SAE, SAEConfig  # noqa: E402
-from saelib.core.saelens_io import export_saelens, load_saelens  # noqa: E402
+from saelib.core.saelens_io import export_saelens, load_saelens, read_saelens, run_metadata  # noqa: E402
 from saelib.core.synthetic import make_synthetic  # noqa: E402
 from saelib.core.training import TrainConfig, TrainResult, initial_saes, train_cached, train_saes  # noqa: E402
 
@@ -34,4 +34,5 @@ __all__ = [
     "save_sae", "load_sae", "latest_checkpoint", "step_checkpoints", "CheckpointError",
     "evaluate", "Evaluation", "Reconstruction", "Local", "E2E",
     "RULES", "AllocationContext", "register", "get_rule", "make_synthetic", "export_saelens", "load_saelens",
+    "read_saelens", "run_metadata",
 ]

@@ -47,6 +47,8 @@ def test_zero_reconstruction_is_zero_ablation(model, heldout, clean):
     zero = splice_metrics(model, HOOK, torch.zeros_like, heldout)
     assert zero.ce_spliced == pytest.approx(zero.ce_zero_ablation, abs=1e-6)
     assert zero.ce_zero_ablation > clean.ce_clean + 0.05 and zero.fraction_recovered == pytest.approx(0.0, abs=1e-6)
+    assert zero.kl == pytest.approx(zero.kl_zero_ablation, abs=1e-6) and zero.kl_zero_ablation > 0
+    assert clean.kl_zero_ablation == pytest.approx(zero.kl_zero_ablation, abs=1e-6)
 
 
 def test_trained_sae_lies_between_clean_and_zero(model, heldout):

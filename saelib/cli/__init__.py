@@ -4,6 +4,7 @@
     saelib train configs/example.toml   # = python -m saelib train configs/example.toml
     saelib student-copy notebooks --out student/
     saelib browse runs/example/saes/topk --out browser/   # = python -m saelib browse ...
+    saelib export --saelens runs/example --saebench runs/example --neuronpedia runs/example --out exported/
 
 Each subcommand passes the rest of the command line to that module's own ``main``, so
 ``saelib <command> --help`` shows the module's options and the ``python -m`` forms stay equivalent.
@@ -19,6 +20,7 @@ COMMANDS = {
     "train": ("saelib.cli.train", "train SAEs from a TOML config (resumable; torchrun for data parallel)"),
     "student-copy": ("saelib.book.exercises", "write the notebooks without their exercise solutions"),
     "browse": ("saelib.browser.cli", "write a static feature browser for a saved SAE"),
+    "export": ("saelib.cli.export", "write saved SAEs for SAELens, SAEBench (core eval) and Neuronpedia"),
 }
 
 

@@ -250,7 +250,7 @@ def _check_out_dir(out: Path, cfg: dict) -> None:
 
 def run(cfg: RunConfig, out: Path, progress: bool = True) -> Any:
     """Train the configured SAEs into ``out`` (resuming a run already there); returns the TrainResult."""
-    from saelib.core.saelens_io import export_saelens
+    from saelib.core.saelens_io import export_saelens, run_metadata
     from saelib.core.training import train_saes
 
     rank0 = distributed.rank() == 0
@@ -272,11 +272,11 @@ def run(cfg: RunConfig, out: Path, progress: bool = True) -> Any:
     if rank0:
         result.history.to_json(out / "history.jsonl", orient="records", lines=True)
         if cfg.export.saelens:
+            metadata = run_metadata(cfg.data)
+            metadata.update({k: v for k, v in (("model_name", cfg.export.model_name),
+                                                ("hook_name", cfg.export.hook_name)) if v})
             for name, sae in result.saes.items():
-                export_saelens(sae, out / "saelens" / name,
-                               model_name=cfg.export.model_name or cfg.data.get("model", ""),
-                               hook_name=cfg.export.hook_name or cfg.data.get("hook", ""),
-                               context_size=cfg.data.get("context_size"))
+                export_saelens(sae, out / "saelens" / name, metadata)
         if len(result.history):
             last = result.history.groupby("sae").tail(1)
             print(last[["sae", "step", "nmse", "l0", "dead_frac"]].to_string(index=False))

@@ -3,10 +3,10 @@
 Reconstruction error (NMSE) says how far x_hat is from x; it does not say whether the model still
 works when it reads x_hat. ``splice_metrics`` replaces the activation at the SAE's hook with its
 reconstruction and compares next-token predictions with the clean run: the cross-entropy increase,
-the KL divergence from the clean predictions, and the fraction of the CE gap to zero-ablating the
-hook that the SAE recovers. ``downstream_errors`` measures how far the later residual streams move
-(Braun et al.'s downstream reconstruction). Evaluate on held-out text
-(``token_windows(..., split="heldout")``).
+the KL divergence from the clean predictions (and the zero-ablated run's, its reference), and the
+fraction of the CE gap to zero-ablating the hook that the SAE recovers. ``downstream_errors``
+measures how far the later residual streams move (Braun et al.'s downstream reconstruction).
+Evaluate on held-out text (``token_windows(..., split="heldout")``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class SpliceResult:
     """Mean KL(clean || spliced) of the next-token distributions."""
     ce_zero_ablation: float
     """Cross-entropy with the hook activation set to zero: the reference for a useless SAE."""
+    kl_zero_ablation: float
+    """Mean KL(clean || zero-ablated): the KL reference for a useless SAE."""
     n_tokens: int
     """Predicted positions averaged over."""
 
@@ -95,7 +97,7 @@ def splice_sweep(model, hook: str, reconstructs: Mapping[str, object], windows: 
     first = int(exclude_bos)
     replace = {name: _replace(_as_function(r), first, max_norm) for name, r in reconstructs.items()}
     zero = _replace(torch.zeros_like, first, max_norm)
-    clean_sums = torch.zeros(2, dtype=torch.float64)  # ce clean, ce zero
+    clean_sums = torch.zeros(3, dtype=torch.float64)  # ce clean, ce zero, kl zero
     spliced_sums = {name: torch.zeros(2, dtype=torch.float64) for name in replace}  # ce spliced, kl
     n = 0
     for lo in progress_bar(range(0, len(windows), batch_size), show=progress, desc="splicing", unit="batch"):
@@ -108,19 +110,20 @@ def splice_sweep(model, hook: str, reconstructs: Mapping[str, object], windows: 
         clean = log_probs([])
         zeroed = log_probs([(hook, zero)])
         clean_sums += torch.stack([F.nll_loss(clean, target, reduction="sum"),
-                                   F.nll_loss(zeroed, target, reduction="sum")]).double().cpu()
+                                   F.nll_loss(zeroed, target, reduction="sum"),
+                                   F.kl_div(zeroed, clean, log_target=True, reduction="sum")]).double().cpu()
         for name, fn in replace.items():
             spliced = log_probs([(hook, fn)])
             spliced_sums[name] += torch.stack([F.nll_loss(spliced, target, reduction="sum"),
                                                F.kl_div(spliced, clean, log_target=True, reduction="sum")
                                                ]).double().cpu()
         n += len(target)
-    ce_clean, ce_zero = (clean_sums / n).tolist()
+    ce_clean, ce_zero, kl_zero = (clean_sums / n).tolist()
     results = {}
     for name, sums in spliced_sums.items():
         ce_spliced, kl = (sums / n).tolist()
         results[name] = SpliceResult(ce_clean=ce_clean, ce_spliced=ce_spliced, kl=kl, ce_zero_ablation=ce_zero,
-                                     n_tokens=n)
+                                     kl_zero_ablation=kl_zero, n_tokens=n)
     return results
 
 

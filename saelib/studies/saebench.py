@@ -1,0 +1,284 @@
+"""saelib's core evaluation under SAEBench's metric names and JSON envelope (its "core" eval).
+
+``core_eval`` measures an SAE on held-out token windows: the activations of the windows at the
+SAE's hook for the reconstruction and sparsity metrics (``saelib.core.metrics.evaluate``), and the
+model's next-token predictions with the SAE spliced in for the CE and KL scores
+(``saelib.studies.splice.splice_metrics``). ``write_core_eval`` checks the envelope against
+SAEBench's core schema and writes ``saebench_core.json`` beside a saved SAE.
+
+The schema checked here (``CORE_SCHEMA``) is written from the definitions of SAEBench 0.6.0
+(``sae_bench/evals/core/eval_output.py``, ``eval_config.py``, ``base_eval_output.py`` and the
+``eval_output_schema_core.json`` they generate): the same fields, types and required keys. SAEBench
+ships no licence, so its schema file is not vendored.
+
+The definitions follow the installed SAELens 6.x evals (SAEBench's core eval is SAELens's), per
+evaluated token t with activation x_t, reconstruction x̂_t and codes f_t:
+
+* ``mse`` = mean_t |x_t - x̂_t|² (summed over dimensions); ``explained_variance`` = 1 - mse / (mean_t
+  |x_t|² - |mean_t x_t|²), i.e. 1 - saelib's NMSE; ``explained_variance_legacy`` = mean_t of 1 -
+  |x_t - x̂_t|² / |x_t - x̄|², with x̄ the mean over the whole window (SAELens uses each batch's);
+  ``cossim`` = mean_t cos(x_t, x̂_t).
+* ``l2_ratio`` = mean_t |x̂_t| / |x_t|; ``relative_reconstruction_bias`` = mean_t |x̂_t|² / mean_t
+  <x_t, x̂_t>, pooled over the window (SAELens averages it over batches).
+* ``l0`` = mean_t of nonzero codes (saelib's L0), ``l1`` = mean_t sum_i |f_ti|.
+* ``ce_loss_score`` = (CE zero-ablated - CE spliced) / (CE zero-ablated - CE clean): saelib's fraction
+  recovered; ``kl_div_score`` = (KL zero-ablated - KL spliced) / KL zero-ablated.
+* ``frac_alive`` and ``freq_over_*``: from each feature's density over the evaluated tokens.
+
+Codes are in saelib's units, which are the SAELens export's (the export folds the input scale into
+its weights); the per-feature encoder norms and biases are those of the export too.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from saelib.core.metrics import Evaluation, evaluate
+from saelib.core.sae import SAE
+from saelib.core.saelens_io import saelens_config
+from saelib.core.storage import atomic_json
+from saelib.studies.splice import SpliceResult, splice_metrics
+from saelib.subjects.activations import harvest
+
+__all__ = ["CORE_SCHEMA", "SchemaError", "core_eval", "core_envelope", "check_core_envelope", "write_core_eval",
+           "CORE_FILENAME"]
+
+CORE_FILENAME = "saebench_core.json"
+NOT_SAEBENCH = "none: computed by saelib, not by SAEBench's runner"
+"""``sae_bench_commit_hash`` (a required string): no SAEBench commit ran this evaluation."""
+
+NUMBER, INTEGER, STRING, BOOLEAN, OBJECT, ARRAY = "number", "integer", "string", "boolean", "object", "array"
+CORE_SCHEMA: dict[str, Any] = {
+    "top": {  # field: (types, required); "null" allowed where SAEBench's field is Optional
+        "eval_type_id": ((STRING,), False), "eval_config": ((OBJECT,), True), "eval_id": ((STRING,), True),
+        "datetime_epoch_millis": ((INTEGER,), True), "eval_result_metrics": ((OBJECT,), True),
+        "eval_result_details": ((ARRAY,), False), "sae_bench_commit_hash": ((STRING,), True),
+        "sae_lens_id": ((STRING, "null"), True), "sae_lens_release_id": ((STRING, "null"), True),
+        "sae_lens_version": ((STRING, "null"), True), "sae_cfg_dict": ((OBJECT, "null"), True),
+    },
+    "eval_config": {  # every field has a default in SAEBench: optional, but typed
+        "model_name": STRING, "llm_dtype": STRING, "batch_size_prompts": INTEGER,
+        "n_eval_reconstruction_batches": INTEGER, "n_eval_sparsity_variance_batches": INTEGER, "dataset": STRING,
+        "context_size": INTEGER, "compute_kl": BOOLEAN, "compute_ce_loss": BOOLEAN, "compute_l2_norms": BOOLEAN,
+        "compute_sparsity_metrics": BOOLEAN, "compute_variance_metrics": BOOLEAN,
+        "compute_featurewise_density_statistics": BOOLEAN, "compute_featurewise_weight_based_metrics": BOOLEAN,
+        "exclude_special_tokens_from_reconstruction": BOOLEAN, "verbose": BOOLEAN,
+    },
+    "metrics": {  # every group and every metric in it is required
+        "model_behavior_preservation": {"kl_div_score": NUMBER, "kl_div_with_ablation": NUMBER,
+                                        "kl_div_with_sae": NUMBER},
+        "model_performance_preservation": {"ce_loss_score": NUMBER, "ce_loss_with_ablation": NUMBER,
+                                           "ce_loss_with_sae": NUMBER, "ce_loss_without_sae": NUMBER},
+        "reconstruction_quality": {"explained_variance": NUMBER, "explained_variance_legacy": NUMBER,
+                                   "mse": NUMBER, "cossim": NUMBER},
+        "shrinkage": {"l2_norm_in": NUMBER, "l2_norm_out": NUMBER, "l2_ratio": NUMBER,
+                      "relative_reconstruction_bias": NUMBER},
+        "sparsity": {"l0": NUMBER, "l1": NUMBER},
+        "token_stats": {"total_tokens_eval_reconstruction": INTEGER, "total_tokens_eval_sparsity_variance": INTEGER},
+        "misc_metrics": {"freq_over_1_percent": NUMBER, "freq_over_10_percent": NUMBER,
+                         "normalized_freq_over_1_percent": NUMBER, "normalized_freq_over_10_percent": NUMBER,
+                         "average_max_encoder_cosine_sim": NUMBER, "average_max_decoder_cosine_sim": NUMBER,
+                         "frac_alive": NUMBER},
+    },
+    "detail": {  # each eval_result_details entry: all required
+        "index": INTEGER, "feature_density": NUMBER, "consistent_activation_heuristic": NUMBER,
+        "encoder_bias": NUMBER, "encoder_norm": NUMBER, "encoder_decoder_cosine_sim": NUMBER,
+        "max_decoder_cosine_sim": NUMBER, "max_encoder_cosine_sim": NUMBER,
+    },
+}
+"""SAEBench 0.6.0's core eval output, field by field (see the module docstring for the source)."""
+
+
+class SchemaError(ValueError):
+    """An envelope does not match SAEBench's core schema (the message names the field)."""
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == "null":
+        return value is None
+    if kind == NUMBER:  # JSON numbers: no NaN or infinity, and a bool is not one
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return {INTEGER: lambda v: isinstance(v, int) and not isinstance(v, bool), STRING: lambda v: isinstance(v, str),
+            BOOLEAN: lambda v: isinstance(v, bool), OBJECT: lambda v: isinstance(v, dict),
+            ARRAY: lambda v: isinstance(v, list)}[kind](value)
+
+
+def _check(value: Any, kinds: tuple[str, ...], where: str) -> None:
+    if not any(_is(value, k) for k in kinds):
+        raise SchemaError(f"SAEBench core schema: {where} must be {' or '.join(kinds)}, got {value!r:.60}")
+
+
+def check_core_envelope(doc: Mapping[str, Any]) -> None:
+    """Raise SchemaError (one line, naming the field) unless ``doc`` matches SAEBench's core schema."""
+    _check(doc, (OBJECT,), "the envelope")
+    for key, (kinds, required) in CORE_SCHEMA["top"].items():
+        if key not in doc:
+            if required:
+                raise SchemaError(f"SAEBench core schema: missing required field {key}")
+            continue
+        _check(doc[key], kinds, key)
+    if doc.get("eval_type_id", "core") != "core":
+        raise SchemaError(f"SAEBench core schema: eval_type_id must be 'core', got {doc['eval_type_id']!r}")
+    if not 0 <= doc["datetime_epoch_millis"] <= 9_999_999_999_999:  # SAEBench's own validator
+        raise SchemaError(f"SAEBench core schema: datetime_epoch_millis {doc['datetime_epoch_millis']} is not "
+                          "a time in epoch milliseconds")
+    for key, kind in CORE_SCHEMA["eval_config"].items():
+        if key in doc["eval_config"]:
+            _check(doc["eval_config"][key], (kind,), f"eval_config.{key}")
+    for group, fields in CORE_SCHEMA["metrics"].items():
+        if group not in doc["eval_result_metrics"]:
+            raise SchemaError(f"SAEBench core schema: missing metric group eval_result_metrics.{group}")
+        values = doc["eval_result_metrics"][group]
+        _check(values, (OBJECT,), f"eval_result_metrics.{group}")
+        for key, kind in fields.items():
+            if key not in values:
+                raise SchemaError(f"SAEBench core schema: missing metric eval_result_metrics.{group}.{key}")
+            _check(values[key], (kind,), f"eval_result_metrics.{group}.{key}")
+    for i, detail in enumerate(doc.get("eval_result_details") or []):
+        _check(detail, (OBJECT,), f"eval_result_details[{i}]")
+        for key, kind in CORE_SCHEMA["detail"].items():
+            if key not in detail:
+                raise SchemaError(f"SAEBench core schema: missing eval_result_details[{i}].{key}")
+            _check(detail[key], (kind,), f"eval_result_details[{i}].{key}")
+
+
+# ============================================================================ measuring
+
+def _max_other_cosine(rows: Tensor, chunk: int = 1024) -> Tensor:
+    """For each row, its largest cosine similarity with any other row."""
+    unit = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    out = torch.empty(len(unit))
+    for lo in range(0, len(unit), chunk):
+        sims = unit[lo:lo + chunk] @ unit.T
+        sims[torch.arange(len(sims)), torch.arange(lo, lo + len(sims))] = -math.inf
+        out[lo:lo + chunk] = sims.max(1).values
+    return out
+
+
+@torch.no_grad()
+def _reconstruction_stats(sae: SAE, x: Tensor, window: Tensor, n_windows: int, batch_size: int) -> dict[str, Any]:
+    """The per-token sums SAELens's variance, shrinkage and L1 metrics need, and per-feature window counts."""
+    mean = x.double().mean(0)
+    sums = dict.fromkeys(("cossim", "l2_in", "l2_out", "l2_ratio", "xhat_sq", "x_dot_xhat", "l1", "ev_legacy",
+                          "sq_err"), 0.0)
+    fired_windows = torch.zeros(n_windows, sae.cfg.d_sae, dtype=torch.bool)
+    was_training = sae.training
+    sae.eval()
+    for lo in range(0, len(x), batch_size):
+        xb = x[lo:lo + batch_size]
+        out = sae(xb)
+        x_hat, codes = out.x_hat.double(), out.codes
+        xd = xb.double()
+        n_in, n_out = xd.norm(dim=1), x_hat.norm(dim=1)
+        err = (xd - x_hat).pow(2).sum(1)
+        sums["sq_err"] += float(err.sum())
+        sums["cossim"] += float(((xd * x_hat).sum(1) / (n_in * n_out).clamp(min=1e-12)).sum())
+        sums["l2_in"] += float(n_in.sum())
+        sums["l2_out"] += float(n_out.sum())
+        sums["l2_ratio"] += float((n_out / torch.where(n_in.abs() < 1e-4, 1.0, n_in)).sum())
+        sums["xhat_sq"] += float(n_out.pow(2).sum())
+        sums["x_dot_xhat"] += float((xd * x_hat).sum())
+        sums["l1"] += float(codes.values.double().abs().sum())
+        sums["ev_legacy"] += float((1 - err / (xd - mean).pow(2).sum(1)).sum())
+        fired_windows[window[lo + codes.rows], codes.cols] = True
+    sae.train(was_training)
+    return sums | {"fired_windows": fired_windows.sum(0)}
+
+
+def core_envelope(sae: SAE, ev: Evaluation, splice: SpliceResult, stats: Mapping[str, Any], *,
+                  model_name: str, dataset: str, context_size: int, batch_size: int, n_batches: int,
+                  exclude_bos: bool, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """SAEBench's core envelope from saelib's measurements of one SAE (``core_eval`` makes them)."""
+    n = ev.n_tokens
+    density = ev.density.double()
+    total = float(density.sum())
+    enc = (sae.encoder.detach() * float(sae.input_scale)).double()  # the SAELens export's W_enc, one row per feature
+    dec = sae.decoder.detach().double()
+    max_enc, max_dec = _max_other_cosine(enc), _max_other_cosine(dec)
+    b_enc = sae.b_enc.detach()
+    enc_dec = (enc * dec).sum(1) / (enc.norm(dim=1) * dec.norm(dim=1)).clamp(min=1e-12)
+    fires = (density * n).round()  # counts again (density is a float32 ratio)
+    # SAEBench writes -1 where a heuristic is 0/0 (a feature that never fired), as JSON has no NaN.
+    cah = torch.where(stats["fired_windows"] > 0, fires / stats["fired_windows"].clamp(min=1), -1.0)
+    details = [{"index": i, "feature_density": float(density[i]), "consistent_activation_heuristic": float(cah[i]),
+                "encoder_bias": float(b_enc[i]), "encoder_norm": float(enc[i].norm()),
+                "encoder_decoder_cosine_sim": float(enc_dec[i]), "max_decoder_cosine_sim": float(max_dec[i]),
+                "max_encoder_cosine_sim": float(max_enc[i])} for i in range(sae.cfg.d_sae)]
+
+    def share(above: float) -> float:
+        return float(density[density > above].sum() / total) if total > 0 else 0.0
+
+    metrics = {
+        "model_behavior_preservation": {
+            "kl_div_score": (splice.kl_zero_ablation - splice.kl) / splice.kl_zero_ablation,
+            "kl_div_with_ablation": splice.kl_zero_ablation, "kl_div_with_sae": splice.kl},
+        "model_performance_preservation": {
+            "ce_loss_score": splice.fraction_recovered, "ce_loss_with_ablation": splice.ce_zero_ablation,
+            "ce_loss_with_sae": splice.ce_spliced, "ce_loss_without_sae": splice.ce_clean},
+        "reconstruction_quality": {
+            "explained_variance": 1 - ev.nmse, "explained_variance_legacy": stats["ev_legacy"] / n,
+            "mse": stats["sq_err"] / n, "cossim": stats["cossim"] / n},
+        "shrinkage": {"l2_norm_in": stats["l2_in"] / n, "l2_norm_out": stats["l2_out"] / n,
+                      "l2_ratio": stats["l2_ratio"] / n,
+                      "relative_reconstruction_bias": stats["xhat_sq"] / stats["x_dot_xhat"]},
+        "sparsity": {"l0": ev.l0, "l1": stats["l1"] / n},
+        "token_stats": {"total_tokens_eval_reconstruction": splice.n_tokens, "total_tokens_eval_sparsity_variance": n},
+        "misc_metrics": {
+            "freq_over_1_percent": float((density > 0.01).double().mean()),
+            "freq_over_10_percent": float((density > 0.1).double().mean()),
+            "normalized_freq_over_1_percent": share(0.01), "normalized_freq_over_10_percent": share(0.1),
+            "average_max_encoder_cosine_sim": float(max_enc.mean()),
+            "average_max_decoder_cosine_sim": float(max_dec.mean()), "frac_alive": ev.alive / sae.cfg.d_sae},
+    }
+    config = {"model_name": model_name, "llm_dtype": "float32", "batch_size_prompts": batch_size,
+              "n_eval_reconstruction_batches": n_batches, "n_eval_sparsity_variance_batches": n_batches,
+              "dataset": dataset, "context_size": context_size, "compute_kl": True, "compute_ce_loss": True,
+              "compute_l2_norms": True, "compute_sparsity_metrics": True, "compute_variance_metrics": True,
+              "compute_featurewise_density_statistics": True, "compute_featurewise_weight_based_metrics": True,
+              "exclude_special_tokens_from_reconstruction": exclude_bos, "verbose": False}
+    return {
+        "eval_type_id": "core", "eval_config": config, "eval_id": str(uuid.uuid4()),
+        "datetime_epoch_millis": int(time.time() * 1000), "eval_result_metrics": metrics,
+        "eval_result_details": details, "sae_bench_commit_hash": NOT_SAEBENCH, "sae_lens_id": None,
+        "sae_lens_release_id": None, "sae_lens_version": None, "sae_cfg_dict": saelens_config(sae, metadata),
+        "eval_result_unstructured": {"saelib": {
+            "nmse": ev.nmse, "ce_increase": splice.ce_increase, "fraction_recovered": splice.fraction_recovered,
+            "explained_variance_centred_residual": ev.explained_variance, "dead_features": ev.dead}},
+    }
+
+
+def core_eval(sae: SAE, model, hook: str, windows: Tensor, *, batch_size: int = 8, exclude_bos: bool = True,
+              dataset: str = "", model_name: str = "", metadata: Mapping[str, Any] | None = None,
+              progress: bool = False) -> dict[str, Any]:
+    """SAEBench's core envelope for ``sae`` at ``hook`` of ``model`` on ``windows`` [n, ctx] (held-out).
+
+    The reconstruction metrics read the windows' activations at the hook (positions 1.. with
+    ``exclude_bos``, the rows SAEs are trained on); the CE and KL scores splice the SAE in on the same
+    windows (``splice_metrics``, position 0 left as it is with ``exclude_bos``). ``metadata``: SAELens
+    metadata for ``sae_cfg_dict`` (``saelib.core.saelens_io.run_metadata``)."""
+    rows = harvest(model, [hook], windows, batch_size=batch_size, exclude_bos=exclude_bos, progress=progress)[hook]
+    rows_per_window = windows.shape[1] - int(exclude_bos)
+    window = torch.arange(len(rows)) // rows_per_window
+    ev = evaluate(sae, rows)
+    splice = splice_metrics(model, hook, sae, windows, batch_size=batch_size, exclude_bos=exclude_bos,
+                            progress=progress)
+    stats = _reconstruction_stats(sae, rows, window, len(windows), 4096)
+    return core_envelope(sae, ev, splice, stats, model_name=model_name, dataset=dataset,
+                         context_size=windows.shape[1], batch_size=batch_size,
+                         n_batches=math.ceil(len(windows) / batch_size), exclude_bos=exclude_bos, metadata=metadata)
+
+
+def write_core_eval(envelope: Mapping[str, Any], folder: str | Path) -> Path:
+    """Check ``envelope`` against the schema and write it to ``folder/saebench_core.json`` (atomically)."""
+    check_core_envelope(envelope)
+    path = Path(folder) / CORE_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_json(dict(envelope), path)
+    return path
