@@ -8,8 +8,8 @@ model's run from the SAE's layer in float32 and under bfloat16 autocast. Each SA
 an e2e step includes its own clean run. Reported: SAE tokens/s (positions 1.. of each window) over
 the steps after the first, and the time relative to local. Models:
 
-* the book's organism ('cpu' if trained into the cache, else 'ci') at its middle residual stream
-  (chapter 3's subject);
+* the book's organism (``--organism``; by default 'cpu' if trained into the cache, else 'ci') at its
+  middle residual stream (chapter 3's subject);
 * with ``--smollm``, SmolLM2-135M at blocks.27.hook_resid_pre (3 of its 30 blocks follow): what a
   late-layer e2e SAE on the pretrained model would cost. Memory-hungry: its 49,152-token
   unembedding runs forward and backward for every position, and at the default 16 windows of 128
@@ -24,9 +24,7 @@ import time
 
 import torch
 
-from saelib.core.objectives import E2E, Local
-from saelib.core.sae import SAEConfig
-from saelib.core.training import TrainConfig, train_saes
+from saelib import E2E, Local, SAEConfig, TrainConfig, train_saes
 from saelib.subjects.activations import WindowTable, token_windows
 from saelib.subjects.language_models import load_subject_model, organism_dir
 
@@ -56,16 +54,20 @@ def measure(model, hook: str, steps: int, batch: int, context: int) -> list[dict
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark with ``argv`` (the command line by default); print the table and return
+    its rows."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--smollm", action="store_true", help="also SmolLM2-135M at a late layer")
+    ap.add_argument("--organism", choices=["cpu", "ci"],
+                    help="the organism profile (default: cpu if trained into the cache, else ci)")
     ap.add_argument("--json")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    profile = "cpu" if (organism_dir("cpu") / "organism.json").exists() else "ci"
+    profile = a.organism or ("cpu" if (organism_dir("cpu") / "organism.json").exists() else "ci")
     organism = load_subject_model(f"organism-{profile}")
     hook = f"blocks.{organism.cfg.n_layers // 2}.hook_resid_pre"
     rows = measure(organism, hook, a.steps, a.batch, min(a.context, organism.cfg.n_ctx))
@@ -79,6 +81,7 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ Rows per model (tokens = windows x context, BOS included, as the model processes
   and over the rows under 10x the median norm (chapter 2 drops the massive-activation rest).
 
 SmolLM2-135M (30 layers) is read at blocks.15.hook_resid_post (stop_at_layer=16); the organism is
-'cpu' if it has been trained into the cache (4 layers, blocks.1.hook_resid_post), else 'ci'
-(2 layers, blocks.0.hook_resid_post; from the cache, or trained into a temporary directory).
+``--organism`` ('cpu': 4 layers, blocks.1.hook_resid_post; 'ci': 2 layers, blocks.0.hook_resid_post;
+by default 'cpu' if it has been trained into the cache, else 'ci', from the cache or trained into a
+temporary directory).
 
 Each row runs at every ``--threads`` count. On a machine whose cores are shared with other busy
 processes, OpenMP's default spin-waiting makes 2 threads up to ~50x slower than 1; run with
@@ -92,12 +93,12 @@ def bench_model(name: str, hook: str, a: argparse.Namespace) -> list[dict]:
                 t0 = time.perf_counter()
                 acts[key] = harvest(model_, [hook], windows, a.batch, progress=False)[hook]
                 times.append(time.perf_counter() - t0)
-        a, b = acts["fp32"], acts["bf16"]
-        rel = float((b - a).norm() / a.norm())
+        ref, low_acts = acts["fp32"], acts["bf16"]
+        rel = float((low_acts - ref).norm() / ref.norm())
         # Massive-activation rows (a few tokens at 10-100x the median norm) dominate that error;
         # chapter 2 drops rows above 10x the median norm, so report the rest on their own too.
-        typical = a.norm(dim=1) < 10 * a.norm(dim=1).median()
-        rel_typical = float((b[typical] - a[typical]).norm() / a[typical].norm())
+        typical = ref.norm(dim=1) < 10 * ref.norm(dim=1).median()
+        rel_typical = float((low_acts[typical] - ref[typical]).norm() / ref[typical].norm())
         rows.append({**row, "what": "harvest bfloat16 (stop_at_layer)", "tokens_per_s": n / min(bf16),
                      "vs_fp32": min(fp32) / min(bf16), "relative_error": rel,
                      "relative_error_typical_rows": rel_typical})
@@ -109,7 +110,9 @@ def finished(organism: Path) -> bool:
     return meta.exists() and bool(json.loads(meta.read_text()).get("finished"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark with ``argv`` (the command line by default); print the table and return
+    its rows."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--context", type=int, default=128)
@@ -117,20 +120,22 @@ def main() -> None:
     p.add_argument("--threads", type=lambda v: [int(t) for t in v.split(",")], default=[1, 2],
                    help="comma-separated torch thread counts")
     p.add_argument("--skip-smollm2", action="store_true")
+    p.add_argument("--organism", choices=["cpu", "ci"],
+                   help="the organism profile (default: cpu if trained into the cache, else ci)")
     p.add_argument("--json", help="also write the results here")
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
     load_before = os.getloadavg()[0]
     rows: list[dict] = []
     if not a.skip_smollm2:
         rows += bench_model("smollm2-135m", "blocks.15.hook_resid_post", a)
-    if finished(organism_dir("cpu")):
-        rows += bench_model("organism-cpu", "blocks.1.hook_resid_post", a)
-    elif finished(organism_dir("ci")):
-        rows += bench_model("organism-ci", "blocks.0.hook_resid_post", a)
+    profile = a.organism or ("cpu" if finished(organism_dir("cpu")) else "ci")
+    hook = "blocks.1.hook_resid_post" if profile == "cpu" else "blocks.0.hook_resid_post"
+    if finished(organism_dir(profile)):
+        rows += bench_model(f"organism-{profile}", hook, a)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            rows += bench_model(str(train_organism("ci", tmp, progress=False)), "blocks.0.hook_resid_post", a)
+            rows += bench_model(str(train_organism(profile, tmp, progress=False)), hook, a)
 
     print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, cores={os.cpu_count()}, "
           f"load average before: {load_before:.2f}, now: {os.getloadavg()[0]:.2f}")
@@ -144,6 +149,7 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

@@ -39,9 +39,10 @@ import torch
 from bench_train import gaussian_plus_sparse, matmul_gflops
 from torch import Tensor
 
+from saelib import SAEConfig, TrainConfig, train_saes
 from saelib.core.metrics import per_token_error
-from saelib.core.sae import SAEConfig, geometric_median
-from saelib.core.training import TrainConfig, batch_indices, train_saes
+from saelib.core.sae import geometric_median
+from saelib.core.training import batch_indices
 
 
 class TimedTable:
@@ -123,7 +124,9 @@ def run_saelens(x: Tensor, held: Tensor, a: argparse.Namespace, sparse: bool, de
             "end_to_end_tokens_per_s": a.steps * a.batch / wall, "nmse": heldout_nmse(sae, held)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark with ``argv`` (the command line by default); print the tables and return
+    what ``--json`` writes."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d", type=int, default=576)
     p.add_argument("--d-sae", type=int, default=4608)
@@ -143,7 +146,7 @@ def main() -> None:
     p.add_argument("--tolerance", type=float, default=0.05, help="equal quality: held-out NMSE within this")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic rows (their own stream)")
     p.add_argument("--json", help="also write the results here")
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
     x = load_cache(a.cache, a.rows + a.heldout) if a.cache else gaussian_plus_sparse(a.rows + a.heldout, a.d, seed=a.seed)
     a.d = x.shape[1]
@@ -174,10 +177,11 @@ def main() -> None:
         print(f"\nsaelib vs {peer['library']} at equal held-out NMSE: {ratio:.2f}x per step, {e2e:.2f}x end to end")
     else:
         print("\nno SAELens run reached saelib's held-out NMSE within the tolerance: no speed ratio is claimed")
+    result = {"matmul_gflops": gflops, "roofline_tokens_per_s": roofline, "args": vars(a), "results": rows}
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"matmul_gflops": gflops, "roofline_tokens_per_s": roofline, "args": vars(a), "results": rows},
-                      f, indent=2)
+            json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":

@@ -33,10 +33,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from saelib import SAE, SAEConfig, TrainConfig, evaluate, train_saes
 from saelib.core import seeding
-from saelib.core.metrics import evaluate
-from saelib.core.sae import SAE, SAEConfig
-from saelib.core.training import TrainConfig, _new_optimizer, _train_step, train_saes
+from saelib.core.training import stepper
 
 
 def gemm_operands(batch: int, d: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,18 +68,17 @@ def step_seconds(cfgs: list[SAEConfig], x: torch.Tensor, steps: int, init: torch
     for cfg in cfgs:
         sae = SAE(cfg)
         sae.init_from_sample((x if init is None else init)[:4096])
-        sae.train()
-        opt = _new_optimizer(sae, TrainConfig(steps=steps))
+        step = stepper(sae, TrainConfig(steps=steps + 2, batch_size=len(x)))
         for _ in range(2):  # warm-up: allocator caches, thresholds, first Adam state
-            _train_step(sae, opt, x, 1e-4, 1.0, 0, "bench")
-        runs.append((sae, opt))
+            step(x)
+        runs.append(step)
     operands = gemm_operands(*gemm_shape) if gemm_shape else None
     times: list[list[float]] = [[] for _ in cfgs]
     gemm: list[float] = []
     for _ in range(steps):
-        for (sae, opt), t in zip(runs, times):
+        for step, t in zip(runs, times):
             t0 = time.perf_counter()
-            _train_step(sae, opt, x, 1e-4, 1.0, 0, "bench")
+            step(x)
             t.append(time.perf_counter() - t0)
         if operands:
             gemm.append(gemm_seconds(*operands))
@@ -107,14 +105,15 @@ def gaussian_plus_sparse(n: int, d: int, n_features: int = 4096, active: float =
     return x / x.pow(2).sum(1).mean().sqrt()
 
 
-def quality_by_dtype(dtypes: list[str], d: int, d_sae: int, k: int, batch: int, steps: int) -> dict[str, float]:
+def quality_by_dtype(dtypes: list[str], d: int, d_sae: int, k: int, batch: int, steps: int,
+                     rows: int = 65536) -> dict[str, float]:
     """Held-out NMSE of TopK SAEs that differ only in encoder precision, trained side by side on the
-    same batches of synthetic rows (65,536 training, 8,192 held out)."""
-    x = gaussian_plus_sparse(65536 + 8192, d)
+    same batches of synthetic rows (``rows`` training, rows / 8 held out)."""
+    x = gaussian_plus_sparse(rows + rows // 8, d)
     cfgs = {dt: SAEConfig(d, d_sae, rule="topk", k=k, encoder_dtype=dt) for dt in dtypes}
-    run = train_saes(cfgs, x[:65536], TrainConfig(steps=steps, batch_size=batch, lr=4e-4, log_every=steps),
+    run = train_saes(cfgs, x[:rows], TrainConfig(steps=steps, batch_size=batch, lr=4e-4, log_every=steps),
                      progress=False)
-    return {dt: evaluate(sae, x[65536:]).nmse for dt, sae in run.saes.items()}
+    return {dt: evaluate(sae, x[rows:]).nmse for dt, sae in run.saes.items()}
 
 
 def activation_like(batch: int, d: int) -> torch.Tensor:
@@ -151,7 +150,9 @@ def two_rank_step_seconds(cfgs: list[SAEConfig], batch: int, steps: int) -> list
             return json.load(f)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark with ``argv`` (the command line by default); print the table and return
+    what ``--json`` writes."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d", type=int, default=576)
     p.add_argument("--d-sae", type=int, default=4608)
@@ -162,10 +163,12 @@ def main() -> None:
     p.add_argument("--dtypes", default="float32", help="encoder precisions to time: float32, bfloat16")
     p.add_argument("--quality-steps", type=int, default=0,
                    help="train TopK this many steps per precision and compare held-out NMSE (0: skip)")
+    p.add_argument("--quality-rows", type=int, default=65536, help="training rows of --quality-steps")
     p.add_argument("--two-ranks", action="store_true", help="also time 2 data-parallel ranks of 1 thread")
     p.add_argument("--json", help="also write the results here")
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
+    load_before = os.getloadavg()
     x = activation_like(a.batch, a.d)
     dtypes = a.dtypes.split(",")
     cfgs = [SAEConfig(a.d, a.d_sae, rule=rule, k=a.k, l1_coeff=1e-3 if rule == "relu" else 0.0, encoder_dtype=dt)
@@ -180,8 +183,10 @@ def main() -> None:
             rows.append({"rule": cfg.rule, "dtype": cfg.encoder_dtype, "ranks": 2, "step_s": secs,
                          "tokens_per_s": a.batch / secs})
     topk = {r["dtype"]: r["step_s"] for r in rows if r["rule"] == "topk" and r["ranks"] == 1}
-    print(f"threads {torch.get_num_threads()}  fp32 matmul {gflops:.0f} GFLOP/s  "
+    print(f"threads {torch.get_num_threads()}  fp32 matmul {gflops:.1f} GFLOP/s  "
           f"encoder-bound roofline {roofline:,.0f} tokens/s  (d={a.d}, d_sae={a.d_sae}, k={a.k}, batch={a.batch})")
+    print("load average (1, 5, 15 min) before: " + ", ".join(f"{v:.2f}" for v in load_before)
+          + "; after: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     print(f"{'rule':16s} {'encoder':>8s} {'ranks':>5s} {'step ms':>8s} {'tokens/s':>10s} {'of roofline':>12s} "
           f"{'vs topk step':>13s}")
     for r in rows:
@@ -190,14 +195,17 @@ def main() -> None:
         vs = f"{r['vs_topk']:.2f}x" if r["vs_topk"] else "-"
         print(f"{r['rule']:16s} {r['dtype']:>8s} {r['ranks']:5d} {1000 * r['step_s']:8.0f} {r['tokens_per_s']:10,.0f} "
               f"{100 * r['roofline_frac']:11.0f}% {vs:>13s}")
-    quality = quality_by_dtype(dtypes, a.d, a.d_sae, a.k, a.batch, a.quality_steps) if a.quality_steps else {}
+    quality = (quality_by_dtype(dtypes, a.d, a.d_sae, a.k, a.batch, a.quality_steps, a.quality_rows)
+               if a.quality_steps else {})
     for dt, nmse in quality.items():
         print(f"held-out NMSE after {a.quality_steps} TopK steps, {dt} encoder: {nmse:.4f} "
               f"({nmse / quality[dtypes[0]]:.4f}x {dtypes[0]}'s)")
+    result = {"matmul_gflops": gflops, "roofline_tokens_per_s": roofline, "load_average_before": load_before,
+              "args": vars(a), "rules": rows, "heldout_nmse": quality}
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"matmul_gflops": gflops, "roofline_tokens_per_s": roofline, "args": vars(a), "rules": rows,
-                       "heldout_nmse": quality}, f, indent=2)
+            json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":

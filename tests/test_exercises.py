@@ -14,7 +14,10 @@ import torch
 
 from saelib.book import build as book
 from saelib.book import exercises as ex
-from saelib.core.allocation import AllocationContext, selection_mask, zipf_capacities
+from saelib.book.exercises import ch00_synthetic, ch02_allocation
+from saelib.book.exercises.student_copy import main as student_copy_main
+from saelib.book.exercises.student_copy import student_copy
+from saelib.core.allocation import AllocationContext, selection_mask, zipf_capacities, zipf_profile
 from saelib.core.losses import nmse
 from saelib.core.metrics import zipf_fit
 from saelib.studies.splice import splice_metrics
@@ -124,9 +127,9 @@ def test_mutual_choice_accepts_either_side_of_a_tie(capsys):
     z = torch.tensor([[3.0, 2.0, 2.0, 1.0]])  # budget 2: {3, 2} or {3, 2, 2}
     both = torch.tensor([[True, True, True, False]])
     one = torch.tensor([[True, True, False, False]])
-    assert not ex._group_problems("the batch", z.flatten(), both.flatten(), 2, "", str, ties_kept=3)
-    assert not ex._group_problems("the batch", z.flatten(), one.flatten(), 2, "", str, ties_kept=3)
-    assert ex._group_problems("the batch", z.flatten(), both.flatten(), 2, "", str)
+    assert not ch00_synthetic._group_problems("the batch", z.flatten(), both.flatten(), 2, "", str, ties_kept=3)
+    assert not ch00_synthetic._group_problems("the batch", z.flatten(), one.flatten(), 2, "", str, ties_kept=3)
+    assert ch00_synthetic._group_problems("the batch", z.flatten(), both.flatten(), 2, "", str)
 
 
 def test_nmse(capsys):
@@ -190,10 +193,10 @@ def test_zipf_capacities(capsys):
         return capacity.long()
 
     def floored(n_features, n_tokens, k, exponent):  # water-filled, but no largest-remainder rounding
-        return (ex.zipf_profile(n_features, k, exponent) * n_tokens).floor().long()
+        return (zipf_profile(n_features, k, exponent) * n_tokens).floor().long()
 
     def rounded_in_order(n_features, n_tokens, k, exponent):  # the right total, the wrong ranks rounded up
-        target = ex.zipf_profile(n_features, k, exponent) * n_tokens
+        target = zipf_profile(n_features, k, exponent) * n_tokens
         capacity = target.floor()
         capacity[torch.nonzero(capacity < n_tokens).flatten()[:k * n_tokens - int(capacity.sum())]] += 1
         return capacity.long()
@@ -220,7 +223,7 @@ def test_zipf_capacities_accepts_either_rounding_of_tied_remainders(capsys):
 
 def test_aux_k(capsys):
     from saelib.core.losses import aux_residual_loss  # the reference runs inside the check, on an SAE
-    assert aux_residual_loss is ex.aux_residual_loss
+    assert aux_residual_loss is ch02_allocation.aux_residual_loss
     def all_features(z, dead, decoder, residual, k_aux):  # forgets the dead mask
         values, features = z.topk(k_aux, dim=1)
         e_hat = (values.clamp(min=0)[..., None] * decoder[features]).sum(1)
@@ -327,7 +330,7 @@ def test_max_cosine_match(capsys):
 # --------------------------------------------------------------------------- student copies
 
 def test_student_copy_removes_every_solution_cell_and_nothing_else(tmp_path, capsys):
-    assert ex.main([str(book.ROOT / "notebooks"), "--out", str(tmp_path)]) == 0
+    assert student_copy_main([str(book.ROOT / "notebooks"), "--out", str(tmp_path)]) == 0
     for path in NOTEBOOKS:
         original = nbformat.read(path, as_version=4)
         copy = nbformat.read(tmp_path / path.name, as_version=4)
@@ -340,13 +343,13 @@ def test_student_copy_removes_every_solution_cell_and_nothing_else(tmp_path, cap
 
 
 def test_student_copy_refuses_to_overwrite_the_sources(capsys):
-    assert ex.main([str(book.ROOT / "notebooks"), "--out", str(book.ROOT / "notebooks")]) == 2
+    assert student_copy_main([str(book.ROOT / "notebooks"), "--out", str(book.ROOT / "notebooks")]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
 
 
 def test_a_student_copy_runs_and_its_checks_report_the_stubs(tmp_path):
     """The stubs define functions without raising; the first check cell then fails with the report."""
-    ex.student_copy(book.ROOT / "notebooks" / "00_synthetic.ipynb", tmp_path)
+    student_copy(book.ROOT / "notebooks" / "00_synthetic.ipynb", tmp_path)
     cells = nbformat.read(tmp_path / "00_synthetic.ipynb", as_version=4).cells
     start = next(i for i, c in enumerate(cells) if c.source.startswith("## Exercises"))
     code = [c.source for c in cells[start:] if c.cell_type == "code"]

@@ -44,6 +44,7 @@ def test_python_dash_m_forms():
     assert "student-copy" in run("--help", exe=(sys.executable, "-m", "saelib")).stdout
     assert run("student-copy", "--help", exe=(sys.executable, "-m", "saelib")).returncode == 0
     assert "--only" in run("--help", exe=(sys.executable, "-m", "saelib.book")).stdout
+    assert "--out" in run("--help", exe=(sys.executable, "-m", "saelib.book.exercises")).stdout  # book/teaching.md's
 
 
 def test_console_script_is_declared():

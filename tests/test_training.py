@@ -15,7 +15,15 @@ from saelib.core.losses import aux_residual_loss, dead_weights, sae_loss, zipf_s
 from saelib.core.metrics import evaluate, max_cosine
 from saelib.core.sae import SAE, SAEConfig
 from saelib.core.synthetic import make_synthetic
-from saelib.core.training import NonFiniteError, TrainConfig, initial_saes, train_cached, train_saes
+from saelib.core.training import (
+    NonFiniteError,
+    TrainConfig,
+    batch_indices,
+    initial_saes,
+    stepper,
+    train_cached,
+    train_saes,
+)
 
 D, F = 32, 128
 N_TRAIN = 80_000  # rows [:N_TRAIN] train the SAEs; the other 20,000 are held out
@@ -199,6 +207,21 @@ def test_several_saes_in_one_run_equal_separate_runs():
     together = train_saes(cfgs, x, cfg, progress=False)
     alone = train_saes({"mc": cfgs["mc"]}, x, cfg, progress=False)
     _same_weights({"mc": together.saes["mc"]}, alone.saes)
+
+
+def test_stepper_takes_train_saes_steps_exactly():
+    """The public per-step hook (what bench/bench_train.py times) is the trainer's own step: fed the
+    same batches from the same start it ends on the same weights, bit for bit, and logs its losses."""
+    x, cfgs, cfg = _small_run()
+    trained = train_saes(cfgs, x, cfg, progress=False).saes
+    stepped = initial_saes(cfgs, x, cfg)
+    steps = {name: stepper(sae, cfg) for name, sae in stepped.items()}
+    rows = []
+    for i in range(cfg.steps):
+        batch = x[batch_indices(i, cfg.batch_size, len(x), cfg.seed)]
+        rows += [step(batch) for step in steps.values()]
+    _same_weights(trained, stepped)
+    assert all(0 < r["nmse"] < 2 and r["l0"] > 0 for r in rows)
 
 
 def test_lr_schedule_warms_up_holds_and_decays():

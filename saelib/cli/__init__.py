@@ -18,7 +18,7 @@ import sys
 COMMANDS = {
     "book": ("saelib.book.build", "execute the chapter notebooks for a profile and render the book"),
     "train": ("saelib.cli.train", "train SAEs from a TOML config (resumable; torchrun for data parallel)"),
-    "student-copy": ("saelib.book.exercises", "write the notebooks without their exercise solutions"),
+    "student-copy": ("saelib.book.exercises.student_copy", "write the notebooks without their exercise solutions"),
     "browse": ("saelib.browser.cli", "write a static feature browser for a saved SAE"),
     "export": ("saelib.cli.export", "write saved SAEs for SAELens, SAEBench (core eval) and Neuronpedia"),
 }

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 import pandas as pd
 import torch
@@ -304,6 +305,26 @@ def _postfix(rows: list[dict]) -> str:
 def _new_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
     # fused: one kernel per step for all parameters instead of ~10 elementwise passes each.
     return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
+
+
+def stepper(sae: SAE, cfg: TrainConfig, objective: Objective | None = None) -> Callable[[Tensor], dict]:
+    """``step(x) -> row``: one optimizer step of ``sae`` on the batch ``x`` [rows, d_in], taken exactly
+    as ``train_saes`` takes it (its Adam, the learning rate ``cfg.lr_at`` of the step's index,
+    gradient clipping, decoder normalisation, gradients all-reduced under torchrun), without the
+    batch reads, logging and checkpoints around it; ``row`` holds the step's losses (``loss``,
+    ``nmse``, ``l0``, ``dead_frac``, ...). For timing one step at a time (bench/bench_train.py):
+    training itself is ``train_saes``'s. ``sae`` starts as given (e.g. from ``initial_saes``) and
+    trains in place."""
+    sae.train()
+    opt = _new_optimizer(sae, cfg)
+    objective = objective or Reconstruction()
+    index = itertools.count()
+
+    def step(x: Tensor) -> dict:
+        i = next(index)
+        return _train_step(sae, opt, x, objective, {}, cfg.lr_at(i), cfg.grad_clip, i, "stepper")
+
+    return step
 
 
 def initial_saes(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: TrainConfig,

@@ -46,7 +46,7 @@ from saelib.subjects.language_models import load_subject_model
 __all__ = [
     "CacheSpec", "ActivationCache", "CacheMismatchError", "NonFiniteActivationError", "harvest",
     "token_windows", "get_or_build_cache", "build_caches", "open_cache", "HELDOUT_EVERY", "RowSubset",
-    "WindowTable", "drop_norm_outliers",
+    "WindowTable", "drop_norm_outliers", "at_precision",
 ]
 
 HELDOUT_EVERY = 20
