@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from saelib.core.allocation import get_rule
 from saelib.core.checkpoints import CheckpointError, read_tensors
 from saelib.core.sae import SAE, SAEConfig
-from saelib.core.storage import atomic_dir, commit_dir
+from saelib.core.storage import atomic_dir, commit_dir, read_json, verify
 
 
 def export_saelens(sae: SAE, folder: str | Path, model_name: str = "", hook_name: str = "",
@@ -66,11 +66,10 @@ def export_saelens(sae: SAE, folder: str | Path, model_name: str = "", hook_name
 def load_saelens(folder: str | Path) -> SAE:
     """Load an SAELens-layout folder as a saelib SAE (inference mode)."""
     folder = Path(folder)
-    try:
-        saelens_cfg = json.loads((folder / "cfg.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {folder / 'cfg.json'}: {e}") from e
-    w = read_tensors(folder / "sae_weights.safetensors")
+    advice = f"delete {folder} and export it again"
+    verify(folder, advice)  # folders exported by saelib carry checksums; others have none to check
+    saelens_cfg = read_json(folder / "cfg.json", advice)
+    w = read_tensors(folder / "sae_weights.safetensors", advice)
     ours = saelens_cfg.get("metadata", {}).get("saelib")
     architecture = saelens_cfg.get("architecture", "standard")
     if ours is not None:
