@@ -227,28 +227,43 @@ def read_json(path: Path, advice: str) -> Any:
 def locked(folder: Path, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (a ``.NAME.lock`` file beside it) while writing it.
 
-    A second process asking for the same lock prints who holds it and waits (``wait=True``) or
-    raises ``BlockingIOError``. The lock file lives beside the folder so the folder itself can be
-    replaced atomically while locked; the kernel releases the lock when the holder exits, killed or not."""
+    A second process asking for the same lock prints which process holds it and waits
+    (``wait=True``) or raises ``BlockingIOError``. The lock file lives beside the folder so the
+    folder itself can be replaced while locked; the kernel releases the lock when its holder exits,
+    killed or not, and the holder removes the file when done (a waiter that finds its file removed
+    or replaced tries again, so two processes never both hold the lock)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     lock = folder.with_name(f".{folder.name}.lock")
-    with open(lock, "a+") as f:
+    told = False
+    while True:
+        f = open(lock, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             if not wait:
+                f.close()
                 raise BlockingIOError(f"{folder} is being written by process {holder}; wait for it to finish "
                                       "or write elsewhere") from None
-            print(f"waiting for process {holder}, which is writing {folder}", file=sys.stderr, flush=True)
+            if not told:
+                print(f"waiting for process {holder}, which is writing {folder}", file=sys.stderr, flush=True)
+                told = True
             fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            current = os.stat(lock).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()  # the holder removed this file as we waited on it: lock the new one
+    try:
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        f.close()  # releases the flock

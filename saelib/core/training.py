@@ -215,6 +215,12 @@ def _train(saes, data, cfg, out_dir, progress, stop_at_step, device, init_from, 
         if sae_cfg.d_in != d_in:
             raise ValueError(f"SAE {name!r} has d_in={sae_cfg.d_in} but the activations have width {d_in}")
     objectives = _objectives_for(saes, objectives)
+    harvested_at = getattr(data, "hook", None)  # a WindowTable records where its windows come from
+    for name, objective in objectives.items():
+        spliced_at = getattr(objective, "hook", None)
+        if harvested_at is not None and spliced_at is not None and spliced_at != harvested_at:
+            raise ValueError(f"SAE {name!r}'s objective splices into {spliced_at!r} but its windows were "
+                             f"harvested at {harvested_at!r}: use the cache of {spliced_at!r}")
     tokens_per_row = getattr(data, "tokens_per_row", 1)
     models, optims, history, start, schedule = _start_or_resume(saes, data, cfg, out_dir, device, init_from,
                                                                 objectives)

@@ -1,0 +1,312 @@
+"""Fault injection: every damaged artefact and every bad setting is refused at once, with one line.
+
+Each row below is a test of this module (its id in brackets); "... ;" stands for the file's path,
+and every damage message ends with the remedy quoted in its row.
+
+| bad input | message it gives |
+|---|---|
+| SAE folder: sae.safetensors truncated [sae-truncate] | `.../sae.safetensors is damaged: 1000 bytes where N were written (truncated or overwritten); delete FOLDER and rerun what wrote it (a training run rewrites its SAEs from its last checkpoint)` |
+| SAE folder: bytes flipped in the weights [sae-flip] | `.../sae.safetensors is damaged: its contents differ from what was written (checksum mismatch); delete FOLDER ...` |
+| SAE folder: 2000 bytes zeroed [sae-zero] | same as a flip |
+| SAE folder: config.json and sae.safetensors swapped [sae-swap] | `.../config.json is damaged: N bytes where M were written ...` |
+| SAE folder: config.json truncated, no checksums (an old folder) [sae-json] | `.../config.json is damaged: not valid JSON (...); delete FOLDER ...` |
+| checkpoint: an SAE's weights truncated / flipped / zeroed [ckpt-*] | `.../step_N/tk/sae.safetensors is damaged: ...; delete .../step_N to resume from the checkpoint before it, or delete RUN to train from scratch` |
+| checkpoint: 4000 bytes of the Adam state zeroed [ckpt-adam-zero] | `.../step_N/tk.adam.safetensors is damaged: its contents differ ...` |
+| checkpoint: two SAEs' weights swapped (same shapes) [ckpt-swap] | `.../step_N/mc/sae.safetensors is damaged: its contents differ ...` |
+| checkpoint: 0xFF bytes in the weights [ckpt-ff] | damaged, not "non-finite loss; try a lower learning rate" |
+| checkpoint: state.json truncated [ckpt-state-truncate] | `.../state.json is damaged: ... (truncated or overwritten); delete .../step_N ...` |
+| checkpoint: state.json invalid, no checksums [ckpt-state-json] | `.../state.json is damaged: not valid JSON (...)` |
+| activation cache: second half of activations.bin zeroed [cache-zero] | `.../activations.bin is damaged: its contents differ ...; delete CACHE and rerun to harvest it again` |
+| activation cache: truncated / flipped / tokens.npy and activations.bin swapped [cache-*] | `... is damaged: ...` |
+| activation cache: damaged after it was verified and stamped [cache-after-stamp] | the write voids the stamp: damaged |
+| SAELens export: weights truncated [saelens-truncate] | `.../sae_weights.safetensors is damaged: ...; delete FOLDER and export it again` |
+| `TrainConfig(min_lr_frac=-5.0)` [cfg-min_lr_frac] | `TrainConfig.min_lr_frac = -5.0 is invalid: must be a fraction of lr in [0, 1]` |
+| `TrainConfig(lr=-0.001)`, `lr=nan`, `lr=inf` [cfg-lr*] | `TrainConfig.lr = -0.001 is invalid: must be a finite number > 0` |
+| `TrainConfig(decay_start=1.5)` [cfg-decay_start] | `TrainConfig.decay_start = 1.5 is invalid: must be a fraction of training in [0, 1]` |
+| `TrainConfig(warmup_steps=-1)` [cfg-warmup] | `TrainConfig.warmup_steps = -1 is invalid: must be an integer >= 0` |
+| `TrainConfig(grad_clip=-1)` [cfg-grad_clip] | `TrainConfig.grad_clip = -1.0 is invalid: must be a finite number >= 0 (0 disables clipping)` |
+| `TrainConfig(steps=0)`, `batch_size=0`, `checkpoint_every=0`, `log_every=0` [cfg-*] | `TrainConfig.steps = 0 is invalid: must be an integer >= 1` |
+| `TrainConfig(adam_betas=(0.9, 1.0))` [cfg-betas] | `TrainConfig.adam_betas = (0.9, 1.0) is invalid: must be two numbers in [0, 1)` |
+| `SAEConfig(stats_decay=1.0)`, `l1_coeff=-1`, `k_aux=0`, `dead_after_tokens=0` [sae-cfg-*] | `SAEConfig.stats_decay = 1.0 is invalid: must be a number in [0, 1)` |
+| e2e on windows harvested at blocks.0 while told blocks.1 [e2e-hook] | `SAE 's''s objective splices into 'blocks.1.hook_resid_pre' but its windows were harvested at 'blocks.0.hook_resid_pre': use the cache of 'blocks.1.hook_resid_pre'` |
+| `train_saes` continued to fewer steps than its checkpoint [continue-shorter] | `checkpoint ... is at step 20, past train.steps=10: use steps >= 20 to continue it, or another output folder` |
+"""
+
+import json
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from saelib.core import storage
+from saelib.core.checkpoints import CheckpointError, latest_checkpoint, load_sae, save_sae
+from saelib.core.sae import SAE, SAEConfig
+from saelib.core.saelens_io import export_saelens, load_saelens
+from saelib.core.storage import DamagedError
+from saelib.core.synthetic import make_synthetic
+from saelib.core.training import TrainConfig, train_saes
+
+# ---------------------------------------------------------------------------- the damage
+
+
+def truncate(path, keep=1000):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def flip(path, at=None):
+    """Invert 16 bytes in the payload (past any header), in place."""
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2 if at is None else at
+    for i in range(at, min(at + 16, len(data))):
+        data[i] ^= 0xFF
+    _rewrite(path, data)
+
+
+def zero(path, n=2000, at=None):
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2 if at is None else at
+    data[at:at + n] = bytes(len(data[at:at + n]))
+    _rewrite(path, data)
+
+
+def fill_ff(path, n=4000):
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2
+    data[at:at + n] = b"\xff" * len(data[at:at + n])
+    _rewrite(path, data)
+
+
+def swap(a, b):
+    da, db = a.read_bytes(), b.read_bytes()
+    a.write_bytes(db)
+    b.write_bytes(da)
+
+
+def _rewrite(path, data):
+    # In place, as a disk fault or a stray write would (the file keeps its inode).
+    with open(path, "r+b") as f:
+        f.write(bytes(data))
+
+
+# ---------------------------------------------------------------------------- SAE folders
+
+D, F = 16, 48
+
+
+@pytest.fixture
+def sae_folder(tmp_path):
+    sae = SAE(SAEConfig(D, F, rule="topk", k=3))
+    return save_sae(sae, tmp_path / "sae")
+
+
+SAE_FAULTS = {
+    "sae-truncate": (lambda f: truncate(f / "sae.safetensors"),
+                     r"sae.safetensors is damaged: 1000 bytes where \d+ were written \(truncated or overwritten\)"),
+    "sae-flip": (lambda f: flip(f / "sae.safetensors"), r"sae.safetensors is damaged: its contents differ"),
+    "sae-zero": (lambda f: zero(f / "sae.safetensors"), r"sae.safetensors is damaged: its contents differ"),
+    "sae-swap": (lambda f: swap(f / "config.json", f / "sae.safetensors"), r"config.json is damaged: \d+ bytes"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(SAE_FAULTS))
+def test_damaged_sae_folder_is_refused(sae_folder, fault):
+    damage, message = SAE_FAULTS[fault]
+    damage(sae_folder)
+    with pytest.raises(DamagedError, match=message + r".*; delete .*sae and rerun what wrote it"):
+        load_sae(sae_folder)
+
+
+def test_sae_folder_loads_when_intact(sae_folder):
+    assert load_sae(sae_folder).cfg.d_sae == F
+
+
+def test_sae_json_invalid_without_checksums(sae_folder):
+    """[sae-json] A folder from before checksums: its JSON is still parsed into a DamagedError."""
+    (sae_folder / storage.CHECKSUMS).unlink()
+    truncate(sae_folder / "config.json", 20)
+    with pytest.raises(DamagedError, match=r"config.json is damaged: not valid JSON \(.*\); delete"):
+        load_sae(sae_folder)
+
+
+def test_saelens_export_verified(tmp_path):
+    """[saelens-truncate]"""
+    folder = export_saelens(SAE(SAEConfig(D, F, rule="topk", k=3)), tmp_path / "lens")
+    truncate(folder / "sae_weights.safetensors")
+    with pytest.raises(DamagedError, match="sae_weights.safetensors is damaged: .*; delete .* and export it again"):
+        load_saelens(folder)
+
+
+# ---------------------------------------------------------------------------- training checkpoints
+
+
+def _run():
+    x = make_synthetic(4096, D, 32, active=3, seed=1).activations
+    cfgs = {"tk": SAEConfig(D, F, rule="topk", k=3), "mc": SAEConfig(D, F, rule="mutual_choice", k=3)}
+    return x, cfgs, TrainConfig(steps=20, batch_size=256, warmup_steps=2, log_every=5, checkpoint_every=10)
+
+
+@pytest.fixture
+def stopped(tmp_path):
+    """A run stopped (as if killed) after its step-10 checkpoint."""
+    x, cfgs, cfg = _run()
+    train_saes(cfgs, x, cfg, out_dir=tmp_path / "run", progress=False, stop_at_step=10)
+    return tmp_path / "run", latest_checkpoint(tmp_path / "run")
+
+
+CKPT_FAULTS = {
+    "ckpt-truncate": (lambda c: truncate(c / "tk" / "sae.safetensors"), r"tk/sae.safetensors is damaged: 1000 bytes"),
+    "ckpt-flip": (lambda c: flip(c / "tk" / "sae.safetensors"), r"tk/sae.safetensors is damaged: its contents"),
+    "ckpt-zero": (lambda c: zero(c / "tk" / "sae.safetensors", 4000), r"tk/sae.safetensors is damaged: its contents"),
+    "ckpt-ff": (lambda c: fill_ff(c / "tk" / "sae.safetensors"), r"tk/sae.safetensors is damaged: its contents"),
+    "ckpt-adam-zero": (lambda c: zero(c / "tk.adam.safetensors", 4000), r"tk.adam.safetensors is damaged: its"),
+    "ckpt-swap": (lambda c: swap(c / "tk" / "sae.safetensors", c / "mc" / "sae.safetensors"),
+                  r"mc/sae.safetensors is damaged: its contents differ"),
+    "ckpt-state-truncate": (lambda c: truncate(c / "state.json", 50), r"state.json is damaged: 50 bytes"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(CKPT_FAULTS))
+def test_damaged_checkpoint_is_refused_on_resume(stopped, fault):
+    run, ck = stopped
+    damage, message = CKPT_FAULTS[fault]
+    damage(ck)
+    x, cfgs, cfg = _run()
+    advice = f"; delete {ck} to resume from the checkpoint before it, or delete {run} to train from scratch"
+    with pytest.raises(DamagedError, match=message + ".*" + advice.replace(".", r"\.")):
+        train_saes(cfgs, x, cfg, out_dir=run, progress=False)
+
+
+def test_the_advice_works(stopped):
+    """Deleting the damaged checkpoint, as the message says, trains from the one before (here: none)
+    to the same weights as a run that was never damaged."""
+    run, ck = stopped
+    zero(ck / "tk" / "sae.safetensors")
+    x, cfgs, cfg = _run()
+    with pytest.raises(DamagedError):
+        train_saes(cfgs, x, cfg, out_dir=run, progress=False)
+    import shutil
+
+    shutil.rmtree(ck)
+    resumed = train_saes(cfgs, x, cfg, out_dir=run, progress=False)
+    straight = train_saes(cfgs, x, cfg, progress=False)
+    assert all(torch.equal(resumed.saes[n].decoder, straight.saes[n].decoder) for n in cfgs)
+
+
+def test_state_json_invalid_without_checksums(stopped):
+    """[ckpt-state-json]"""
+    run, ck = stopped
+    (ck / storage.CHECKSUMS).unlink()
+    (ck / "state.json").write_text('{"step": 10, "train": {')
+    x, cfgs, cfg = _run()
+    with pytest.raises(DamagedError, match=r"state.json is damaged: not valid JSON \(.*\); delete .*step_00000010"):
+        train_saes(cfgs, x, cfg, out_dir=run, progress=False)
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(min_lr_frac=-5.0), r"TrainConfig.min_lr_frac = -5.0 is invalid: must be a fraction of lr in \[0, 1\]"),
+    (dict(lr=-0.001), r"TrainConfig.lr = -0.001 is invalid: must be a finite number > 0"),
+    (dict(lr=float("nan")), r"TrainConfig.lr = nan is invalid: must be a finite number > 0"),
+    (dict(lr=float("inf")), r"TrainConfig.lr = inf is invalid"),
+    (dict(decay_start=1.5), r"TrainConfig.decay_start = 1.5 is invalid: must be a fraction of training in \[0, 1\]"),
+    (dict(warmup_steps=-1), r"TrainConfig.warmup_steps = -1 is invalid: must be an integer >= 0"),
+    (dict(grad_clip=-1.0), r"TrainConfig.grad_clip = -1.0 is invalid: must be a finite number >= 0"),
+    (dict(steps=0), r"TrainConfig.steps = 0 is invalid: must be an integer >= 1"),
+    (dict(steps=2.5), r"TrainConfig.steps = 2.5 is invalid: must be an integer >= 1"),
+    (dict(batch_size=0), r"TrainConfig.batch_size = 0 is invalid"),
+    (dict(checkpoint_every=0), r"TrainConfig.checkpoint_every = 0 is invalid: must be an integer >= 1"),
+    (dict(log_every=0), r"TrainConfig.log_every = 0 is invalid"),
+    (dict(adam_betas=(0.9, 1.0)), r"TrainConfig.adam_betas = \(0.9, 1.0\) is invalid: must be two numbers in \[0, 1\)"),
+], ids=lambda v: "cfg" if isinstance(v, dict) else None)
+def test_bad_train_settings_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match="^" + message):
+        TrainConfig(steps=kwargs.pop("steps", 10), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stats_decay=1.0), r"SAEConfig.stats_decay = 1.0 is invalid: must be a number in \[0, 1\)"),
+    (dict(l1_coeff=-1.0), r"SAEConfig.l1_coeff = -1.0 is invalid: must be a finite number >= 0"),
+    (dict(aux_coeff=float("nan")), r"SAEConfig.aux_coeff = nan is invalid"),
+    (dict(k_aux=0), r"SAEConfig.k_aux = 0 is invalid: must be an integer >= 1"),
+    (dict(dead_after_tokens=0), r"SAEConfig.dead_after_tokens = 0 is invalid"),
+    (dict(d_sae=0), r"SAEConfig.d_sae = 0 is invalid: must be an integer >= 1"),
+])
+def test_bad_sae_settings_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match="^" + message):
+        SAEConfig(**{"d_in": D, "d_sae": F, **kwargs})
+
+
+def test_negative_min_lr_frac_no_longer_trains():
+    """The issue's silent case: min_lr_frac=-5 gave negative learning rates and NMSE 1737 with exit 0."""
+    with pytest.raises(ValueError, match="min_lr_frac"):
+        TrainConfig(steps=10, min_lr_frac=-5.0)
+
+
+# ---------------------------------------------------------------------------- continue training
+
+
+def test_continue_to_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
+    """[continue-shorter]"""
+    x, cfgs, cfg = _run()
+    train_saes(cfgs, x, cfg, out_dir=tmp_path, progress=False)
+    cfg.steps = 10
+    with pytest.raises(CheckpointError, match=r"is at step 20, past train.steps=10: use steps >= 20"):
+        train_saes(cfgs, x, cfg, out_dir=tmp_path, progress=False)
+
+
+def test_continue_training_is_exact(tmp_path):
+    """A finished 20-step run continued to 40 steps: steps 21..40 run under the 40-step schedule, the
+    history says so, and the result equals one uninterrupted run with that piecewise schedule (a run
+    continued and killed half-way, then resumed, gives the same bytes)."""
+    x, cfgs, short = _run()
+    train_saes(cfgs, x, short, out_dir=tmp_path / "a", progress=False)
+    long = TrainConfig(**{**short.__dict__, "steps": 40})
+    continued = train_saes(cfgs, x, long, out_dir=tmp_path / "a", progress=False)
+    h = continued.history
+    assert sorted(h.schedule_steps.unique()) == [20, 40]
+    assert (h[h.step <= 20].schedule_steps == 20).all() and (h[h.step > 20].schedule_steps == 40).all()
+    for _, row in h[h.sae == "tk"].iterrows():  # each step's lr is its own schedule's
+        schedule = short if row.schedule_steps == 20 else long
+        assert row.lr == schedule.lr_at(int(row.step) - 1)
+    state = json.loads((latest_checkpoint(tmp_path / "a") / "state.json").read_text())
+    assert state["schedule"] == [{"from_step": 0, "steps": 20}, {"from_step": 20, "steps": 40}]
+    # The same continuation, killed at step 30 and resumed: byte-identical weights.
+    train_saes(cfgs, x, short, out_dir=tmp_path / "b", progress=False)
+    train_saes(cfgs, x, long, out_dir=tmp_path / "b", progress=False, stop_at_step=30)
+    resumed = train_saes(cfgs, x, long, out_dir=tmp_path / "b", progress=False)
+    for n in cfgs:
+        for key, value in continued.saes[n].state_dict().items():
+            assert torch.equal(value, resumed.saes[n].state_dict()[key]), (n, key)
+    # And continuing is not starting over: the result differs from a fresh 40-step run.
+    fresh = train_saes(cfgs, x, long, progress=False)
+    assert not torch.equal(fresh.saes["tk"].decoder, continued.saes["tk"].decoder)
+
+
+# ---------------------------------------------------------------------------- locks
+
+
+def test_a_second_writer_waits_and_names_the_holder(tmp_path, capfd):
+    folder = tmp_path / "run"
+    order = []
+
+    def second():
+        with storage.locked(folder):
+            order.append("second")
+
+    with storage.locked(folder):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        order.append("first done")
+    t.join(10)
+    assert order == ["first done", "second"]
+    assert f"waiting for process {os.getpid()}, which is writing {folder}" in capfd.readouterr().err
+    with storage.locked(folder):
+        with pytest.raises(BlockingIOError, match=f"being written by process {os.getpid()}"):
+            with storage.locked(folder, wait=False):
+                pass
+    assert not list(tmp_path.iterdir()), "the lock file is removed when released"
