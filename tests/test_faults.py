@@ -310,3 +310,74 @@ def test_a_second_writer_waits_and_names_the_holder(tmp_path, capfd):
             with storage.locked(folder, wait=False):
                 pass
     assert not list(tmp_path.iterdir()), "the lock file is removed when released"
+
+
+# ---------------------------------------------------------------------------- activation caches
+
+H0, H1 = "blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"
+
+
+@pytest.fixture(scope="module")
+def organism(tmp_path_factory):
+    """A 10-step 'ci' organism: enough to harvest from."""
+    from saelib.subjects.language_models import load_subject_model, train_organism
+
+    root = tmp_path_factory.mktemp("organism")
+    return load_subject_model(train_organism("ci", root, n_steps=10, progress=False)), str(root)
+
+
+def _cache(organism, folder, **kw):
+    from saelib.subjects.activations import CacheSpec, get_or_build_cache
+
+    spec = CacheSpec(**{"model": organism[1], "hook": H0, "n_tokens": 2000, "context_size": 32, "batch_size": 8,
+                        **kw})
+    return get_or_build_cache(spec, path=folder, model=organism[0], progress=False)
+
+
+CACHE_FAULTS = {
+    "cache-zero": (lambda c: zero(c / "activations.bin", n=10**9), r"activations.bin is damaged: its contents differ"),
+    "cache-truncate": (lambda c: truncate(c / "activations.bin"), r"activations.bin is damaged: 1000 bytes where"),
+    "cache-flip": (lambda c: flip(c / "activations.bin"), r"activations.bin is damaged: its contents differ"),
+    "cache-swap": (lambda c: swap(c / "activations.bin", c / "tokens.npy"), r"activations.bin is damaged: \d+ bytes"),
+    "cache-manifest": (lambda c: truncate(c / "manifest.json", 30), r"manifest.json is damaged: 30 bytes"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(CACHE_FAULTS))
+def test_damaged_activation_cache_is_refused(organism, tmp_path, fault):
+    from saelib.subjects.activations import open_cache
+
+    folder = _cache(organism, tmp_path / "cache").path
+    damage, message = CACHE_FAULTS[fault]
+    damage(folder)
+    with pytest.raises(DamagedError, match=f"{message}.*; delete {folder} and rerun to harvest it again"):
+        open_cache(folder)
+
+
+def test_cache_is_hashed_once_then_stamped_and_a_later_write_voids_the_stamp(organism, tmp_path, monkeypatch):
+    """[cache-after-stamp]"""
+    from saelib.subjects.activations import open_cache
+
+    folder = _cache(organism, tmp_path / "cache").path  # opened (so verified and stamped) once
+    hashed = []
+    real = storage._sha256
+    monkeypatch.setattr(storage, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    open_cache(folder)
+    assert hashed == [], "a stamped cache is not hashed again"
+    time.sleep(0.02)  # past the filesystem's timestamp granularity
+    zero(folder / "activations.bin", 100)
+    with pytest.raises(DamagedError, match="activations.bin is damaged"):
+        open_cache(folder)
+
+
+def test_e2e_refuses_windows_harvested_at_another_hook(organism, tmp_path):
+    """[e2e-hook] Same width, other layer: trained without complaint before."""
+    from saelib.core.objectives import E2E
+    from saelib.subjects.activations import WindowTable
+
+    windows = WindowTable(_cache(organism, tmp_path / "c", exclude_bos=False))
+    d = organism[0].cfg.d_model
+    with pytest.raises(ValueError, match=f"SAE 's''s objective splices into '{H1}' but its windows were "
+                                         f"harvested at '{H0}': use the cache of '{H1}'"):
+        train_saes({"s": SAEConfig(d, 4 * d, rule="topk", k=4)}, windows, TrainConfig(steps=2, batch_size=4),
+                   progress=False, objectives=E2E(organism[0], H1))
