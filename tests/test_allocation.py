@@ -101,3 +101,40 @@ def test_unknown_rule_lists_valid_ones():
 def test_k_larger_than_dictionary_is_refused():
     with pytest.raises(ValueError, match="k must be"):
         zipf_profile(10, 11, 1.0)
+
+
+def test_registering_a_name_twice_is_refused_and_nothing_is_overwritten():
+    from saelib.core.allocation import register
+
+    before = RULES["topk"]
+    with pytest.raises(ValueError, match="'topk' is already registered"):
+        register("topk", label="x", color="#000000")(lambda z, ctx: z)
+    assert RULES["topk"] is before
+
+
+def test_a_new_rule_is_one_function_and_one_decorator(tmp_path):
+    """A rule registered here trains, exports to SAELens and gets its plot colour without any other edit."""
+    from saelib.book import plots
+    from saelib.core.allocation import register
+    from saelib.core.sae import SAE, SAEConfig
+    from saelib.core.saelens_io import export_saelens, load_saelens
+
+    @register("top1_test", label="Top-1", color="#123456")
+    def top1(z, ctx):
+        return torch.arange(len(z)) * z.shape[1] + z.argmax(1)
+
+    try:
+        sae = SAE(SAEConfig(d_in=6, d_sae=12, rule="top1_test", k=1))
+        out = sae(torch.randn(5, 6))
+        assert out.codes.l0_per_token().le(1).all()
+        assert plots.color("top1_test") == plots.color("top1_test lr=1e-3") == "#123456"
+        assert RULES["top1_test"].saelens_architecture == "topk"
+        export_saelens(sae, tmp_path / "exported")
+        assert load_saelens(tmp_path / "exported").cfg.rule == "top1_test"
+    finally:
+        del RULES["top1_test"]
+
+
+def test_saelens_architecture_follows_each_rules_inference_mode():
+    assert {name: RULES[name].saelens_architecture for name in ("relu", "topk", "mutual_choice", "feature_choice")} \
+        == {"relu": "standard", "topk": "topk", "mutual_choice": "jumprelu", "feature_choice": "jumprelu"}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from saelib.browser import FeatureData, TokenIndex, gather_features, shown_text, token_text, write_browser
+from saelib.browser import FeatureData, FeatureView, TokenIndex, gather_features, shown_text, token_text, write_browser
 from saelib.browser.cli import main
 from saelib.core.checkpoints import save_sae
 from saelib.core.sae import SAE, SAEConfig
@@ -170,7 +170,7 @@ def test_token_text_is_escaped_not_injected(setup, tok):
     lead_byte = token_text(tok, special[-1])
     assert lead_byte == "\\xe2", "a lone UTF-8 lead byte shows as its byte, not as U+FFFD"
     assert shown_text(HOSTILE[2]) == "\\x00\\x1b\\x7f\\u2028"
-    page = TokenSpans(d.view(3, tok)._repr_html_())
+    page = TokenSpans(FeatureView(d, 3, tok)._repr_html_())
     assert set(page.tags) <= {"div", "style", "b", "h4", "span", "svg", "rect", "title", "text", "table", "tr", "th", "td"}
     texts = [text for text, _ in page.tokens]
     assert texts == expected_tokens(d, 3, tok)
@@ -265,7 +265,7 @@ def test_a_dead_feature_and_no_model_are_said_plainly(setup, tok, tmp_path):
                             tokenizer=tok, progress=False)
     d = summary.features["dead"]
     assert d.count[0] == 0 and (d.top_rows[0] == -1).all() and d.promoted is None
-    page = d.view(0, tok)._repr_html_()
+    page = FeatureView(d, 0, tok)._repr_html_()
     assert "did not fire on the 660 scanned tokens" in page and "no model given" in page
     chunk = (tmp_path / "site" / "dead" / "data" / "f0.js").read_text()
     assert chunk.startswith('SAEB.put("f0",[{"h":[],"t":[],"q":[],"p":[],"s":[]},')

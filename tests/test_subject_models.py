@@ -104,3 +104,14 @@ def test_unknown_model_name_is_explained():
         load_subject_model("no-such-model")
     with pytest.raises(ValueError, match="unknown organism profile 'huge'"):
         train_organism("huge", progress=False)
+
+
+def test_hook_names_parse_in_one_place():
+    from saelib.core.hooks import parse_hook
+
+    assert parse_hook("blocks.6.hook_resid_pre").layer == 6 and parse_hook("blocks.6.hook_resid_pre").stream_index == 6
+    assert parse_hook("blocks.6.hook_resid_post").stream_index == 7  # the input of block 7
+    assert parse_hook("blocks.12.attn.hook_z").point == "attn.hook_z" and parse_hook("blocks.12.attn.hook_z").layer == 12
+    assert parse_hook("hook_embed").layer is None and parse_hook("ln_final.hook_normalized").layer == -1
+    assert parse_hook("blocks.3.hook_mlp_out").in_residual_basis and not parse_hook("blocks.3.attn.hook_z").in_residual_basis
+    assert parse_hook("blocks.2.hook_mlp_out").stream_index is None

@@ -28,13 +28,13 @@ from saelib.subjects.prompts import (
     PromptConfig,
     adapt,
     backbone_digest,
-    linear_probe,
 )
 from saelib.subjects.vision import (
     FASHION_DIR,
     HookedViT,
     IdxFormatError,
     ViTConfig,
+    linear_probe,
     load_digits,
     load_fashion_mnist,
     read_idx,

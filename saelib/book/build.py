@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from saelib.book import profiles
-from saelib.browser import BROWSER_DIR_ENV
+from saelib.browser.publish import BROWSER_DIR_ENV
 from saelib.core import progress, storage
 
 ROOT = Path(__file__).resolve().parents[2]

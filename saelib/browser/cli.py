@@ -73,7 +73,7 @@ def resolve(a: argparse.Namespace) -> dict:
 
 def build(a: argparse.Namespace) -> Path:
     """Load the SAEs and the model, get the activations, write the browser; return its index page."""
-    from saelib.browser import write_browser
+    from saelib.browser.pages import write_browser
     from saelib.core.checkpoints import load_sae
     from saelib.core.hooks import check_hook_point
     from saelib.subjects.activations import CacheSpec, get_or_build_cache, open_cache

@@ -21,17 +21,13 @@ of every global batch; rank 0 alone prints and writes).
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import difflib
 import inspect
 import json
-import re
 import sys
 import textwrap
 import tomllib
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -40,12 +36,9 @@ import torch
 
 from saelib.core import distributed
 from saelib.core.checkpoints import CheckpointError, check_same_config
+from saelib.core.fields import ConfigError, build, check_table, field_docs, fields_of, type_name
 from saelib.core.sae import SAEConfig
 from saelib.core.training import TrainConfig, train_config_dict
-
-
-class ConfigError(ValueError):
-    """A config file or --set override is invalid; the message names the key."""
 
 
 @dataclass
@@ -89,120 +82,11 @@ class RunConfig:
                 "sae": self.saes, "export": dataclasses.asdict(self.export)}
 
 
-# ============================================================================ field docs and types
-
-
 def _cache_spec_class() -> type:
     # Imported lazily: saelib.subjects.activations pulls in TransformerLens, which synthetic runs never need.
     from saelib.subjects.activations import CacheSpec
 
     return CacheSpec
-
-
-def field_docs(cls: type) -> dict[str, tuple[str, str]]:
-    """{field: (annotation source, attribute docstring)} read from the class source, so each field is
-    documented once, under its definition."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, after in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            doc = after.value.value if (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                                        and isinstance(after.value.value, str)) else ""
-            docs[node.target.id] = (ast.unparse(node.annotation), inspect.cleandoc(doc))
-    return docs
-
-
-class Field(typing.NamedTuple):
-    type: Any
-    default: Any
-    """The default value, or dataclasses.MISSING for a required field."""
-    doc: str
-
-
-def _fields(target: type | Callable) -> dict[str, Field]:
-    """The fields of a dataclass (documented by attribute docstrings) or a function's parameters."""
-    hints = typing.get_type_hints(target)
-    if dataclasses.is_dataclass(target):
-        docs = field_docs(target)
-        return {f.name: Field(hints[f.name], f.default if f.default is not dataclasses.MISSING else
-                              f.default_factory() if f.default_factory is not dataclasses.MISSING
-                              else dataclasses.MISSING, docs.get(f.name, ("", ""))[1])
-                for f in dataclasses.fields(target)}
-    return {p.name: Field(hints.get(p.name, Any), dataclasses.MISSING if p.default is inspect.Parameter.empty
-                          else p.default, "") for p in inspect.signature(target).parameters.values()}
-
-
-def _suggest(key: str, known: dict[str, Field]) -> str | None:
-    """The field a mistyped key most likely meant: by name, else by the key's words against phrases of
-    each field's docstring (so that learning_rate finds lr, "Peak Adam learning rate")."""
-    close = difflib.get_close_matches(key, known, n=1)
-    if close:
-        return close[0]
-    words = " ".join(key.lower().replace("_", " ").split())
-
-    def score(name: str) -> float:
-        doc = re.findall(r"[a-z0-9]+", known[name].doc.lower())
-        n = len(words.split())
-        return max((difflib.SequenceMatcher(None, words, " ".join(doc[i:i + n])).ratio()
-                    for i in range(len(doc))), default=0.0)
-
-    best = max(known, key=score, default=None)
-    return best if best is not None and score(best) >= 0.8 else None
-
-
-def _type_name(tp: Any) -> str:
-    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-
-
-def _check_value(value: Any, tp: Any, key: str) -> Any:
-    """``value`` converted to ``tp`` (int -> float, list -> tuple) or a ConfigError naming ``key``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        # TOML has no null: an optional field that is present must have the non-None type.
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_value(value, inner, key)
-    if origin is tuple:
-        if isinstance(value, (list, tuple)) and len(value) == len(args):
-            return tuple(_check_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is Any or isinstance(value, origin or tp):
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-
-
-def _check_table(table: Any, known: dict[str, tuple[Any, Any]], prefix: str) -> dict:
-    """Type-checked copy of a TOML table; unknown keys are rejected with the closest valid name."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"{prefix}: expected a table, got {type(table).__name__} {table!r}")
-    out = {}
-    for key, value in table.items():
-        if key not in known:
-            close = _suggest(key, known)
-            hint = f"did you mean {prefix}.{close}?" if close else f"valid keys: {', '.join(known)}"
-            raise ConfigError(f"{prefix}.{key}: unknown key; {hint}")
-        out[key] = _check_value(value, known[key].type, f"{prefix}.{key}")
-    return out
-
-
-def _build(cls: type, kwargs: dict, prefix: str) -> Any:
-    """``cls(**kwargs)``, with missing required fields and the class's own validation errors
-    (e.g. k > d_sae) reported under the key they name."""
-    known = _fields(cls)
-    missing = [name for name, f in known.items() if f.default is dataclasses.MISSING and name not in kwargs]
-    if missing:
-        raise ConfigError(f"{prefix}: missing required key(s) {', '.join(f'{prefix}.{m}' for m in missing)}")
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        # Validation messages name the field they reject ("k must be ...", "unknown aux loss ...").
-        named = [w for w in re.findall(r"[A-Za-z_]\w*", str(e)) if w in known]
-        raise ConfigError(f"{prefix}.{named[0]}: {e}" if named else f"{prefix}: {e}") from e
 
 
 # ============================================================================ loading
@@ -232,21 +116,21 @@ def _apply_override(raw: dict, path: list[str], value: Any) -> None:
 def _check_data(raw: dict) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"data: expected a table, got {type(raw).__name__}")
-    own = _fields(DataConfig)
+    own = fields_of(DataConfig)
     # CacheSpec is imported only when the table has keys beyond DataConfig's (see _cache_spec_class).
-    spec = _fields(_cache_spec_class()) if set(raw) - set(own) else {}
-    data = _check_table(raw, own | spec, "data")
+    spec = fields_of(_cache_spec_class()) if set(raw) - set(own) else {}
+    data = check_table(raw, own | spec, "data")
     sources = [name for name, present in (("cache", "cache" in data), ("synthetic", "synthetic" in data),
                                           ("model + hook", bool(set(data) & set(spec)))) if present]
     if len(sources) != 1:
         raise ConfigError("data: give exactly one of data.cache, data.synthetic or data.model + data.hook "
                           f"(found: {', '.join(sources) or 'none'})")
     if spec:
-        _build(_cache_spec_class(), {k: v for k, v in data.items() if k in spec}, "data")
+        build(_cache_spec_class(), {k: v for k, v in data.items() if k in spec}, "data")
         return data | {k: f.default for k, f in spec.items() if k not in data}
     if "synthetic" in data:
-        known = _fields(_make_synthetic())
-        synthetic = _check_table(data["synthetic"], known, "data.synthetic")
+        known = fields_of(_make_synthetic())
+        synthetic = check_table(data["synthetic"], known, "data.synthetic")
         missing = [k for k, f in known.items() if f.default is dataclasses.MISSING and k not in synthetic]
         if missing:
             raise ConfigError(f"data.synthetic: missing required key(s) {', '.join(missing)}")
@@ -289,19 +173,19 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         if key not in raw:
             raise ConfigError(f"{path}: missing section [{key}]")
     data = _check_data(raw["data"])
-    train = _build(TrainConfig, _check_table(raw["train"], _fields(TrainConfig), "train"), "train")
-    export = _build(ExportConfig, _check_table(raw.get("export", {}), _fields(ExportConfig), "export"), "export")
+    train = build(TrainConfig, check_table(raw["train"], fields_of(TrainConfig), "train"), "train")
+    export = build(ExportConfig, check_table(raw.get("export", {}), fields_of(ExportConfig), "export"), "export")
     if not isinstance(raw["sae"], dict) or not raw["sae"]:
         raise ConfigError("sae: expected one or more [sae.NAME] tables")
     width = _data_width(data)
     saes = {}
     for name, table in raw["sae"].items():
-        kwargs = _check_table(table, _fields(SAEConfig), f"sae.{name}")
+        kwargs = check_table(table, fields_of(SAEConfig), f"sae.{name}")
         if width is not None:
             if kwargs.setdefault("d_in", width) != width:
                 raise ConfigError(f"sae.{name}.d_in: {kwargs['d_in']} differs from the data's width {width}")
         # Validate now (before any data is built); d_in=1 stands in for a width not yet known.
-        saes[name] = _build(SAEConfig, {"d_in": 1} | kwargs, f"sae.{name}").to_dict() | (
+        saes[name] = build(SAEConfig, {"d_in": 1} | kwargs, f"sae.{name}").to_dict() | (
             {} if "d_in" in kwargs else {"d_in": None})
     return RunConfig(data, train, saes, export)
 
@@ -314,7 +198,7 @@ def load_data(data: dict, progress: bool = True) -> Any:
 
     if "cache" in data:
         return open_cache(data["cache"])
-    spec = _cache_spec_class()(**{k: v for k, v in data.items() if k not in _fields(DataConfig)})
+    spec = _cache_spec_class()(**{k: v for k, v in data.items() if k not in fields_of(DataConfig)})
     # Rank 0 harvests; the other ranks wait at the barrier, then open what it built.
     if distributed.rank() > 0:
         distributed.barrier()
@@ -332,7 +216,7 @@ def help_config() -> str:
     def section(title: str, cls: type, notes: dict[str, str] | None = None) -> list[str]:
         lines = [f"[{title}]", textwrap.indent(inspect.cleandoc(cls.__doc__ or ""), "  # ")]
         for name, (annotation, doc) in field_docs(cls).items():
-            default = _fields(cls)[name].default
+            default = fields_of(cls)[name].default
             shown = (notes or {}).get(name) or ("required" if default is dataclasses.MISSING else
                                                 f"default {json.dumps(default)}")
             lines.append(f"  {name}: {annotation} ({shown})")
@@ -340,10 +224,10 @@ def help_config() -> str:
                 lines.append(textwrap.indent(textwrap.fill(doc, 92), "      "))
         return lines + [""]
 
-    synth = _fields(_make_synthetic())
+    synth = fields_of(_make_synthetic())
     lines = section("data", DataConfig) + section("data (CacheSpec fields, with model + hook)", _cache_spec_class())
     lines += ["[data.synthetic]  (saelib.core.synthetic.make_synthetic)"]
-    lines += [f"  {k}: {_type_name(f.type)} ({'required' if f.default is dataclasses.MISSING else f'default {f.default!r}'})"
+    lines += [f"  {k}: {type_name(f.type)} ({'required' if f.default is dataclasses.MISSING else f'default {f.default!r}'})"
               for k, f in synth.items()] + [""]
     lines += section("train", TrainConfig)
     lines += section("sae.NAME", SAEConfig, {"d_in": "default: the data's width"})
@@ -375,7 +259,7 @@ def run(cfg: RunConfig, out: Path, progress: bool = True) -> Any:
     for name, sae in cfg.saes.items():
         if sae["d_in"] is None:
             sae["d_in"] = width
-    saes = {name: _build(SAEConfig, kw, f"sae.{name}") for name, kw in cfg.saes.items()}
+    saes = {name: build(SAEConfig, kw, f"sae.{name}") for name, kw in cfg.saes.items()}
     resolved = cfg.to_dict()
     _check_out_dir(out, resolved)
     distributed.barrier()  # every rank has read the old config.json before rank 0 replaces it

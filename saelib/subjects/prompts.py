@@ -48,7 +48,6 @@ __all__ = [
     "TargetTask",
     "adapt",
     "backbone_digest",
-    "linear_probe",
     "load_task",
 ]
 
@@ -111,32 +110,6 @@ def backbone_digest(model: nn.Module) -> str:
     """``tensor_digest`` over every parameter and buffer of a model, by name."""
     state = model.state_dict()
     return tensor_digest(*(state[k] for k in sorted(state)))
-
-
-@torch.no_grad()
-def _features(model: HookedViT, images: Tensor, batch_size: int = 1000) -> Tensor:
-    return torch.cat([model(images[i:i + batch_size], return_type="features")
-                      for i in range(0, len(images), batch_size)])
-
-
-def linear_probe(model: HookedViT, images: Tensor, labels: Tensor, n_classes: int, *, steps: int = 300,
-                 lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0) -> nn.Linear:
-    """A linear classifier on the frozen base features (final-normalised CLS), trained full-batch
-    with Adam: the zero-shot classifier of a model without a text encoder."""
-    feats = _features(model, images)
-    labels = labels.to(feats.device)
-    head = nn.Linear(feats.shape[1], n_classes).to(feats.device)
-    gen = seeding.generator("prompt_init:probe", seed)
-    head.weight.data.copy_(torch.randn(head.weight.shape, generator=gen).to(feats.device) * 0.01)
-    head.bias.data.zero_()
-    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    for _ in range(steps):
-        loss = F.cross_entropy(head(feats), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    head.requires_grad_(False)
-    return head
 
 
 def adapt(model: HookedViT, images: Tensor, labels: Tensor, n_classes: int, cfg: PromptConfig,

@@ -1,0 +1,45 @@
+"""Feature browser, part 3: a chapter's browser, written once into the cache and published into
+the book's build."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from saelib.browser.gather import FeatureData
+from saelib.browser.pages import write_browser
+from saelib.core.sae import SAE
+from saelib.core.storage import artifact_dir
+
+__all__ = ["BROWSER_DIR_ENV", "book_browser"]
+
+BROWSER_DIR_ENV = "SAELIB_BROWSER_DIR"
+"""Where chapters publish their browsers; the book's runner points it into the build, which serves
+it as ``_static/browser/<chapter>/`` (a chapter links there). Unset: ``./_browser``."""
+
+
+def book_browser(chapter: str, saes: Mapping[str, SAE], model, table, key: Mapping, *, show: str | None = None,
+                 **kwargs) -> tuple[Path, dict, FeatureData | None]:
+    """A chapter's browser, written once and reused: ``write_browser`` into a cache folder keyed by
+    ``key`` (what identifies the SAEs and the tokens, e.g. their training run) and copied to
+    ``$SAELIB_BROWSER_DIR/<chapter>``. Returns the published index, the summary of the writing run
+    (bytes, seconds, tokens) and the gathered data of SAE ``show`` (kept in the cache too, so a
+    notebook can display one feature inline on a rerun without gathering again)."""
+    cached = artifact_dir("browsers", {"chapter": chapter, **key, "kwargs": kwargs, "saes": sorted(saes),
+                                       "show": show})
+    if not (cached / "summary.json").exists():
+        summary = write_browser(saes, model, table, cached / "site", **kwargs)
+        if show is not None:
+            torch.save(summary.features[show], cached / "shown.pt")
+        (cached / "summary.json").write_text(json.dumps(
+            {"bytes": summary.bytes, "seconds": summary.seconds, "n_tokens": summary.n_tokens}))
+    published = Path(os.environ.get(BROWSER_DIR_ENV, "_browser")) / chapter
+    shutil.rmtree(published, ignore_errors=True)
+    shutil.copytree(cached / "site", published)
+    shown = torch.load(cached / "shown.pt", weights_only=False) if (cached / "shown.pt").exists() else None
+    return published / "index.html", json.loads((cached / "summary.json").read_text()), shown
