@@ -132,9 +132,10 @@ def test_set_overrides(tmp_path, capsys):
     ("train.steps=ten", "train.steps: expected int, got str 'ten'"),
     ("train.lr=true", "train.lr: expected float, got bool True"),
     ("train.adam_betas=[0.9]", "train.adam_betas: expected tuple[float, float]"),
-    ("sae.topk.k=100", "sae.topk.k: k must be in 1..d_sae=48, got k=100"),
-    ("train.steps=0", "train.steps: TrainConfig.steps must be positive"),
-    ("sae.mc.aux=auxk", "sae.mc.aux: unknown aux loss 'auxk'"),
+    ("sae.topk.k=100", "sae.topk.k: SAEConfig.k = 100 is invalid: must be an integer in 1..d_sae=48"),
+    ("train.steps=0", "train.steps: TrainConfig.steps = 0 is invalid: must be an integer >= 1"),
+    ("train.min_lr_frac=-5.0", "train.min_lr_frac: TrainConfig.min_lr_frac = -5.0 is invalid: must be a fraction of lr"),
+    ("sae.mc.aux=auxk", "sae.mc.aux: SAEConfig.aux = 'auxk' is invalid: unknown aux loss"),
     ("data.model=smollm2-135m", "data: give exactly one of"),
 ])
 def test_config_errors_name_the_key(tmp_path, capsys, override, message):
