@@ -381,3 +381,46 @@ def test_e2e_refuses_windows_harvested_at_another_hook(organism, tmp_path):
                                          f"harvested at '{H0}': use the cache of '{H1}'"):
         train_saes({"s": SAEConfig(d, 4 * d, rule="topk", k=4)}, windows, TrainConfig(steps=2, batch_size=4),
                    progress=False, objectives=E2E(organism[0], H1))
+
+
+# ---------------------------------------------------------------------------- concurrent writers
+
+_CONCURRENT = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+import saelib.core.training as T
+from tests.test_faults import _run
+steps = []
+slow = T._train_step
+def step(*a, **k):
+    steps.append(1)
+    time.sleep(0.01)  # long enough that the two processes overlap
+    return slow(*a, **k)
+T._train_step = step
+x, cfgs, cfg = _run()
+result = T.train_cached(cfgs, x, cfg, data_key="concurrent", progress=False)
+json.dump({{"steps": len(steps), "decoder": result.saes["tk"].decoder.flatten().tolist(),
+           "out": str(result.out_dir)}}, open(sys.argv[1], "w"))
+"""
+
+
+def test_two_concurrent_trainings_of_the_same_saes_train_once(tmp_path):
+    """Two book builds on one $SAELIB_CACHE: the second waits for the first (naming it), then finds its
+    result; neither crashes, the SAEs are trained once, and both get the numbers of a single run."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(_CONCURRENT.format(root=os.getcwd()))
+    env = {**os.environ, "SAELIB_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"{i}.json")], env=env,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    out = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
+    assert sorted(o["steps"] for o in out) == [0, 20 * 2], "one process trains (2 SAEs x 20 steps), the other finds"
+    assert out[0]["decoder"] == out[1]["decoder"] and out[0]["out"] == out[1]["out"]
+    assert sum("waiting for process" in e for e in errs) == 1
+    x, cfgs, cfg = _run()
+    single = train_saes(cfgs, x, cfg, progress=False)
+    assert single.saes["tk"].decoder.flatten().tolist() == out[0]["decoder"]
