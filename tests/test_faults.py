@@ -29,6 +29,7 @@ and every damage message ends with the remedy quoted in its row.
 | `TrainConfig(adam_betas=(0.9, 1.0))` [cfg-betas] | `TrainConfig.adam_betas = (0.9, 1.0) is invalid: must be two numbers in [0, 1)` |
 | `SAEConfig(stats_decay=1.0)`, `l1_coeff=-1`, `k_aux=0`, `dead_after_tokens=0` [sae-cfg-*] | `SAEConfig.stats_decay = 1.0 is invalid: must be a number in [0, 1)` |
 | e2e on windows harvested at blocks.0 while told blocks.1 [e2e-hook] | `SAE 's''s objective splices into 'blocks.1.hook_resid_pre' but its windows were harvested at 'blocks.0.hook_resid_pre': use the cache of 'blocks.1.hook_resid_pre'` |
+| `E2E(model, hook, ds_coeff=nan)` [e2e-hook] | `E2E.ds_coeff = nan is invalid: must be a finite number >= 0` |
 | `train_saes` continued to fewer steps than its checkpoint [continue-shorter] | `checkpoint ... is at step 20, past train.steps=10: use steps >= 20 to continue it, or another output folder` |
 """
 
@@ -377,6 +378,8 @@ def test_e2e_refuses_windows_harvested_at_another_hook(organism, tmp_path):
 
     windows = WindowTable(_cache(organism, tmp_path / "c", exclude_bos=False))
     d = organism[0].cfg.d_model
+    with pytest.raises(ValueError, match=r"^E2E.ds_coeff = nan is invalid: must be a finite number >= 0"):
+        E2E(organism[0], H1, ds_coeff=float("nan"))
     with pytest.raises(ValueError, match=f"SAE 's''s objective splices into '{H1}' but its windows were "
                                          f"harvested at '{H0}': use the cache of '{H1}'"):
         train_saes({"s": SAEConfig(d, 4 * d, rule="topk", k=4)}, windows, TrainConfig(steps=2, batch_size=4),
