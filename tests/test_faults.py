@@ -35,6 +35,7 @@ and every damage message ends with the remedy quoted in its row.
 
 import json
 import os
+import re
 import threading
 import time
 
@@ -427,3 +428,30 @@ def test_two_concurrent_trainings_of_the_same_saes_train_once(tmp_path):
     x, cfgs, cfg = _run()
     single = train_saes(cfgs, x, cfg, progress=False)
     assert single.saes["tk"].decoder.flatten().tolist() == out[0]["decoder"]
+
+
+# ---------------------------------------------------------------------------- command lines
+
+
+def _one_line_exit_2(capsys, status, message):
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "\n" not in err and "Traceback" not in err, err
+    assert re.match(message, err), err
+
+
+def test_book_with_an_unwritable_build_dir(tmp_path, capsys):
+    """[book-build-dir] `--build-dir` below a regular file."""
+    from saelib.book import build
+
+    (tmp_path / "file").write_text("")
+    status = build.main(["--only", "00_synthetic", "--profile", "ci", "--build-dir", str(tmp_path / "file" / "b"),
+                         "--no-html"])
+    _one_line_exit_2(capsys, status, r"^error: \[Errno 20\] Not a directory")
+
+
+def test_student_copy_into_a_regular_file(tmp_path, capsys):
+    """[student-copy-out]"""
+    from saelib.book.exercises import main
+
+    (tmp_path / "file").write_text("")
+    _one_line_exit_2(capsys, main(["notebooks", "--out", str(tmp_path / "file")]), r"^error: \[Errno 17\] File exists")

@@ -274,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return _build_book(a, notebooks, params)
+    except OSError as e:  # an unwritable --build-dir, a full disk: the system's one-line reason
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _build_book(a: argparse.Namespace, notebooks: list[Path], params: dict[str, Any]) -> int:
     executed = a.build_dir / "executed" / a.profile
     total = 0.0
     for i, nb in enumerate(notebooks, 1):
