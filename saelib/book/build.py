@@ -201,16 +201,17 @@ def export_figures(executed: Path, out: Path) -> list[Path]:
 
     import nbformat
 
-    out.mkdir(parents=True, exist_ok=True)
+    tmp = storage.atomic_dir(out)  # the folder is replaced whole: never a mix of two builds' figures
     written = []
     for nb_path in sorted(executed.glob("*.ipynb")):
         nb = nbformat.read(nb_path, as_version=4)
         pngs = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code"
                 for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
         for i, png in enumerate(pngs, 1):
-            path = out / f"{nb_path.stem}-fig{i:02d}.png"
-            path.write_bytes(base64.b64decode(png))
-            written.append(path)
+            name = f"{nb_path.stem}-fig{i:02d}.png"
+            (tmp / name).write_bytes(base64.b64decode(png))
+            written.append(out / name)
+    storage.commit_dir(tmp, out)
     return written
 
 
