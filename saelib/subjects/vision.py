@@ -12,8 +12,8 @@ its own subject model, like the language-model organism of chapter 1:
   TransformerLens (``blocks.{i}.hook_resid_post``, ``blocks.{i}.attn.hook_pattern``, ...), so
   ``run_with_cache`` and ``run_with_hooks`` work on it; ``forward`` takes optional deep prompts
   (``saelib.subjects.prompts``), appended after the image tokens so that CLS and patch positions never move;
-* ``train_vit(profile)`` pretrains it on Fashion-MNIST into the cache with atomic, resumable
-  checkpoints; a finished run returns at once.
+* ``train_vit(profile)`` pretrains it on Fashion-MNIST into the cache through the shared loop
+  ``saelib.core.pretraining.pretrain`` (atomic, exactly resumable states); a finished run returns at once.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saelib.core import seeding
-from saelib.core.progress import bar as progress_bar
+from saelib.core.pretraining import PretrainConfig, clear_resume, pretrain
 from saelib.core.storage import atomic_json, atomic_save, cache_root, content_key
 
 __all__ = [
@@ -369,26 +369,11 @@ def vit_dir(profile: str | ViTConfig, root: str | os.PathLike | None = None) -> 
     return cache_root() / "vision" / f"vit-{name}-streams{seeding.VERSION}-{content_key(asdict(cfg), 10)}"
 
 
-def _lr_at(step: int, cfg: ViTConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))  # cosine to 0
-
-
 def pretraining_split(seed: int = 0, val_images: int = 5000) -> tuple[Tensor, Tensor]:
     """Indices into Fashion-MNIST's training set of the ViT's pretraining images and of the
     ``val_images`` it never trains on (a seeded split; the official test set stays untouched)."""
     perm = torch.randperm(60_000, generator=seeding.generator("image_splits:vit_val", seed))
     return perm[val_images:].sort().values, perm[:val_images].sort().values
-
-
-def _batch(step: int, cfg: ViTConfig, n: int) -> Tensor:
-    # A pure function of (seed, step): a resumed run sees exactly the batches it would have.
-    per_epoch = n // cfg.batch_size
-    epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=seeding.generator(f"vision_data_order:{epoch}", cfg.seed))
-    return perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
 
 
 @torch.no_grad()
@@ -414,11 +399,14 @@ def train_vit(profile: str | ViTConfig = "cpu", out_dir: str | os.PathLike | Non
               **overrides: Any) -> Path:
     """Pretrain the ViT on Fashion-MNIST into ``out_dir`` (default ``vit_dir(profile)``); return it.
 
-    Writes ``vit.json`` (config, and once finished: accuracies, seconds), ``history.json`` and, at
-    the end, ``model.pt``; a resume state every ``resume_every`` steps. Every file is written
-    atomically: a killed run resumes from its last resume state, a finished one returns at once,
-    and a run resumed from step s reproduces the uninterrupted run's weights (the batches are a
-    function of the seed and the step). ``stop_at_step`` ends early after saving (tests)."""
+    The loop is ``saelib.core.pretraining.pretrain``: AdamW (matrices other than the embeddings
+    decayed), warm-up then a cosine to 0, per-epoch permutations of the pretraining images (the
+    remainder of each epoch left out), bfloat16 autocast when ``cfg.precision`` says so. Writes
+    ``vit.json`` (config, and once finished: accuracies, seconds), ``history.json`` (with the
+    held-out accuracy every fifth resume state) and, at the end, ``model.pt``; a resume state
+    every ``resume_every`` steps. Every file is written atomically: a killed run resumes from its
+    last resume state, a finished one returns at once, and a run resumed from step s reproduces
+    the uninterrupted run's weights. ``stop_at_step`` ends early after saving (tests)."""
     name = profile if isinstance(profile, str) else "custom"
     if isinstance(profile, str):
         if profile not in VIT_PROFILES:
@@ -441,68 +429,33 @@ def train_vit(profile: str | ViTConfig = "cpu", out_dir: str | os.PathLike | Non
     images, labels = load_fashion_mnist("train")
     train_idx, val_idx = pretraining_split(cfg.seed, cfg.val_images)
     model = HookedViT(cfg)  # its weights come from its own random stream (vision_init)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
-    step, history, elapsed = 0, [], 0.0
-    resume = out / "resume.pt"
-    if resume.exists():
-        state = torch.load(resume, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, history, elapsed = state["step"], state["history"], state["elapsed_s"]
+    spec = PretrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, stream="vision_data_order",
+                          warmup_steps=cfg.warmup_steps, seed=cfg.seed, weight_decay=cfg.weight_decay,
+                          precision=cfg.precision, log_every=50, resume_every=resume_every, unit="images")
 
-    def save_resume() -> None:
-        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                      "history": history, "elapsed_s": elapsed}, resume)
-        atomic_json(history, out / "history.json")
+    def batch_loss(idx: Tensor) -> Tensor:
+        rows = train_idx[idx]
+        return F.cross_entropy(model(images[rows]), labels[rows])
 
-    last = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
-    bar = progress_bar(total=cfg.steps, initial=step, desc=f"vit-{name}", show=progress)
+    def validate(step: int) -> dict:
+        return {"val_accuracy": accuracy(model, images[val_idx], labels[val_idx])}
+
     model.train()
-    t_last = time.perf_counter()
-    while step < last:
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        idx = train_idx[_batch(step, cfg, len(train_idx))]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"):
-            loss = F.cross_entropy(model(images[idx]), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 50 == 0 or step == cfg.steps:
-            now = time.perf_counter()
-            elapsed += now - t_last
-            t_last = now
-            history.append({"step": step, "loss": loss.item(), "lr": _lr_at(step - 1, cfg),
-                            "images_seen": step * cfg.batch_size, "elapsed_s": elapsed})
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % resume_every == 0 or step == last:
-            now = time.perf_counter()
-            elapsed += now - t_last
-            t_last = now
-            if step % (resume_every * 5) == 0 or step == cfg.steps:
-                history.append({"step": step, "val_accuracy": accuracy(model, images[val_idx],
-                                                                       labels[val_idx]),
-                                "elapsed_s": elapsed})
-                t_last = time.perf_counter()
-            save_resume()
-    bar.close()
-    if step < cfg.steps:
+    run = pretrain(model, batch_loss, len(train_idx), spec, out_dir=out,
+                   decays=lambda n, p: p.dim() >= 2 and "embed" not in n, evaluate=validate,
+                   eval_steps=[*range(5 * resume_every, cfg.steps, 5 * resume_every), cfg.steps],
+                   stop_at_step=stop_at_step, progress=progress, desc=f"vit-{name}")
+    if not run.finished:
         return out
     model.eval()
     test_x, test_y = load_fashion_mnist("test")
     atomic_save(model.state_dict(), out / "model.pt")
-    meta.update(finished=True, train_seconds=elapsed, steps=cfg.steps,
+    meta.update(finished=True, train_seconds=run.elapsed_s, steps=cfg.steps,
                 val_accuracy=accuracy(model, images[val_idx], labels[val_idx]),
                 test_accuracy=accuracy(model, test_x, test_y),
                 n_params=sum(p.numel() for p in model.parameters()))
     atomic_json(meta, meta_path)
-    resume.unlink(missing_ok=True)
+    clear_resume(out)
     return out
 
 
