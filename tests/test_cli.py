@@ -203,18 +203,18 @@ def test_a_failed_start_does_not_block_a_corrected_rerun(single, tmp_path, capsy
     ("config-json", r"^error: .*/config.json is damaged: not valid JSON \(.*\); delete .*/out to start over"),
 ])
 def test_expected_failures_are_one_line_and_exit_2(single, tmp_path, capsys, case, message):
-    out, args = tmp_path / "out", []
+    out, args, text = tmp_path / "out", [], CONFIG
     if case == "batch":
         args = ["--set", "train.batch_size=16384"]
     elif case == "cache":
-        args = ["--set", f'data.cache="{tmp_path / "nowhere"}"', "--set", "data.synthetic={}"]
+        text = CONFIG.replace(CONFIG.split("\n")[2], f'cache = "{tmp_path / "nowhere"}"')
     elif case == "out":
         (tmp_path / "file").write_text("")
         out = tmp_path / "file" / "out"
     else:
         shutil.copytree(single, out)
         (out / "config.json").write_text((out / "config.json").read_text()[:40])
-    err = _one_line(_error(capsys, [_config(tmp_path), "--out", str(out), "--no-progress", *args]))
+    err = _one_line(_error(capsys, [_config(tmp_path, text), "--out", str(out), "--no-progress", *args]))
     assert re.match(message, err), err
 
 

@@ -455,3 +455,30 @@ def test_student_copy_into_a_regular_file(tmp_path, capsys):
 
     (tmp_path / "file").write_text("")
     _one_line_exit_2(capsys, main(["notebooks", "--out", str(tmp_path / "file")]), r"^error: \[Errno 17\] File exists")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("damaged-cache", r"^error: .*/activations.bin is damaged: its contents differ .*; delete .* and rerun to "
+                      r"harvest it again$"),
+    ("too-many-tokens", r"^error: cannot harvest 1,000,000,000,000 tokens of 'mixed': .*; pass a smaller --tokens$"),
+    ("out-unwritable", r"^error: \[Errno 20\] Not a directory"),
+])
+def test_browse_failures_are_one_line(organism, tmp_path, capsys, case, message):
+    """[browse-*] `saelib browse` on a damaged --cache, with --tokens 10**12, into an --out below a file."""
+    from saelib.browser.cli import main
+
+    cache = _cache(organism, tmp_path / "cache")
+    d = organism[0].cfg.d_model
+    sae = save_sae(SAE(SAEConfig(d, 4 * d, rule="topk", k=4)), tmp_path / "sae")
+    args = [str(sae), "--model", organism[1], "--hook", H0, "--out", str(tmp_path / "site"), "--no-progress",
+            "--cache", str(cache.path), "--tokens", "500"]
+    if case == "damaged-cache":
+        zero(cache.path / "activations.bin")
+    elif case == "too-many-tokens":
+        args = args[:-4] + ["--tokens", str(10**12)]
+    else:
+        (tmp_path / "file").write_text("")
+        args[args.index("--out") + 1] = str(tmp_path / "file" / "site")
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    _one_line_exit_2(capsys, exc.value.code, message)
