@@ -31,6 +31,19 @@ and every damage message ends with the remedy quoted in its row.
 | e2e on windows harvested at blocks.0 while told blocks.1 [e2e-hook] | `SAE 's''s objective splices into 'blocks.1.hook_resid_pre' but its windows were harvested at 'blocks.0.hook_resid_pre': use the cache of 'blocks.1.hook_resid_pre'` |
 | `E2E(model, hook, ds_coeff=nan)` [e2e-hook] | `E2E.ds_coeff = nan is invalid: must be a finite number >= 0` |
 | `train_saes` continued to fewer steps than its checkpoint [continue-shorter] | `checkpoint ... is at step 20, past train.steps=10: use steps >= 20 to continue it, or another output folder` |
+| two `train_cached` of the same SAEs at once [concurrent] | the second prints `waiting for process PID, which is writing .../saes/KEY`, then finds the result (trained once) |
+| `book --build-dir` below a regular file [book-build-dir] | `error: [Errno 20] Not a directory: ...` (exit 2) |
+| `student-copy --out` a regular file [student-copy-out] | `error: [Errno 17] File exists: ...` (exit 2) |
+| `browse --cache` with a zeroed block [browse-damaged-cache] | `error: .../activations.bin is damaged: its contents differ ...; delete CACHE and rerun to harvest it again` |
+| `browse --tokens 1000000000000` [browse-too-many-tokens] | `error: cannot harvest 1,000,000,000,000 tokens of 'mixed': corpus 'mixed' (heldout split) holds only 25930 windows of 64 tokens, ...; pass a smaller --tokens` |
+| `browse --out` below a regular file [browse-out-unwritable] | `error: [Errno 20] Not a directory: ...` |
+
+Elsewhere, each also a test: `saelib train` with `train.lr=-0.001` (exit 2, nothing written, the corrected
+rerun works), a batch larger than the data, a missing `data.cache`, an unwritable `--out`, a truncated
+run config.json, a config.json left by a failed start, `train.steps` raised (continues), two runs into
+one `--out` (tests/test_cli.py); `book -p kk=3` (did you mean 'k'), `-p k=notanumber`, `-p k=2.5`,
+`-p lr=fast` (one line before a kernel starts), `-p steps=4`, a failing chapter keeping the last good
+notebook (tests/test_notebooks.py); a damaged cached chapter browser (tests/test_browser.py).
 """
 
 import json
