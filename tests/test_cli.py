@@ -221,7 +221,6 @@ def test_expected_failures_are_one_line_and_exit_2(single, tmp_path, capsys, cas
 def test_continue_training_with_more_steps(single, tmp_path):
     """`--set train.steps=20` on a finished 12-step run continues it from step 12 under the 20-step
     schedule (the history says which rows ran under which) and equals the library's continuation."""
-    from saelib.core.training import train_saes
 
     out = tmp_path / "out"
     shutil.copytree(single, out)

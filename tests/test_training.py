@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from saelib.core.checkpoints import CheckpointError, latest_checkpoint, load_sae
-from saelib.core.storage import DamagedError
 from saelib.core.losses import aux_residual_loss, dead_weights, sae_loss, zipf_shortfall_weights
 from saelib.core.metrics import evaluate, max_cosine
 from saelib.core.sae import SAE, SAEConfig
+from saelib.core.storage import DamagedError
 from saelib.core.synthetic import make_synthetic
 from saelib.core.training import NonFiniteError, TrainConfig, initial_saes, train_cached, train_saes
 

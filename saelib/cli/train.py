@@ -202,7 +202,7 @@ def load_data(data: dict, progress: bool = True) -> Any:
     """The activation table the [data] section describes (a cache is harvested by rank 0 first)."""
     if "synthetic" in data:
         return _make_synthetic()(**data["synthetic"]).activations
-    from saelib.subjects.activations import get_or_build_cache, open_cache
+    from saelib.subjects.activations import get_or_build_cache
 
     if "cache" in data:
         return _open_cache(data["cache"])
