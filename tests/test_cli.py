@@ -220,8 +220,7 @@ def test_expected_failures_are_one_line_and_exit_2(single, tmp_path, capsys, cas
 
 def test_continue_training_with_more_steps(single, tmp_path):
     """`--set train.steps=20` on a finished 12-step run continues it from step 12 under the 20-step
-    schedule (the history says which rows ran under which) and equals the library's continuation."""
-
+    schedule (the history says which rows ran under which); its exact test is in test_faults."""
     out = tmp_path / "out"
     shutil.copytree(single, out)
     main([_config(tmp_path), "--out", str(out), "--no-progress", "--set", "train.steps=20"])
