@@ -252,3 +252,17 @@ def test_two_concurrent_runs_into_one_folder(single, tmp_path):
     _same(_weights(out), _weights(single))
     columns = lambda h: h.drop(columns="tokens_per_s")  # noqa: E731 (timings differ)
     assert columns(pd.read_csv(out / "history.csv")).equals(columns(pd.read_csv(single / "history.csv")))
+
+
+def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    """The disk fills while a checkpoint is written: the system's reason, no traceback, exit 2."""
+    import errno
+
+    from saelib.core import storage
+
+    def full(tmp, final):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    monkeypatch.setattr(storage, "commit_dir", full)
+    err = _one_line(_error(capsys, [_config(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"]))
+    assert err.startswith("error: [Errno 28] No space left on device")
