@@ -495,3 +495,22 @@ def test_browse_failures_are_one_line(organism, tmp_path, capsys, case, message)
     with pytest.raises(SystemExit) as exc:
         main(args)
     _one_line_exit_2(capsys, exc.value.code, message)
+
+
+def test_commit_over_an_existing_folder_swaps_it_in_one_step(tmp_path, monkeypatch):
+    """No moment without a complete folder: the new one is exchanged with the old (renameat2), whose
+    removal comes after; the old folder's files are never seen under the final name half-deleted."""
+    final = tmp_path / "entry"
+    for version in ("old", "new"):
+        tmp = storage.atomic_dir(final)
+        (tmp / "payload").write_text(version)
+        if version == "new":
+            seen = []
+            real = storage.shutil.rmtree
+            # When the old copy is removed, the final name already holds the complete new folder.
+            monkeypatch.setattr(storage.shutil, "rmtree", lambda p, **k: seen.append(
+                (final / "payload").read_text()) or real(p, **k))
+        storage.commit_dir(tmp, final)
+    assert seen == ["new"] and (final / "payload").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
+    storage.verify(final)
