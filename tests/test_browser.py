@@ -187,9 +187,10 @@ def chromium_dom(url: str) -> str:
                               capture_output=True, text=True, timeout=120, check=True).stdout
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium is not installed (apt-get install chromium) "
-                                                          "so the rendered pages cannot be checked in a browser")
 def test_pages_render_in_chromium(setup, tok, tmp_path):
+    # Not a skip: scripts/setup.sh installs Chromium, so a machine without it is set up wrongly.
+    assert os.path.exists(CHROMIUM), ("chromium is not installed, so the rendered pages cannot be checked in a "
+                                      "browser: run bash scripts/setup.sh as root (apt-get install chromium)")
     model, windows, table, sae, _, _ = setup
     summary = write_browser({"topk <&>": sae}, model, table, tmp_path / "site", tokens=TokenIndex.from_windows(windows),
                             hook=HOOK, n_top=5, n_quantiles=3, n_samples=4, progress=False)
@@ -271,3 +272,26 @@ def test_a_dead_feature_and_no_model_are_said_plainly(setup, tok, tmp_path):
     assert chunk.startswith('SAEB.put("f0",[{"h":[],"t":[],"q":[],"p":[],"s":[]},')
     with pytest.raises(ValueError, match="tokenizer"):
         write_browser({"dead": dead}, None, table, tmp_path / "x", tokens=TokenIndex.from_windows(windows))
+
+
+def test_book_browser_is_cached_whole_and_verified(setup, tok, tmp_path, monkeypatch):
+    """The chapter's browser cache entry (site, shown.pt, summary.json) is committed in one piece and
+    checksummed: a rerun publishes it without gathering again, a damaged one is refused by name."""
+    from saelib.browser import publish
+    from saelib.core.storage import DamagedError
+
+    model, windows, table, sae, _, _ = setup
+    monkeypatch.setenv("SAELIB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(publish.BROWSER_DIR_ENV, str(tmp_path / "published"))
+    args = ("test", {"topk": sae}, model, table, {"run": "x"})
+    kwargs = dict(show="topk", tokens=TokenIndex.from_windows(windows), hook=HOOK, n_top=5, n_quantiles=3,
+                  n_samples=4, progress=False)
+    index, summary, shown = publish.book_browser(*args, **kwargs)
+    assert index.exists() and shown.count.shape == (48,) and summary["n_tokens"] == table.shape[0]
+    monkeypatch.setattr(publish, "write_browser", lambda *a, **k: pytest.fail("gathered again"))
+    again = publish.book_browser(*args, **kwargs)
+    assert again[1] == summary and torch.equal(again[2].count, shown.count)
+    cached = next((tmp_path / "cache" / "browsers").iterdir())
+    (cached / "summary.json").write_text("{")
+    with pytest.raises(DamagedError, match=r"summary.json is damaged: .*; delete .* and rerun the chapter"):
+        publish.book_browser(*args, **kwargs)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,9 +133,10 @@ def test_set_overrides(tmp_path, capsys):
     ("train.steps=ten", "train.steps: expected int, got str 'ten'"),
     ("train.lr=true", "train.lr: expected float, got bool True"),
     ("train.adam_betas=[0.9]", "train.adam_betas: expected tuple[float, float]"),
-    ("sae.topk.k=100", "sae.topk.k: k must be in 1..d_sae=48, got k=100"),
-    ("train.steps=0", "train.steps: TrainConfig.steps must be positive"),
-    ("sae.mc.aux=auxk", "sae.mc.aux: unknown aux loss 'auxk'"),
+    ("sae.topk.k=100", "sae.topk.k: SAEConfig.k = 100 is invalid: must be an integer in 1..d_sae=48"),
+    ("train.steps=0", "train.steps: TrainConfig.steps = 0 is invalid: must be an integer >= 1"),
+    ("train.min_lr_frac=-5.0", "train.min_lr_frac: TrainConfig.min_lr_frac = -5.0 is invalid: must be a fraction of lr"),
+    ("sae.mc.aux=auxk", "sae.mc.aux: SAEConfig.aux = 'auxk' is invalid: unknown aux loss"),
     ("data.model=smollm2-135m", "data: give exactly one of"),
 ])
 def test_config_errors_name_the_key(tmp_path, capsys, override, message):
@@ -167,3 +169,100 @@ def test_torchrun_two_ranks_match_one_process(single, tmp_path):
     # Same global batches; only the order of float sums differs (tolerance as in test_distributed).
     _same(_weights(out), _weights(single), atol=2e-4, rtol=1e-3)
     assert load_saelens(out / "saelens" / "topk").cfg.k == 3
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def test_a_bad_setting_fails_before_writing_anything(tmp_path, capsys):
+    """A negative lr left config.json behind, and the corrected rerun was refused because of it."""
+    out = tmp_path / "out"
+    err = _one_line(_error(capsys, [_config(tmp_path), "--out", str(out), "--set", "train.lr=-0.001"]))
+    assert err == "error: train.lr: TrainConfig.lr = -0.001 is invalid: must be a finite number > 0"
+    assert not out.exists()
+    main([_config(tmp_path), "--out", str(out), "--no-progress"])
+    assert latest_checkpoint(out).name == "step_00000012"
+
+
+def test_a_failed_start_does_not_block_a_corrected_rerun(single, tmp_path, capsys):
+    """config.json without any checkpoint (a start that failed later, e.g. killed while harvesting) is
+    replaced by the next run rather than compared with it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"data": {}, "train": {"lr": -1}, "sae": {}}))
+    main([_config(tmp_path), "--out", str(out), "--no-progress"])
+    _same(_weights(out), _weights(single))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("batch", r"^error: train.batch_size: 16384 rows per step but the data has 8192 rows; use batch_size <= 8192$"),
+    ("cache", r"^error: data.cache: .*/nowhere is not an activation cache \(no manifest.json\); "),
+    ("out", r"^error: cannot write the output folder .*/file/out: \[Errno 20\] Not a directory"),
+    ("config-json", r"^error: .*/config.json is damaged: not valid JSON \(.*\); delete .*/out to start over"),
+])
+def test_expected_failures_are_one_line_and_exit_2(single, tmp_path, capsys, case, message):
+    out, args, text = tmp_path / "out", [], CONFIG
+    if case == "batch":
+        args = ["--set", "train.batch_size=16384"]
+    elif case == "cache":
+        text = CONFIG.replace(CONFIG.split("\n")[2], f'cache = "{tmp_path / "nowhere"}"')
+    elif case == "out":
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "out"
+    else:
+        shutil.copytree(single, out)
+        (out / "config.json").write_text((out / "config.json").read_text()[:40])
+    err = _one_line(_error(capsys, [_config(tmp_path, text), "--out", str(out), "--no-progress", *args]))
+    assert re.match(message, err), err
+
+
+def test_continue_training_with_more_steps(single, tmp_path):
+    """`--set train.steps=20` on a finished 12-step run continues it from step 12 under the 20-step
+    schedule (the history says which rows ran under which); its exact test is in test_faults."""
+    out = tmp_path / "out"
+    shutil.copytree(single, out)
+    main([_config(tmp_path), "--out", str(out), "--no-progress", "--set", "train.steps=20"])
+    history = pd.read_csv(out / "history.csv")
+    assert history.step.max() == 20 and sorted(history.schedule_steps.unique()) == [12, 20]
+    state = json.loads((latest_checkpoint(out) / "state.json").read_text())
+    assert state["schedule"] == [{"from_step": 0, "steps": 12}, {"from_step": 12, "steps": 20}]
+    # Resuming the continued run again trains nothing more and keeps the weights.
+    before = _weights(out)
+    main([_config(tmp_path), "--out", str(out), "--no-progress", "--set", "train.steps=20"])
+    _same(_weights(out), before)
+
+
+def test_two_concurrent_runs_into_one_folder(single, tmp_path):
+    """They crashed one another in prune_checkpoints; now the second waits for the first and finds
+    its result: both exit 0 with the weights of a single run."""
+    out = tmp_path / "out"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    # Each step slowed down (0.2 s), so that the two runs overlap however their start-up times differ.
+    slow = ("import sys, time; import saelib.core.training as T; step = T._train_step; "
+            "T._train_step = lambda *a, **k: time.sleep(0.2) or step(*a, **k); "
+            "from saelib.cli.train import main; main(sys.argv[1:])")
+    cmd = [sys.executable, "-c", slow, _config(tmp_path), "--out", str(out), "--no-progress"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+    assert sum("waiting for process" in r[1] for r in results) == 1
+    _same(_weights(out), _weights(single))
+    columns = lambda h: h.drop(columns="tokens_per_s")  # noqa: E731 (timings differ)
+    assert columns(pd.read_csv(out / "history.csv")).equals(columns(pd.read_csv(single / "history.csv")))
+
+
+def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    """The disk fills while a checkpoint is written: the system's reason, no traceback, exit 2."""
+    import errno
+
+    from saelib.core import storage
+
+    def full(tmp, final):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    monkeypatch.setattr(storage, "commit_dir", full)
+    err = _one_line(_error(capsys, [_config(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"]))
+    assert err.startswith("error: [Errno 28] No space left on device")

@@ -20,10 +20,9 @@ NOTEBOOKS = sorted((book.ROOT / "notebooks").glob("*.ipynb"))
 
 
 def chapter_of(path):
-    source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells)
-    match = re.search(r'from_parameters\("(\w+)"', source)
-    assert match, f"{path.name} does not resolve its parameters with saelib.book.profiles.from_parameters"
-    return match.group(1)
+    chapter = book.chapter_of(path)
+    assert chapter, f"{path.name} does not resolve its parameters with saelib.book.profiles.from_parameters"
+    return chapter
 
 
 def test_every_notebook_is_in_the_table_of_contents():
@@ -82,8 +81,59 @@ def test_profile_none_reads_saelib_profile_else_cpu(monkeypatch):
 
 
 def test_runner_rejects_an_unknown_notebook_parameter():
-    with pytest.raises(ValueError, match=r"has no parameter\(s\) \['stepz'\]; valid: .*'steps'"):
+    with pytest.raises(ValueError, match=r"has no parameter 'stepz' \(did you mean 'steps'\?\); valid: .*'steps'"):
         book.check_parameters(book.ROOT / "notebooks" / "00_synthetic.ipynb", {"profile": "ci", "stepz": 1})
+
+
+@pytest.mark.parametrize("param, message", [
+    ("kk=3", r"^error: 00_synthetic has no parameter 'kk' \(did you mean 'k'\?\); valid: \[.*\]$"),
+    ("k=notanumber", r"^error: knob k='notanumber' of chapter 'synthetic' must be an integer, e\.g\. k=4$"),
+    ("k=2.5", r"^error: knob k=2\.5 of chapter 'synthetic' must be an integer"),
+    ("lr=fast", r"^error: knob lr='fast' of chapter 'synthetic' must be a number"),
+])
+def test_bad_knobs_fail_in_one_line_before_a_kernel_starts(param, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(book, "execute", lambda *a, **k: pytest.fail("a kernel was started"))
+    assert book.main(["--only", "00_synthetic", "-p", param, "--build-dir", str(tmp_path), "--no-html"]) == 2
+    assert re.match(message, capsys.readouterr().err.strip())
+
+
+def test_every_profile_value_has_its_knobs_type():
+    for chapter, table in profiles.CHAPTERS.items():
+        for values in table.values():
+            for name, value in values.items():
+                if value is not None:
+                    profiles.check_type(chapter, name, value)
+
+
+def test_derived_knobs_are_valid_for_small_user_values():
+    """`-p steps=4` failed on checkpoint_every = steps // 8 = 0, a knob the user never set."""
+    from saelib.core.training import TrainConfig
+
+    for cell in nbformat.read(book.ROOT / "notebooks" / "00_synthetic.ipynb", as_version=4).cells:
+        if "train_cfg = TrainConfig(" in cell.source:
+            code = cell.source[cell.source.index("train_cfg = "):].split("\ndata_key")[0]
+            namespace = {"TrainConfig": TrainConfig, "P": profiles.resolve("synthetic", "ci", steps=4)}
+            exec(code, namespace)
+            assert namespace["train_cfg"].checkpoint_every == 1
+            return
+    pytest.fail("00_synthetic builds no TrainConfig")
+
+
+def test_a_failing_chapter_keeps_the_last_good_executed_notebook(tmp_path):
+    params = nbformat.v4.new_code_cell('profile = "cpu"\nfail = False')
+    params.metadata["tags"] = ["parameters"]
+    cells = [params, nbformat.v4.new_code_cell("assert not fail, 'told to fail'\nprint('good run')")]
+    path = tmp_path / "chapter.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
+    out = tmp_path / "out" / "chapter.ipynb"
+    book.execute(path, out, "ci")
+    good = out.read_bytes()
+    with pytest.raises(book.ChapterFailed, match=r"failed in cell 2 .*told to fail[\s\S]*failed/chapter.ipynb; "
+                                                 r"the last good run is still .*out/chapter.ipynb"):
+        book.execute(path, out, "ci", {"fail": True})
+    assert out.read_bytes() == good
+    assert "told to fail" in book.failed_path(out).read_text()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["chapter.ipynb", "failed"]
 
 
 def test_runner_names_the_failing_notebook_and_cell(tmp_path):

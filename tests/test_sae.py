@@ -85,8 +85,8 @@ def test_batch_rules_encode_a_single_token_deterministically_at_inference(rule):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(k=0), "k must be in 1..d_sae=64"),
-    (dict(k=65), "k must be in 1..d_sae=64"),
+    (dict(k=0), "SAEConfig.k = 0 is invalid: must be an integer in 1..d_sae=64"),
+    (dict(k=65), "k = 65 is invalid: must be an integer in 1..d_sae=64"),
     (dict(rule="topK"), "valid rules"),
     (dict(aux="auxk"), "valid: \\['none', 'aux_k', 'aux_zipf'\\]"),
 ])

@@ -131,9 +131,11 @@ def test_a_folder_written_by_saelens_loads_into_saelib(architecture, tmp_path):
 
 
 def test_a_corrupt_export_gives_a_clear_error(trained, tmp_path):
+    from saelib.core.storage import DamagedError
+
     folder = export_saelens(trained[1]["topk"], tmp_path / "sae")
     (folder / "sae_weights.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(DamagedError, match="sae_weights.safetensors is damaged"):
         load_saelens(folder)
 
 

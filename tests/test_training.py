@@ -14,6 +14,7 @@ from saelib.core.checkpoints import CheckpointError, latest_checkpoint, load_sae
 from saelib.core.losses import aux_residual_loss, dead_weights, sae_loss, zipf_shortfall_weights
 from saelib.core.metrics import evaluate, max_cosine
 from saelib.core.sae import SAE, SAEConfig
+from saelib.core.storage import DamagedError
 from saelib.core.synthetic import make_synthetic
 from saelib.core.training import (
     NonFiniteError,
@@ -176,7 +177,7 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
     train_saes(cfgs, x, cfg, out_dir=tmp_path, progress=False, stop_at_step=10)
     weights = latest_checkpoint(tmp_path) / "tk" / "sae.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(DamagedError, match=r"sae.safetensors is damaged: 100 bytes where \d+ were written"):
         train_saes(cfgs, x, cfg, out_dir=tmp_path, progress=False)
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +30,7 @@ import yaml
 
 from saelib.book import profiles
 from saelib.browser.publish import BROWSER_DIR_ENV
-from saelib.core import progress
+from saelib.core import progress, storage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,21 +62,46 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
     return out
 
 
+def chapter_of(path: Path) -> str | None:
+    """The ``saelib.book.profiles`` chapter whose knobs a notebook reads (``from_parameters("NAME", ...)``)."""
+    import nbformat
+
+    source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells)
+    found = re.search(r'from_parameters\("(\w+)"', source)
+    return found.group(1) if found else None
+
+
 def check_parameters(path: Path, params: dict[str, Any]) -> None:
-    """Refuse parameter names the notebook does not declare (papermill would only warn)."""
+    """Refuse, in one line, parameter names the notebook does not declare (papermill would only
+    warn; a did-you-mean for a near miss) and knob values of the wrong type, before a kernel starts."""
     valid = notebook_parameters(path)
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise ValueError(f"{path.stem} has no parameter(s) {unknown}; valid: {sorted(valid)}")
+    for name in sorted(set(params) - set(valid)):
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{path.stem} has no parameter {name!r}{hint}; valid: {sorted(valid)}")
+    chapter = chapter_of(path)
+    if chapter is not None:
+        for name, value in params.items():
+            if name != "profile" and value is not None:
+                profiles.check_type(chapter, name, value)
+
+
+def failed_path(out_path: Path) -> Path:
+    """Where ``execute`` leaves the executed copy of a notebook that failed (outside the folder the
+    HTML is built from, so the last good executed notebook keeps its place)."""
+    return out_path.parent / "failed" / out_path.name
 
 
 def execute(path: Path, out_path: Path, profile: str, params: dict[str, Any] | None = None) -> float:
-    """Run one notebook with papermill; return seconds taken. Raises ChapterFailed on an error."""
+    """Run one notebook with papermill into a temporary file, moved to ``out_path`` when every cell
+    ran; return seconds taken. On an error the last good ``out_path`` stays, the failed run goes to
+    ``failed_path(out_path)``, and ChapterFailed names the cell."""
     import papermill
 
     params = {"profile": profile, **(params or {})}
     check_parameters(path, params)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.stem}.tmp{os.getpid()}.ipynb")
     # The kernel inherits this environment. No progress bar may end up in the saved outputs or the
     # rendered pages: saelib's bars honour SAELIB_PROGRESS=0 (saelib.core.progress), other libraries'
     # (transformers' GGUF loading, the hub) TQDM_DISABLE and HF_HUB_DISABLE_PROGRESS_BARS; the
@@ -88,20 +115,29 @@ def execute(path: Path, out_path: Path, profile: str, params: dict[str, Any] | N
     os.environ.update(kernel_env)
     t0 = time.perf_counter()
     try:
-        papermill.execute_notebook(str(path), str(out_path), parameters=params, kernel_name="python3",
+        papermill.execute_notebook(str(path), str(tmp), parameters=params, kernel_name="python3",
                                    language="python", cwd=str(path.parent),
                                    progress_bar=sys.stderr.isatty())
     except papermill.PapermillExecutionError as e:
+        failed = failed_path(out_path)
+        failed.parent.mkdir(exist_ok=True)
+        os.replace(tmp, failed)
+        kept = f"; the last good run is still {out_path}" if out_path.exists() else ""
         raise ChapterFailed(f"{path.name} failed in cell {e.cell_index} (execution count {e.exec_count}): "
-                            f"{e.ename}: {e.evalue}\nthe executed notebook with the traceback: {out_path}"
+                            f"{e.ename}: {e.evalue}\nthe executed notebook with the traceback: {failed}{kept}"
                             ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    hide_injected_parameters(out_path)
+    hide_injected_parameters(tmp)
+    os.replace(tmp, out_path)
+    failed_path(out_path).unlink(missing_ok=True)  # this chapter runs again
     return time.perf_counter() - t0
 
 
@@ -165,24 +201,26 @@ def export_figures(executed: Path, out: Path) -> list[Path]:
 
     import nbformat
 
-    out.mkdir(parents=True, exist_ok=True)
+    tmp = storage.atomic_dir(out)  # the folder is replaced whole: never a mix of two builds' figures
     written = []
     for nb_path in sorted(executed.glob("*.ipynb")):
         nb = nbformat.read(nb_path, as_version=4)
         pngs = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code"
                 for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
         for i, png in enumerate(pngs, 1):
-            path = out / f"{nb_path.stem}-fig{i:02d}.png"
-            path.write_bytes(base64.b64decode(png))
-            written.append(path)
+            name = f"{nb_path.stem}-fig{i:02d}.png"
+            (tmp / name).write_bytes(base64.b64decode(png))
+            written.append(out / name)
+    storage.commit_dir(tmp, out)
     return written
 
 
 def record_timing(build_dir: Path, profile: str, chapter: str, seconds: float) -> None:
     path = build_dir / "timings.json"
-    timings = json.loads(path.read_text()) if path.exists() else {}
-    timings.setdefault(profile, {})[chapter] = round(seconds, 1)
-    path.write_text(json.dumps(timings, indent=1, sort_keys=True))
+    with storage.locked(path):  # builds sharing a build folder add their times, none is lost
+        timings = json.loads(path.read_text()) if path.exists() else {}
+        timings.setdefault(profile, {})[chapter] = round(seconds, 1)
+        storage.atomic_text(json.dumps(timings, indent=1, sort_keys=True), path)
 
 
 def _parse_param(text: str) -> tuple[str, Any]:
@@ -231,8 +269,20 @@ def main(argv: list[str] | None = None) -> int:
     params = dict(a.param)
     if a.profile != "gpu":  # the offline profiles must never wait on a hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for nb in notebooks:  # fail before running anything
-        check_parameters(nb, {"profile": a.profile, **params})
+    try:
+        for nb in notebooks:  # fail before running anything
+            check_parameters(nb, {"profile": a.profile, **params})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _build_book(a, notebooks, params)
+    except OSError as e:  # an unwritable --build-dir, a full disk: the system's one-line reason
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _build_book(a: argparse.Namespace, notebooks: list[Path], params: dict[str, Any]) -> int:
     executed = a.build_dir / "executed" / a.profile
     total = 0.0
     for i, nb in enumerate(notebooks, 1):

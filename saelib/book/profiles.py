@@ -291,9 +291,25 @@ def resolve(chapter: str, profile: str | None = None, **overrides: Any) -> Param
             raise ValueError(f"unknown parameter {name!r} for chapter {chapter!r}{hint}; "
                              f"valid: ['profile'] + {sorted(params)}")
         if value is not None:
+            check_type(chapter, name, value)
             params[name] = value
     params["profile"] = profile
     return params
+
+
+def check_type(chapter: str, name: str, value: Any) -> None:
+    """Refuse a knob value of another type than the chapter's profiles give it (an int where a
+    float is expected is fine; a tuple and a list are one sequence), before any cell runs on it."""
+    seen = [table[name] for table in _chapter(chapter).values() if table[name] is not None]
+    def kind(v: Any) -> type:
+        return tuple if isinstance(v, list) else type(v)
+    wanted = {kind(v) for v in seen}
+    if seen and kind(value) not in wanted and not (kind(value) is int and float in wanted):
+        label = {int: "an integer", float: "a number", tuple: "a sequence", str: "a string", bool: "True or False",
+                 dict: "a dict"}
+        names = sorted(label.get(t, t.__name__) for t in wanted)
+        raise ValueError(f"knob {name}={value!r} of chapter {chapter!r} must be {' or '.join(names)}, "
+                         f"e.g. {name}={seen[0]!r}")
 
 
 def from_parameters(chapter: str, namespace: Mapping[str, Any]) -> Params:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from saelib.core.checkpoints import CheckpointError
+from saelib.core.storage import DamagedError, read_json
 
 EXAMPLE = "e.g. --model smollm2-135m --hook blocks.15.hook_resid_post"
 
@@ -56,7 +57,7 @@ def resolve(a: argparse.Namespace) -> dict:
         if not path.exists():
             raise BrowseError(f"{cache} is not an activation cache (no manifest.json); drop --cache to harvest "
                               "activations from --corpus instead")
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path, f"delete {cache} and harvest it again")
     found = {"model": a.model or data.get("model") or manifest.get("model"),
              "hook": a.hook or data.get("hook") or manifest.get("hook"),
              "corpus": a.corpus or data.get("corpus") or "mixed", "cache": cache}
@@ -99,7 +100,11 @@ def build(a: argparse.Namespace) -> Path:
     else:
         spec = CacheSpec(model=str(where["model"]), hook=where["hook"], corpus=where["corpus"], n_tokens=a.tokens,
                          context_size=min(a.context_size, model.cfg.n_ctx), split=a.split)
-        table = get_or_build_cache(spec, model=model, progress=not a.no_progress)
+        try:
+            table = get_or_build_cache(spec, model=model, progress=not a.no_progress)
+        except (ValueError, OSError, MemoryError) as e:  # more text than the corpus has, or than the disk holds
+            raise BrowseError(f"cannot harvest {a.tokens:,} tokens of {where['corpus']!r}: {e}; pass a smaller "
+                              "--tokens") from None
     widths = {name: sae.cfg.d_in for name, sae in saes.items() if sae.cfg.d_in != table.d_in}
     if widths:
         raise BrowseError(f"{where['hook']} has width {table.d_in} but the SAEs {widths} read another width: "
@@ -136,6 +141,6 @@ def main(argv: list[str] | None = None) -> None:
         parser().error("--tokens must be positive")
     try:
         build(a)
-    except (BrowseError, CheckpointError) as e:
+    except (BrowseError, CheckpointError, DamagedError, OSError) as e:  # OSError: an --out it cannot write
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -14,7 +14,7 @@ import torch
 from saelib.browser.gather import FeatureData
 from saelib.browser.pages import write_browser
 from saelib.core.sae import SAE
-from saelib.core.storage import artifact_dir
+from saelib.core.storage import artifact_dir, atomic_dir, commit_dir, locked, read_json, verify
 
 __all__ = ["BROWSER_DIR_ENV", "book_browser"]
 
@@ -32,14 +32,20 @@ def book_browser(chapter: str, saes: Mapping[str, SAE], model, table, key: Mappi
     notebook can display one feature inline on a rerun without gathering again)."""
     cached = artifact_dir("browsers", {"chapter": chapter, **key, "kwargs": kwargs, "saes": sorted(saes),
                                        "show": show})
-    if not (cached / "summary.json").exists():
-        summary = write_browser(saes, model, table, cached / "site", **kwargs)
-        if show is not None:
-            torch.save(summary.features[show], cached / "shown.pt")
-        (cached / "summary.json").write_text(json.dumps(
-            {"bytes": summary.bytes, "seconds": summary.seconds, "n_tokens": summary.n_tokens}))
+    with locked(cached):  # two builds on one cache: the second waits, then reads the first's browser
+        if not (cached / "summary.json").exists():
+            tmp = atomic_dir(cached)  # site, shown.pt and summary.json appear together, checksummed
+            summary = write_browser(saes, model, table, tmp / "site", **kwargs)
+            if show is not None:
+                torch.save(summary.features[show], tmp / "shown.pt")
+            (tmp / "summary.json").write_text(json.dumps(
+                {"bytes": summary.bytes, "seconds": summary.seconds, "n_tokens": summary.n_tokens}))
+            commit_dir(tmp, cached)
+    advice = f"delete {cached} and rerun the chapter to write it again"
+    verify(cached, advice)
     published = Path(os.environ.get(BROWSER_DIR_ENV, "_browser")) / chapter
-    shutil.rmtree(published, ignore_errors=True)
-    shutil.copytree(cached / "site", published)
+    staged = atomic_dir(published)
+    shutil.copytree(cached / "site", staged, dirs_exist_ok=True)
+    commit_dir(staged, published)
     shown = torch.load(cached / "shown.pt", weights_only=False) if (cached / "shown.pt").exists() else None
-    return published / "index.html", json.loads((cached / "summary.json").read_text()), shown
+    return published / "index.html", read_json(cached / "summary.json", advice), shown

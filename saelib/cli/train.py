@@ -35,9 +35,10 @@ from typing import Any, Callable
 import torch
 
 from saelib.core import distributed
-from saelib.core.checkpoints import CheckpointError, check_same_config
+from saelib.core.checkpoints import CheckpointError, check_same_config, latest_checkpoint
 from saelib.core.fields import ConfigError, build, check_table, field_docs, fields_of, type_name
 from saelib.core.sae import SAEConfig
+from saelib.core.storage import DamagedError, atomic_json, atomic_text, read_json
 from saelib.core.training import TrainConfig, train_config_dict
 
 
@@ -149,10 +150,17 @@ def _data_width(data: dict) -> int | None:
     if "synthetic" in data:
         return data["synthetic"]["d"]
     if "cache" in data:
-        from saelib.subjects.activations import open_cache
-
-        return open_cache(data["cache"]).d_in
+        return _open_cache(data["cache"]).d_in
     return None
+
+
+def _open_cache(path: str) -> Any:
+    from saelib.subjects.activations import open_cache
+
+    try:
+        return open_cache(path)
+    except FileNotFoundError as e:  # a damaged cache raises DamagedError, with its own remedy
+        raise ConfigError(f"data.cache: {e}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -194,10 +202,10 @@ def load_data(data: dict, progress: bool = True) -> Any:
     """The activation table the [data] section describes (a cache is harvested by rank 0 first)."""
     if "synthetic" in data:
         return _make_synthetic()(**data["synthetic"]).activations
-    from saelib.subjects.activations import get_or_build_cache, open_cache
+    from saelib.subjects.activations import get_or_build_cache
 
     if "cache" in data:
-        return open_cache(data["cache"])
+        return _open_cache(data["cache"])
     spec = _cache_spec_class()(**{k: v for k, v in data.items() if k not in fields_of(DataConfig)})
     # Rank 0 harvests; the other ranks wait at the barrier, then open what it built.
     if distributed.rank() > 0:
@@ -239,13 +247,19 @@ def help_config() -> str:
 
 
 def _check_out_dir(out: Path, cfg: dict) -> None:
+    """Refuse to resume a run in ``out`` made with another config. Only a folder with checkpoints is
+    compared: a config.json alone is what a start that failed before its first checkpoint left, and
+    the new run replaces it. A larger train.steps continues the run (``train_saes``)."""
     saved = out / "config.json"
-    if saved.exists():
-        old = json.loads(saved.read_text())
-        # export may change between runs: it only affects what is written after training.
-        check_same_config({k: cfg[k] for k in ("data", "train", "sae")},
-                          {k: old.get(k) for k in ("data", "train", "sae")},
-                          what=f"the run in {out} (see {saved})")
+    if not saved.exists() or latest_checkpoint(out) is None:
+        return
+    old = read_json(saved, f"delete {out} to start over")
+    # export may change between runs: it only affects what is written after training.
+    wanted = {k: cfg[k] for k in ("data", "train", "sae")}
+    found = {k: old.get(k) for k in ("data", "train", "sae")}
+    if isinstance(found["train"], dict) and "steps" in found["train"]:
+        found["train"] = {**found["train"], "steps": wanted["train"]["steps"]}  # checked by train_saes
+    check_same_config(wanted, found, what=f"the run in {out} (see {saved})")
 
 
 def run(cfg: RunConfig, out: Path, progress: bool = True) -> Any:
@@ -260,17 +274,21 @@ def run(cfg: RunConfig, out: Path, progress: bool = True) -> Any:
         if sae["d_in"] is None:
             sae["d_in"] = width
     saes = {name: build(SAEConfig, kw, f"sae.{name}") for name, kw in cfg.saes.items()}
+    if cfg.train.batch_size > len(data):
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} rows per step but the data has {len(data)} "
+                          f"rows; use batch_size <= {len(data)}")
     resolved = cfg.to_dict()
     _check_out_dir(out, resolved)
     distributed.barrier()  # every rank has read the old config.json before rank 0 replaces it
     if rank0:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".config.json.tmp"
-        tmp.write_text(json.dumps(resolved, indent=2))
-        tmp.replace(out / "config.json")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_json(resolved, out / "config.json")
+        except OSError as e:
+            raise ConfigError(f"cannot write the output folder {out}: {e}") from None
     result = train_saes(saes, data, cfg.train, out_dir=out, progress=progress)
     if rank0:
-        result.history.to_json(out / "history.jsonl", orient="records", lines=True)
+        atomic_text(result.history.to_json(orient="records", lines=True), out / "history.jsonl")
         if cfg.export.saelens:
             metadata = run_metadata(cfg.data)
             metadata.update({k: v for k, v in (("model_name", cfg.export.model_name),
@@ -308,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(cfg.to_dict(), indent=2))
             return
         run(cfg, Path(a.out) if a.out else Path("runs") / Path(a.config).stem, progress=not a.no_progress)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, DamagedError, OSError) as e:  # OSError: a full disk, say
         if distributed.rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

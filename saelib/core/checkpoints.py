@@ -4,7 +4,9 @@ A saved SAE is a folder with ``config.json`` (the SAEConfig) and ``sae.safetenso
 running statistics). A training checkpoint is a folder ``step_NNNNNNNN`` holding one SAE folder per
 trained SAE, its Adam state, and ``state.json`` (step, configs, metric history). Every folder is
 written under a temporary name and renamed into place, so a run killed at any moment leaves either
-the previous complete checkpoint or the new one, never a half-written one.
+the previous complete checkpoint or the new one, never a half-written one. Each committed folder
+carries the checksums of its files (``saelib.core.storage.verify``), checked when it is loaded, so
+a damaged file raises ``DamagedError`` instead of being trained on or evaluated.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saelib.core.sae import SAE, SAEConfig
-from saelib.core.storage import atomic_dir, commit_dir
+from saelib.core.storage import DamagedError, atomic_dir, commit_dir, read_json, verify
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is corrupt, incomplete, or was made with a different configuration."""
+    """A checkpoint was made with a different configuration (damaged files raise ``DamagedError``)."""
+
+
+def _advice(folder: Path) -> str:
+    return f"delete {folder} and rerun what wrote it (a training run rewrites its SAEs from its last checkpoint)"
 
 
 def write_sae(sae: SAE, folder: Path) -> None:
@@ -42,30 +48,36 @@ def save_sae(sae: SAE, folder: str | Path) -> Path:
     return folder
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, advice: str | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing or unreadable file raises ``DamagedError`` with ``advice``."""
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is missing, corrupt or truncated ({e}); delete it to start "
-                              "over, or point to an earlier checkpoint") from e
+        raise DamagedError(f"{path} is damaged: missing, corrupt or truncated ({e}); "
+                           f"{advice or _advice(path.parent)}") from e
 
 
-def load_sae(folder: str | Path, expected: SAEConfig | None = None) -> SAE:
-    """Load a saved SAE; if ``expected`` is given, refuse a checkpoint with a different config."""
+def load_sae(folder: str | Path, expected: SAEConfig | None = None, advice: str | None = None) -> SAE:
+    """Load a saved SAE, verifying its files' checksums; if ``expected`` is given, refuse a checkpoint
+    with a different config. A damaged folder raises ``DamagedError`` ending with ``advice``."""
     folder = Path(folder)
+    advice = advice or _advice(folder)
+    verify(folder, advice)
     try:
-        cfg = SAEConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    except (OSError, json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"cannot read {folder / 'config.json'}: {e}") from e
+        cfg = SAEConfig.from_dict(read_json(folder / "config.json", advice))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, DamagedError):
+            raise
+        raise DamagedError(f"{folder / 'config.json'} is damaged: not an SAE config ({e}); {advice}") from None
     if expected is not None:
         check_same_config(expected.to_dict(), cfg.to_dict(), what=f"SAE in {folder}")
     sae = SAE(cfg)
-    tensors = read_tensors(folder / "sae.safetensors")
+    tensors = read_tensors(folder / "sae.safetensors", advice)
     own = sae.state_dict()
     bad = [k for k in own if k not in tensors or tensors[k].shape != own[k].shape]
     if bad or set(tensors) - set(own):
-        raise CheckpointError(f"{folder / 'sae.safetensors'} does not match its config.json "
-                              f"(missing or misshapen: {bad}, unexpected: {sorted(set(tensors) - set(own))})")
+        raise DamagedError(f"{folder / 'sae.safetensors'} is damaged: it does not match its config.json "
+                           f"(missing or misshapen: {bad}, unexpected: {sorted(set(tensors) - set(own))}); {advice}")
     sae.load_state_dict(tensors)
     return sae
 
@@ -107,12 +119,16 @@ def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     save_file(tensors, str(path), metadata={"param_groups": json.dumps(sd["param_groups"])})
 
 
-def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+def load_optimizer(opt: torch.optim.Optimizer, path: Path, advice: str | None = None) -> None:
     from safetensors import safe_open
 
-    tensors = read_tensors(path)
-    with safe_open(str(path), "pt") as f:
-        groups = json.loads(f.metadata()["param_groups"])
+    tensors = read_tensors(path, advice)
+    try:
+        with safe_open(str(path), "pt") as f:
+            groups = json.loads(f.metadata()["param_groups"])
+    except (SafetensorError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise DamagedError(f"{path} is damaged: no readable param_groups ({e}); "
+                           f"{advice or _advice(path.parent)}") from None
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         idx, key = name.split(".", 1)
@@ -135,6 +151,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (the caller holds the run folder's lock)."""
     steps = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if p.is_dir())
     for old in steps[:-keep]:
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)

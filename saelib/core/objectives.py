@@ -42,6 +42,7 @@ from saelib.core import distributed
 from saelib.core.hooks import later_residual_streams, parse_hook
 from saelib.core.losses import LossTerms, sae_loss
 from saelib.core.sae import PRECISIONS, SAE, SAEOutput
+from saelib.core.validate import check, real
 
 __all__ = ["Objective", "Reconstruction", "Local", "E2E", "token_rows"]
 
@@ -120,8 +121,9 @@ class E2E:
         if self.start >= n_layers:
             raise ValueError(f"{hook!r} is after the model's last block ({n_layers} blocks): no later "
                              "layers to run, so e2e equals local there; pick an earlier hook")
-        if kl_coeff < 0 or ds_coeff < 0:
-            raise ValueError(f"kl_coeff and ds_coeff must be >= 0, got {kl_coeff}, {ds_coeff}")
+        self.kl_coeff, self.ds_coeff = kl_coeff, ds_coeff
+        check(self, "kl_coeff", real(0), "must be a finite number >= 0")
+        check(self, "ds_coeff", real(0), "must be a finite number >= 0")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}")
         self.later = later_residual_streams(model, hook)
@@ -133,7 +135,7 @@ class E2E:
                              f"SAE's {hook!r}; valid: {self.later}")
         for p in model.parameters():
             p.requires_grad_(False)  # frozen: the model never receives a gradient
-        self.model, self.hook, self.kl_coeff, self.ds_coeff = model, hook, kl_coeff, ds_coeff
+        self.model, self.hook = model, hook
         self.ds_hooks = ds_hooks if ds_coeff > 0 else []
         self.precision = precision
         self.d_model = model.cfg.d_model

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from saelib.core import distributed, seeding
 from saelib.core.allocation import AllocationContext, get_rule, threshold_select
+from saelib.core.validate import check, integer, real
 
 # Above this fraction of kept entries the dense kernels are faster than the sparse ones
 # (a ReLU SAE early in training keeps about half of all entries).
@@ -78,18 +79,20 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         rule = get_rule(self.rule)
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if not rule.l1_penalty and not 0 < self.k <= self.d_sae:
-            raise ValueError(f"k must be in 1..d_sae={self.d_sae}, got k={self.k}")
-        if self.aux not in AUX_LOSSES:
-            raise ValueError(f"unknown aux loss {self.aux!r}; valid: {list(AUX_LOSSES)}")
-        if self.l1_coeff < 0 or self.aux_coeff < 0:
-            raise ValueError("l1_coeff and aux_coeff must be >= 0")
-        if self.k_aux <= 0:
-            raise ValueError(f"k_aux must be positive, got {self.k_aux}")
-        if self.encoder_dtype not in PRECISIONS:
-            raise ValueError(f"unknown encoder_dtype {self.encoder_dtype!r}; valid: {list(PRECISIONS)}")
+        check(self, "d_in", integer(1), "must be an integer >= 1")
+        check(self, "d_sae", integer(1), "must be an integer >= 1")
+        if not rule.l1_penalty:
+            check(self, "k", integer(1, self.d_sae), f"must be an integer in 1..d_sae={self.d_sae}")
+        check(self, "aux", lambda v: v in AUX_LOSSES, f"unknown aux loss; valid: {list(AUX_LOSSES)}")
+        check(self, "l1_coeff", real(0), "must be a finite number >= 0")
+        check(self, "aux_coeff", real(0), "must be a finite number >= 0")
+        check(self, "k_aux", integer(1), "must be an integer >= 1")
+        check(self, "dead_after_tokens", integer(1), "must be an integer >= 1")
+        check(self, "zipf_exponent", real(0), "must be a finite number >= 0")
+        check(self, "stats_decay", real(0, 1, high_open=True), "must be a number in [0, 1)")
+        check(self, "normalize_input", lambda v: isinstance(v, bool), "must be true or false")
+        check(self, "seed", integer(0), "must be an integer >= 0")
+        check(self, "encoder_dtype", lambda v: v in PRECISIONS, f"unknown encoder_dtype; valid: {list(PRECISIONS)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -29,7 +29,7 @@ from torch import Tensor
 from saelib.core.allocation import get_rule
 from saelib.core.checkpoints import CheckpointError, read_tensors
 from saelib.core.sae import SAE, SAEConfig
-from saelib.core.storage import atomic_dir, commit_dir
+from saelib.core.storage import atomic_dir, commit_dir, read_json, verify
 
 SAELENS_METADATA_KEYS = (
     "model_name", "model_class_name", "hook_name", "hook_head_index", "hook_name_out", "hook_head_index_out",
@@ -151,10 +151,7 @@ def _read_cfg(folder: Path) -> dict:
         what = "a saelib SAE (config.json); load it with load_sae" if (folder / "config.json").exists() else \
             "an SAE folder"
         raise CheckpointError(f"{folder} is not an SAELens SAE folder (no cfg.json): it is {what}")
-    try:
-        cfg = json.loads((folder / "cfg.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {folder / 'cfg.json'}: {e}") from e
+    cfg = read_json(folder / "cfg.json", f"delete {folder} and export it again")
     missing = [k for k in ("d_in", "d_sae") if k not in cfg] if isinstance(cfg, dict) else ["d_in", "d_sae"]
     if missing:
         raise CheckpointError(f"{folder / 'cfg.json'} is not an SAELens config: it lacks {', '.join(missing)}")
@@ -165,8 +162,10 @@ def read_saelens(folder: str | Path) -> SAELensFolder:
     """Read an SAELens-layout folder: one written by ``export_saelens`` (the exact saelib SAE comes
     back) or by SAELens itself (standard, topk and jumprelu SAEs without input normalisation)."""
     folder = Path(folder)
+    advice = f"delete {folder} and export it again"
     saelens_cfg = _read_cfg(folder)
-    w = read_tensors(folder / "sae_weights.safetensors")
+    verify(folder, advice)  # folders exported by saelib carry checksums; others have none to check
+    w = read_tensors(folder / "sae_weights.safetensors", advice)
     metadata = dict(saelens_cfg.get("metadata") or {})
     ours = metadata.pop("saelib", None)
     architecture = saelens_cfg.get("architecture", "standard")

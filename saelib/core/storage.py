@@ -4,17 +4,27 @@ Every artefact (activation caches, subject models, trained SAEs, tables, browser
 ``cache_root()`` in a folder named by a *content key*: a hash of everything that determines it, so
 a rerun finds the finished result and a changed knob gets a folder of its own. Every write is
 atomic: a file or folder is written under a temporary name unique to the process and renamed into
-place, so a run killed at any moment leaves the previous complete version or the new one.
+place, so a run killed at any moment leaves the previous complete version or the new one. Files are
+fsynced before the rename, so a power cut cannot publish a name whose data never reached the disk.
+
+Every committed folder carries ``checksums.json`` (the sha256 of each file in it, subfolders
+included), written by ``commit_dir``; ``verify`` checks it when the folder is loaded and raises
+``DamagedError`` naming the damaged file and what to do. ``locked`` serialises the writers of one
+folder across processes (fcntl), so two runs into one place wait for each other instead of racing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -22,7 +32,19 @@ from torch import Tensor
 from saelib.core import seeding
 
 __all__ = ["cache_root", "content_key", "tensor_digest", "artifact_dir", "atomic_dir", "commit_dir",
-           "atomic_save", "atomic_json", "atomic_text"]
+           "atomic_save", "atomic_json", "atomic_text", "DamagedError", "write_checksums", "verify", "read_json",
+           "locked", "CHECKSUMS"]
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+CHECKSUMS = "checksums.json"
+"""The per-folder list of file digests (activation caches already use ``manifest.json`` for their spec)."""
+_STAMP = ".verified"
+"""Beside checksums.json: the size and mtime of each file when it last verified, so large memmaps are
+hashed once rather than at every load. Any write to a file changes its mtime and voids the stamp."""
+
+
+class DamagedError(ValueError):
+    """A file of a saved artefact is missing, truncated or altered since it was written."""
 
 
 def cache_root() -> Path:
@@ -56,6 +78,15 @@ def artifact_dir(kind: str, key: Any) -> Path:
     return cache_root() / kind / content_key({**key, "random_streams": seeding.VERSION})
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    renameat2 = getattr(_LIBC, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp{os.getpid()}")
 
@@ -69,21 +100,40 @@ def atomic_dir(final: Path) -> Path:
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
-    """Move a folder written by ``atomic_dir`` into place (replacing an older ``final``)."""
+    """Record the checksums of a folder written by ``atomic_dir`` and move it into place (replacing an
+    older ``final``)."""
+    write_checksums(tmp)
     if final.exists():
-        old = final.with_name(f".{final.name}.old{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
+        if _exchange(tmp, final):  # one atomic step: there is always a complete ``final``
+            shutil.rmtree(tmp)
+        else:  # no renameat2 (not Linux, or a filesystem without it): a moment without ``final``
+            old = final.with_name(f".{final.name}.old{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
     else:
         os.replace(tmp, final)
 
 
-def _atomic_file(path: Path, write) -> None:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_file(path: Path, write: Callable[[Path], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -99,3 +149,121 @@ def atomic_json(obj: Any, path: Path) -> None:
 def atomic_text(text: str, path: Path) -> None:
     """Write ``text`` to ``path`` atomically."""
     _atomic_file(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (CHECKSUMS, _STAMP))
+
+
+def write_checksums(folder: Path) -> None:
+    """Write ``folder/checksums.json``: {relative path: [size, sha256]} of every file under it, each
+    fsynced first (what is recorded is what is on the disk). ``commit_dir`` calls it."""
+    folder = Path(folder)
+    sums = {}
+    for f in _files(folder):
+        _fsync(f)
+        sums[f.relative_to(folder).as_posix()] = [f.stat().st_size, _sha256(f)]
+    (folder / _STAMP).unlink(missing_ok=True)
+    atomic_json(sums, folder / CHECKSUMS)
+
+
+def _stat_stamp(folder: Path, names: list[str]) -> dict[str, list[int]]:
+    return {n: [(folder / n).stat().st_size, (folder / n).stat().st_mtime_ns] for n in names}
+
+
+def verify(folder: Path, advice: str | None = None, stamp: bool = False) -> None:
+    """Check every file of ``folder`` against its ``checksums.json``; raise ``DamagedError`` naming
+    the first missing, resized or altered file and ``advice`` (default: delete the folder and rerun).
+
+    With ``stamp`` (for large caches), a folder that verified is stamped with its files' sizes and
+    mtimes and not hashed again until one of them changes. Folders written before checksums existed
+    (no checksums.json) are accepted as they are: there is nothing to check them against."""
+    folder = Path(folder)
+    advice = advice or f"delete {folder} and rerun to rebuild it"
+    sums_path = folder / CHECKSUMS
+    if not sums_path.exists():
+        return
+    sums = read_json(sums_path, advice)
+    stamp_path = folder / _STAMP
+    if stamp and stamp_path.exists():
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(stamp_path.read_text()) == _stat_stamp(folder, sorted(sums)):
+                return
+    for name, (size, digest) in sorted(sums.items()):
+        path = folder / name
+        if not path.is_file():
+            raise DamagedError(f"{path} is damaged: the file is missing; {advice}")
+        if path.stat().st_size != size:
+            raise DamagedError(f"{path} is damaged: {path.stat().st_size} bytes where {size} were written "
+                               f"(truncated or overwritten); {advice}")
+        if _sha256(path) != digest:
+            raise DamagedError(f"{path} is damaged: its contents differ from what was written (checksum "
+                               f"mismatch); {advice}")
+    if stamp:
+        with contextlib.suppress(OSError):  # a read-only cache is still verified, just not stamped
+            atomic_json(_stat_stamp(folder, sorted(sums)), stamp_path)
+
+
+def read_json(path: Path, advice: str) -> Any:
+    """``json.loads`` of a file, a missing, truncated or invalid one raising ``DamagedError`` with ``advice``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DamagedError(f"{path} is damaged: the file is missing; {advice}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedError(f"{path} is damaged: not valid JSON ({e}); {advice}") from None
+
+
+@contextlib.contextmanager
+def locked(folder: Path, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (a ``.NAME.lock`` file beside it) while writing it.
+
+    A second process asking for the same lock prints which process holds it and waits
+    (``wait=True``) or raises ``BlockingIOError``. The lock file lives beside the folder so the
+    folder itself can be replaced while locked; the kernel releases the lock when its holder exits,
+    killed or not, and the holder removes the file when done (a waiter that finds its file removed
+    or replaced tries again, so two processes never both hold the lock)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = folder.with_name(f".{folder.name}.lock")
+    told = False
+    while True:
+        f = open(lock, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            if not wait:
+                f.close()
+                raise BlockingIOError(f"{folder} is being written by process {holder}; wait for it to finish "
+                                      "or write elsewhere") from None
+            if not told:
+                print(f"waiting for process {holder}, which is writing {folder}", file=sys.stderr, flush=True)
+                told = True
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            current = os.stat(lock).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()  # the holder removed this file as we waited on it: lock the new one
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        f.close()  # releases the flock

@@ -19,6 +19,7 @@ SAEs of one run may have different objectives; they see the same batches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -38,6 +39,7 @@ from saelib.core.losses import dead_weights, zipf_shortfall_weights
 from saelib.core.objectives import Objective, Reconstruction, token_rows
 from saelib.core.progress import bar as progress_bar
 from saelib.core.sae import SAE, SAEConfig
+from saelib.core.validate import check, integer, real
 
 
 class ActivationTable(Protocol):
@@ -87,9 +89,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)  # JSON round-trips tuples as lists
         self.snapshot_steps = tuple(sorted({int(s) for s in self.snapshot_steps}))
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "init_tokens", "log_every", "checkpoint_every", "keep_checkpoints"):
+            check(self, name, integer(1), "must be an integer >= 1")
+        check(self, "lr", real(0, low_open=True), "must be a finite number > 0")
+        check(self, "warmup_steps", integer(0), "must be an integer >= 0")
+        check(self, "decay_start", real(0, 1), "must be a fraction of training in [0, 1]")
+        check(self, "min_lr_frac", real(0, 1), "must be a fraction of lr in [0, 1]")
+        check(self, "grad_clip", real(0), "must be a finite number >= 0 (0 disables clipping)")
+        check(self, "adam_betas", lambda b: len(b) == 2 and all(real(0, 1, high_open=True)(x) for x in b),
+              "must be two numbers in [0, 1)")
+        check(self, "seed", integer(0), "must be an integer >= 0")
         bad = [s for s in self.snapshot_steps if not 0 < s <= self.steps]
         if bad:
             raise ValueError(f"TrainConfig.snapshot_steps {bad} are outside 1..steps={self.steps}")
@@ -178,7 +187,24 @@ def train_saes(
     calling again with the same arguments resumes from the newest checkpoint (a checkpoint made with
     other configs is refused). ``stop_at_step`` ends the call early after checkpointing that step,
     as a kill would (used to test resume). ``device`` is where the SAEs train; batches are read on
-    the CPU and moved there."""
+    the CPU and moved there.
+
+    ``cfg.steps`` larger than a finished (or interrupted) run's continues it from its newest
+    checkpoint under the new schedule (``TrainConfig.lr_at`` of the new ``steps``) when nothing else
+    changed; the history's ``schedule_steps`` column and state.json's ``schedule`` say which steps
+    ran under which.
+
+    While it runs, rank 0 holds ``storage.locked(out_dir)``: a second run into the same folder
+    waits for the first, then resumes from (or finds) its result instead of training again."""
+    if out_dir is None:
+        return _train(saes, data, cfg, None, progress, stop_at_step, device, init_from, objectives)
+    out_dir = Path(out_dir)
+    with storage.locked(out_dir) if distributed.rank() == 0 else contextlib.nullcontext():
+        distributed.barrier()  # the other ranks read checkpoints only once rank 0 holds the lock
+        return _train(saes, data, cfg, out_dir, progress, stop_at_step, device, init_from, objectives)
+
+
+def _train(saes, data, cfg, out_dir, progress, stop_at_step, device, init_from, objectives) -> TrainResult:
     if not saes:
         raise ValueError("train_saes needs at least one SAE config")
     rank, world = distributed.rank(), distributed.world_size()
@@ -190,9 +216,15 @@ def train_saes(
         if sae_cfg.d_in != d_in:
             raise ValueError(f"SAE {name!r} has d_in={sae_cfg.d_in} but the activations have width {d_in}")
     objectives = _objectives_for(saes, objectives)
+    harvested_at = getattr(data, "hook", None)  # a WindowTable records where its windows come from
+    for name, objective in objectives.items():
+        spliced_at = getattr(objective, "hook", None)
+        if harvested_at is not None and spliced_at is not None and spliced_at != harvested_at:
+            raise ValueError(f"SAE {name!r}'s objective splices into {spliced_at!r} but its windows were "
+                             f"harvested at {harvested_at!r}: use the cache of {spliced_at!r}")
     tokens_per_row = getattr(data, "tokens_per_row", 1)
-    out_dir = Path(out_dir) if out_dir is not None else None
-    models, optims, history, start = _start_or_resume(saes, data, cfg, out_dir, device, init_from, objectives)
+    models, optims, history, start, schedule = _start_or_resume(saes, data, cfg, out_dir, device, init_from,
+                                                                objectives)
 
     last_step = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
     last_good = ckpt.latest_checkpoint(out_dir) if out_dir else None
@@ -213,7 +245,7 @@ def train_saes(
             seconds[name] += time.perf_counter() - t0
             if record:
                 row.update(step=step + 1, tokens=(step + 1) * cfg.batch_size * tokens_per_row, sae=name, lr=lr,
-                           tokens_per_s=tokens_timed / max(seconds[name], 1e-9))
+                           tokens_per_s=tokens_timed / max(seconds[name], 1e-9), schedule_steps=cfg.steps)
                 history.append(row)
         if record:
             bar.set_postfix_str(_postfix(history[-len(models):]), refresh=False)  # tqdm's own rate limit
@@ -224,7 +256,8 @@ def train_saes(
                 ckpt.save_sae(sae, out_dir / "snapshots" / f"step_{step + 1:08d}" / name)
         if out_dir and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.steps, last_step)):
             if rank == 0:
-                _write_checkpoint(out_dir, step + 1, models, optims, saes, cfg, history, init_from, objectives)
+                _write_checkpoint(out_dir, step + 1, models, optims, saes, cfg, history, init_from, objectives,
+                                  schedule)
             last_good = out_dir / "checkpoints" / f"step_{step + 1:08d}"
     bar.close()
     if out_dir and last_step == cfg.steps and rank == 0:
@@ -373,23 +406,35 @@ def _start_or_resume(saes, data, cfg, out_dir, device, init_from, objectives):
     if latest is None:
         models = initial_saes(saes, data, cfg, device, init_from)
         optims = {name: _new_optimizer(m, cfg) for name, m in models.items()}
-        return models, optims, [], 0
-    state = json.loads((latest / "state.json").read_text())
-    ckpt.check_same_config(train_config_dict(cfg), state["train"], what=f"checkpoint {latest}")
-    ckpt.check_same_config({n: c.to_dict() for n, c in saes.items()}, state["saes"], what=f"checkpoint {latest}")
+        return models, optims, [], 0, [{"from_step": 0, "steps": cfg.steps}]
+    advice = (f"delete {latest} to resume from the checkpoint before it, or delete {out_dir} to train "
+              "from scratch")
+    storage.verify(latest, advice)
+    state = storage.read_json(latest / "state.json", advice)
+    what = f"checkpoint {latest}"
+    saved_train = dict(state["train"])
+    schedule = state.get("schedule", [{"from_step": 0, "steps": saved_train["steps"]}])
+    if saved_train["steps"] != cfg.steps and {**saved_train, "steps": cfg.steps} == train_config_dict(cfg):
+        if cfg.steps < state["step"]:
+            raise ckpt.CheckpointError(f"{what} is at step {state['step']}, past train.steps={cfg.steps}: use "
+                                       f"steps >= {state['step']} to continue it, or another output folder")
+        schedule = [*schedule, {"from_step": state["step"], "steps": cfg.steps}]  # continue training
+        saved_train["steps"] = cfg.steps
+    ckpt.check_same_config(train_config_dict(cfg), saved_train, what=what)
+    ckpt.check_same_config({n: c.to_dict() for n, c in saes.items()}, state["saes"], what=what)
     ckpt.check_same_config({"init_from": _init_digests(init_from or {})},
-                           {"init_from": state.get("init_from", {})}, what=f"checkpoint {latest}")
+                           {"init_from": state.get("init_from", {})}, what=what)
     default = _describe(_objectives_for(saes, None))  # checkpoints from before objectives existed
     ckpt.check_same_config({"objectives": _describe(objectives)},
-                           {"objectives": state.get("objectives", default)}, what=f"checkpoint {latest}")
+                           {"objectives": state.get("objectives", default)}, what=what)
     models, optims = {}, {}
     for name, sae_cfg in saes.items():
-        models[name] = ckpt.load_sae(latest / name, expected=sae_cfg).to(device)
+        models[name] = ckpt.load_sae(latest / name, expected=sae_cfg, advice=advice).to(device)
         optims[name] = _new_optimizer(models[name], cfg)
-        ckpt.load_optimizer(optims[name], latest / f"{name}.adam.safetensors")
+        ckpt.load_optimizer(optims[name], latest / f"{name}.adam.safetensors", advice)
     for sae in models.values():
         sae.train()
-    return models, optims, state["history"], state["step"]
+    return models, optims, state["history"], state["step"], schedule
 
 
 def train_config_dict(cfg: TrainConfig) -> dict:
@@ -402,7 +447,7 @@ def train_config_dict(cfg: TrainConfig) -> dict:
     return d
 
 
-def _write_checkpoint(out_dir, step, models, optims, saes, cfg, history, init_from, objectives) -> Path:
+def _write_checkpoint(out_dir, step, models, optims, saes, cfg, history, init_from, objectives, schedule) -> Path:
     final = out_dir / "checkpoints" / f"step_{step:08d}"
     tmp = storage.atomic_dir(final)
     for name, sae in models.items():
@@ -411,10 +456,10 @@ def _write_checkpoint(out_dir, step, models, optims, saes, cfg, history, init_fr
     state = {"step": step, "train": train_config_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()},
              "init_from": _init_digests(init_from or {}), "objectives": _describe(objectives),
              "history": history}
+    if len(schedule) > 1:  # only continued runs: the state of every other run stays as it was
+        state["schedule"] = schedule
     (tmp / "state.json").write_text(json.dumps(state))
     storage.commit_dir(tmp, final)
     ckpt.prune_checkpoints(out_dir, cfg.keep_checkpoints)
-    csv = out_dir / ".history.csv.tmp"
-    pd.DataFrame(history).to_csv(csv, index=False)
-    csv.replace(out_dir / "history.csv")
+    storage.atomic_text(pd.DataFrame(history).to_csv(index=False), out_dir / "history.csv")
     return final

@@ -20,6 +20,7 @@ shuffle buffer is needed here: the cache is the data path.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -39,7 +40,7 @@ from saelib.core import seeding
 from saelib.core.hooks import check_hook_point, stop_layer
 from saelib.core.progress import bar as progress_bar
 from saelib.core.sae import PRECISIONS
-from saelib.core.storage import cache_root, content_key
+from saelib.core.storage import DamagedError, cache_root, content_key, locked, read_json, verify, write_checksums
 from saelib.subjects.corpora import load_corpus
 from saelib.subjects.language_models import load_subject_model
 
@@ -224,15 +225,18 @@ class ActivationCache:
         if not manifest.exists():
             raise FileNotFoundError(f"{self.path} is not an activation cache (no manifest.json); build one "
                                     "with saelib.subjects.activations.get_or_build_cache(spec)")
-        self.manifest: dict = json.loads(manifest.read_text())
+        # Hashing a large cache takes seconds: it is verified once, then stamped (storage.verify).
+        advice = f"delete {self.path} and rerun to harvest it again"
+        verify(self.path, advice, stamp=True)
+        self.manifest: dict = read_json(manifest, advice)
         m = self.manifest
         self.spec = CacheSpec(**{f.name: m.get(f.name, f.default) for f in fields(CacheSpec)})
         n, d = m["n_rows"], m["d_in"]
         storage = np.dtype(_STORAGE[m["dtype"]])
         data = self.path / "activations.bin"
         if not data.exists() or data.stat().st_size != n * d * storage.itemsize:
-            raise RuntimeError(f"{data} is missing or has the wrong size for [{n}, {d}] {m['dtype']}: the cache "
-                               f"is corrupt; delete {self.path} and build it again")
+            raise DamagedError(f"{data} is damaged: missing or the wrong size for [{n}, {d}] "
+                                          f"{m['dtype']}; {advice}")
         self._data = np.memmap(data, dtype=storage, mode="r", shape=(n, d))
         self._tokens: np.ndarray | None = None
 
@@ -322,18 +326,25 @@ class WindowTable:
     of a window; the SAE itself reads positions 1.. (``tokens_per_row`` each).
 
     From a cache harvested with ``CacheSpec(exclude_bos=False)``, or from a [windows, ctx, d] tensor
-    already in memory (e.g. ``model.run_with_cache(tokens)[1][hook]``)."""
+    already in memory (e.g. ``model.run_with_cache(tokens)[1][hook]``).
 
-    def __init__(self, source: ActivationCache | Tensor):
+    ``hook``: where the windows were harvested (a cache's own spec says it; pass it for a tensor).
+    The trainer refuses an e2e objective that splices into another hook."""
+
+    def __init__(self, source: ActivationCache | Tensor, hook: str | None = None):
         if isinstance(source, Tensor):
             if source.ndim != 3:
                 raise ValueError(f"expected activations [windows, ctx, d_in], got shape {list(source.shape)}")
             self.cache, self._acts, self.context_size = None, source.float(), source.shape[1]
+            self.hook = hook
         else:
             if source.spec.exclude_bos:
                 raise ValueError(f"{source!r} stores token rows without BOS; a WindowTable needs whole "
                                  "windows: harvest with CacheSpec(exclude_bos=False)")
+            if hook is not None and hook != source.spec.hook:
+                raise ValueError(f"{source!r} was harvested at {source.spec.hook!r}, not {hook!r}")
             self.cache, self._acts, self.context_size = source, None, source.spec.context_size
+            self.hook = source.spec.hook
         self.tokens_per_row = self.context_size - 1
 
     def __len__(self) -> int:
@@ -407,7 +418,13 @@ def build_caches(specs: Sequence[CacheSpec], root: str | os.PathLike | None = No
             if diff:
                 raise ValueError("build_caches harvests one model on one set of windows; these specs differ in "
                                  f"{diff}: build them with separate calls")
-        _build(todo, model, progress)
+        with contextlib.ExitStack() as held:
+            for d in sorted({d for _, d in todo}):  # one order for every process: no deadlock
+                held.enter_context(locked(d))
+            # A process that held the locks before us may have harvested some of them meanwhile.
+            todo = [(s, d) for s, d in todo if not (d / "manifest.json").exists()]
+            if todo:
+                _build(todo, model, progress)
     return [open_cache(d, expect=s) for s, d in zip(specs, dirs)]
 
 
@@ -445,6 +462,7 @@ def _build(todo: list[tuple[CacheSpec, Path]], model, progress: bool) -> None:
                     "hooks_in_pass": hooks, "stop_at_layer": stop_layer(model, hooks),
                     "versions": _versions()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # written last: marks completion
+        write_checksums(tmp)
         try:
             os.replace(tmp, d)
         except OSError:  # another process finished the same cache first; keep theirs

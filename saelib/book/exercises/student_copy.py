@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         written = student_copy(a.source, a.out)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing source, an --out that cannot be written, a bad notebook
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path, removed in written.items():
