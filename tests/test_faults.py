@@ -464,7 +464,7 @@ def test_book_with_an_unwritable_build_dir(tmp_path, capsys):
 
 def test_student_copy_into_a_regular_file(tmp_path, capsys):
     """[student-copy-out]"""
-    from saelib.book.exercises import main
+    from saelib.book.exercises.student_copy import main
 
     (tmp_path / "file").write_text("")
     _one_line_exit_2(capsys, main(["notebooks", "--out", str(tmp_path / "file")]), r"^error: \[Errno 17\] File exists")

@@ -156,5 +156,6 @@ def test_a_folder_that_is_not_an_saelens_sae_is_named(trained, tmp_path):
     del cfg["metadata"]["saelib"]
     cfg["d_sae"] = 65
     (folder / "cfg.json").write_text(json.dumps(cfg))
+    (folder / "checksums.json").unlink()  # a hand-edited folder, as a foreign one: nothing to verify against
     with pytest.raises(CheckpointError, match="does not match cfg.json's d_in=24, d_sae=65"):
         read_saelens(folder)
