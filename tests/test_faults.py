@@ -51,6 +51,7 @@ import os
 import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -514,3 +515,41 @@ def test_commit_over_an_existing_folder_swaps_it_in_one_step(tmp_path, monkeypat
     assert seen == ["new"] and (final / "payload").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
     storage.verify(final)
+
+
+# ---------------------------------------------------------------------------- models the book trains itself
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "zero"])
+def test_a_damaged_organism_checkpoint_is_refused_at_load(organism, damage):
+    """[organism] A finished organism carries checksums; every load verifies them (then stamps them)."""
+    import shutil
+
+    from saelib.subjects.language_models import list_checkpoints, load_subject_model
+
+    folder = Path(organism[1]).with_name(f"organism-{damage}")
+    shutil.copytree(organism[1], folder)
+    (folder / ".verified").unlink(missing_ok=True)
+    load_subject_model(str(folder))  # intact: loads (and stamps)
+    step = list_checkpoints(folder)[-1]
+    {"truncate": truncate, "flip": flip, "zero": zero}[damage](folder / "checkpoints" / f"step_{step:06d}.pt")
+    with pytest.raises(DamagedError, match=rf"step_{step:06d}.pt is damaged: .*rerun train_organism\('organism-"):
+        load_subject_model(str(folder))
+
+
+def test_a_damaged_vit_is_refused_at_load(tmp_path):
+    """[vit] The same for the ViT's weights and its record."""
+    from saelib.subjects.vision import ViTConfig, load_vit, train_vit
+
+    tiny = ViTConfig(d_model=16, n_layers=2, n_heads=2, d_mlp=32, epochs=0.012, batch_size=32, warmup_steps=5)
+    import shutil
+
+    folder = train_vit(tiny, tmp_path / "vit", progress=False)
+    load_vit(folder)
+    other = shutil.copytree(folder, tmp_path / "vit-2")
+    flip(folder / "model.pt")
+    with pytest.raises(DamagedError, match=r"model.pt is damaged: .*rerun train_vit"):
+        load_vit(folder)
+    truncate(other / "vit.json", keep=20)
+    with pytest.raises(DamagedError, match=r"vit.json is damaged"):
+        load_vit(other)

@@ -29,7 +29,7 @@ import torch
 
 from saelib.core import seeding
 from saelib.core.pretraining import PretrainConfig, clear_resume, pretrain
-from saelib.core.storage import atomic_json, atomic_save, cache_root
+from saelib.core.storage import atomic_json, atomic_save, cache_root, locked, read_json, verify, write_checksums
 from saelib.subjects.corpora import load_corpus
 
 __all__ = [
@@ -327,7 +327,6 @@ def train_organism(profile: str | OrganismProfile = "cpu", out_dir: str | os.Pat
     called again, reproducing the uninterrupted run's weights; a finished run returns at once.
     ``stop_at_step`` ends early after saving (tests). ``overrides`` replace profile fields
     (e.g. ``n_steps=50``)."""
-    _, HookedTransformer, _, _ = _transformer_lens()
     name = profile if isinstance(profile, str) else "custom"
     if isinstance(profile, str):
         if profile not in ORGANISM_PROFILES:
@@ -335,6 +334,13 @@ def train_organism(profile: str | OrganismProfile = "cpu", out_dir: str | os.Pat
         profile = ORGANISM_PROFILES[profile]
     p = replace(profile, **overrides)
     out = Path(out_dir) if out_dir is not None else organism_dir(name)
+    with locked(out):  # a second build of the same organism waits here, then finds it finished
+        return _train_organism_into(out, name, p, corpus, device, resume_every, progress, stop_at_step)
+
+
+def _train_organism_into(out: Path, name: str, p: OrganismProfile, corpus: str, device: str, resume_every: int,
+                         progress: bool, stop_at_step: int | None) -> Path:
+    _, HookedTransformer, _, _ = _transformer_lens()
     meta = {"profile": name, "config": asdict(p), "corpus": corpus}
     meta_path = out / "organism.json"
     if meta_path.exists():
@@ -384,6 +390,7 @@ def train_organism(profile: str | OrganismProfile = "cpu", out_dir: str | os.Pat
                 n_params=sum(w.numel() for w in model.parameters()))
     atomic_json(meta, meta_path)
     clear_resume(out)
+    write_checksums(out)  # verified by every load (load_subject_model)
     return out
 
 
@@ -401,7 +408,9 @@ def _load_organism(path: Path, device: str, checkpoint: int | None):
         raise FileNotFoundError(
             f"no trained organism in {path}. Train it first: saelib.subjects.language_models.train_organism("
             f"'{path.name}') or `python -m saelib.subjects.language_models train {path.name}`")
-    meta = json.loads(meta_path.read_text())
+    advice = f"delete {path} and rerun train_organism('{path.name.split('-streams')[0]}') to train it again"
+    verify(path, advice, stamp=True)  # a finished organism has checksums; hashed once, then stamped
+    meta = read_json(meta_path, advice)
     steps = list_checkpoints(path)
     if checkpoint is None:
         if not meta.get("finished"):

@@ -127,6 +127,7 @@ def adapt(model: HookedViT, images: Tensor, labels: Tensor, n_classes: int, cfg:
     if head_init is not None:
         head.load_state_dict(head_init.state_dict())
     if cache and (folder / "adapted.pt").exists():
+        storage.verify(folder, f"delete {folder} and rerun to adapt again")
         state = torch.load(folder / "adapted.pt", weights_only=False, map_location=model.device)
         prompts.load_state_dict(state["prompts"])
         head.load_state_dict(state["head"])

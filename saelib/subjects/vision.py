@@ -37,7 +37,16 @@ from torch import Tensor, nn
 
 from saelib.core import seeding
 from saelib.core.pretraining import PretrainConfig, clear_resume, pretrain
-from saelib.core.storage import atomic_json, atomic_save, cache_root, content_key
+from saelib.core.storage import (
+    atomic_json,
+    atomic_save,
+    cache_root,
+    content_key,
+    locked,
+    read_json,
+    verify,
+    write_checksums,
+)
 
 __all__ = [
     "CLIP_MODELS",
@@ -416,6 +425,12 @@ def train_vit(profile: str | ViTConfig = "cpu", out_dir: str | os.PathLike | Non
     if overrides:
         name = "custom"
     out = Path(out_dir) if out_dir is not None else vit_dir(name if name != "custom" else cfg)
+    with locked(out):  # a second build of the same ViT waits here, then finds it finished
+        return _train_vit_into(out, name, cfg, resume_every, progress, stop_at_step)
+
+
+def _train_vit_into(out: Path, name: str, cfg: ViTConfig, resume_every: int, progress: bool,
+                    stop_at_step: int | None) -> Path:
     meta = {"profile": name, "config": asdict(cfg)}
     meta_path = out / "vit.json"
     if meta_path.exists():
@@ -456,6 +471,7 @@ def train_vit(profile: str | ViTConfig = "cpu", out_dir: str | os.PathLike | Non
                 n_params=sum(p.numel() for p in model.parameters()))
     atomic_json(meta, meta_path)
     clear_resume(out)
+    write_checksums(out)  # verified by every load_vit
     return out
 
 
@@ -466,7 +482,9 @@ def load_vit(profile: str | os.PathLike = "cpu") -> tuple[HookedViT, dict]:
     meta_path = path / "vit.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"no ViT in {path}: train one with saelib.subjects.vision.train_vit")
-    meta = json.loads(meta_path.read_text())
+    advice = f"delete {path} and rerun train_vit to pretrain it again"
+    verify(path, advice, stamp=True)  # hashed once, then stamped
+    meta = read_json(meta_path, advice)
     if not meta.get("finished"):
         raise RuntimeError(f"the ViT in {path} has not finished training; call train_vit again to resume")
     model = HookedViT(ViTConfig(**meta["config"]))
