@@ -159,6 +159,12 @@ def test_notebook_executes_on_the_ci_profile(path, ci_executed, tmp_path):
     executed = nbformat.read(out, as_version=4)
     text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
     assert "checks passed" in text, f"{path.name} did not reach its final assertion cell"
+    # Every value the prose cites ({glue:text}`name:fmt`, saelib.book.prose) was glued by the run.
+    cited = {m.split(":")[0] for c in executed.cells if c.cell_type == "markdown"
+             for m in re.findall(r"\{glue(?::\w+)?\}`([^`]+)`", c.source)}
+    glued = {o.metadata["scrapbook"]["name"] for c in executed.cells if c.cell_type == "code"
+             for o in c.outputs if "scrapbook" in o.get("metadata", {})}
+    assert cited <= glued, f"{path.name}: the prose cites values the run did not glue: {sorted(cited - glued)}"
     figures = [f for f in book.export_figures(ci_executed, tmp_path / "figures") if f.name.startswith(path.stem)]
     assert len(figures) >= 2 and all(f.read_bytes().startswith(b"\x89PNG") for f in figures)
 
