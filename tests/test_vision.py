@@ -11,6 +11,7 @@ import torch
 
 from saelib.core.sae import SAE, SAEConfig
 from saelib.studies.patch_analysis import (
+    LatentStats,
     existing_share,
     group_latents,
     group_summary,
@@ -21,6 +22,7 @@ from saelib.studies.patch_analysis import (
     masking_curves,
     patch_maps,
     spliced_accuracy,
+    split_half_noise,
     top_turnover,
 )
 from saelib.subjects.prompts import (
@@ -249,6 +251,7 @@ def test_latent_stats_agree_with_a_direct_computation():
     codes = sae.encode(x.reshape(-1, 16)).reshape(6, 50, 64)
     assert torch.allclose(st.frequency, (codes > 0).float().mean((0, 1)))
     assert torch.allclose(st.class_counts[:, 1], (codes[1:3] > 0.05).sum((0, 1)).float())
+    assert torch.equal(st.image_counts, (codes > 0.05).sum(1).to(torch.int16))
     assert torch.allclose(st.class_mass.sum(1), codes.sum((0, 1)), rtol=1e-4, atol=1e-4)
     assert torch.allclose(st.image_max, codes.amax(1))
     assert st.top_images(5, 2).tolist() == codes[:, :, 5].amax(1).argsort(descending=True)[:2].tolist()
@@ -282,6 +285,47 @@ def test_grouping_by_class_ranks():
     assert turnover == {"new": pytest.approx(2 / 4), "dropped": pytest.approx(2 / 4)}
     with pytest.raises(ValueError, match="0 < top <= bottom"):
         group_latents(base, adapted, top=3, bottom=2)
+
+
+def counts_only(image_counts, labels):
+    """LatentStats with only the per-image and class counts set (what split_half_noise reads)."""
+    n_classes = int(labels.max()) + 1
+    by_class = torch.zeros(n_classes, image_counts.shape[1]).index_add_(0, labels, image_counts.float()).T
+    return LatentStats(frequency=None, mean_activation=None, class_mass=None, class_counts=by_class,
+                       image_counts=image_counts, image_max=None, tau=0.0, n_tokens=0)
+
+
+def test_split_half_noise_is_the_rms_difference_between_halves():
+    labels = torch.tensor([0, 0])
+    base = counts_only(torch.tensor([[1], [1]], dtype=torch.int16), labels)
+    adapted = counts_only(torch.tensor([[4], [2]], dtype=torch.int16), labels)
+    change = lambda b, a: float(a.sum() - b.sum())  # noqa: E731
+    # one class of two images: every halving puts one in each half, so the halves differ by
+    # (4 - 1) - (2 - 1) = 2 in one order or the other
+    assert split_half_noise(change, base, adapted, labels, splits=7) == pytest.approx(2.0)
+    assert split_half_noise(change, base, base, labels) == 0.0  # nothing changed: no noise
+    with pytest.raises(ValueError, match="at least one split"):
+        split_half_noise(change, base, adapted, labels, splits=0)
+
+
+def test_split_half_noise_halves_each_class():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    ones = counts_only(torch.ones(6, 3, dtype=torch.int16), labels)
+    classes_seen = lambda b, a: float((b.sum(0) > 0).sum())  # noqa: E731
+    # a halving that ignored the classes would leave some class out of a half
+    assert split_half_noise(classes_seen, ones, ones, labels, splits=30) == 0.0
+    assert split_half_noise(lambda b, a: float(b[0, 0]), ones, ones, labels) == 0.0
+
+
+def test_split_half_noise_of_the_top_turnover_is_reproducible():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 4
+    base = counts_only(torch.randint(0, 5, (40, 30), generator=gen, dtype=torch.int16), labels)
+    adapted = counts_only(torch.randint(0, 5, (40, 30), generator=gen, dtype=torch.int16), labels)
+    moved = lambda b, a: top_turnover(b, a, 5)["new"]  # noqa: E731
+    noise = split_half_noise(moved, base, adapted, labels, seed=1)
+    assert 0 < noise < 1 and noise == split_half_noise(moved, base, adapted, labels, seed=1)
+    assert noise != split_half_noise(moved, base, adapted, labels, seed=2)
 
 
 def test_vision_exercise_checks_accept_saelib_and_reject_mistakes(capsys):

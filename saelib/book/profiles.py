@@ -217,7 +217,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                    prompt_epochs=8, prompt_lr=3e-2, mask_ks=(1, 2, 5, 10, 50, 100, 256),
                    group_top=10, group_bottom=20,
                    # The ci ViT and prompts barely adapt (digits +0.2 points): only these two are
-                   # stable at this size.
+                   # stable at this size (shifted_more: -3.5 points against a 3.3-point floor).
                    expect_claims={"remaps": True, "splice_cheap": True}),
         "cpu": dict(vit="cpu", hook="blocks.2.hook_resid_post", sae_images=8000, eval_images=2000,
                     mask_images=2000, expansion=16, l1_coeff=0.05, k=16, steps=2000, batch_size=2048,
@@ -226,7 +226,12 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     mask_ks=(1, 2, 5, 10, 50, 100, 500, 1024), group_top=25, group_bottom=50,
                     # What the rendered book reports (measured 2026-11-26; cold runs 877 s and
                     # 1111 s on a shared 2-core machine, 698 s and 817 s of it the ViT; rerun 70 s).
-                    expect_claims={"remaps": True, "shifted_more": False, "splice_cheap": True}),
+                    # shifted_more's turnover difference (digits minus garments) is far beyond
+                    # its split-half noise floor (-15.2 points against 2.5, 2026-12-01) but
+                    # changes sign between pretraining runs (-15.2, -4.8, +9.0 in three builds):
+                    # the text glues each build's verdict and asserts none.
+                    expect_claims={"remaps": True, "shifted_more": "inconclusive",
+                                   "splice_cheap": True}),
         # gpu: activations are held in CPU memory (197 tokens x 768 per image: 4,000 images are
         # 2.4 GB), hence the image counts; MaPLe's depth 9, 2 tokens, lr 0.0035. Untested here.
         "gpu": dict(vit="clip-vit-b-16", hook="blocks.10.hook_resid_post", sae_images=4000,

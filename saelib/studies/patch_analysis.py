@@ -6,13 +6,15 @@ per latent, per class and per patch.
 * ``latent_stats``: per latent, the firing frequency over tokens, the mean activation where it
   fires, the activation mass per class (label entropy and label std are read from it), the
   binarised class-level counts (tokens with activation above ``tau``, summed over the images of a
-  class: a latents x classes count matrix) and each image's strongest activation (to pick
-  reference images).
+  class: a latents x classes count matrix; ``class_counts`` sums them from the per-image counts) and
+  each image's strongest activation (to pick reference images).
 * ``patch_maps``: one latent's activation on each patch of some images (the segmentation-like masks).
 * ``masked_reconstruction`` / ``spliced_accuracy`` / ``masking_curves``: classify with the SAE's
   reconstruction spliced in at the hook, keeping only (or removing) chosen latents.
 * ``group_latents``: high / high-to-low / low-to-high latents between a base and an adapted model,
-  by their class-level ranks.
+  by their class-level ranks; ``existing_share`` and ``top_turnover`` summarise the change.
+* ``split_half_noise``: how much such a summary moves between two halves of the images, the noise
+  floor a comparison of two tasks' summaries is judged against.
 
 Activations and ``tau`` are in the SAE's normalised units (inputs scaled to unit mean squared norm).
 """
@@ -20,6 +22,7 @@ Activations and ``tau`` are in the SAE's normalised units (inputs scaled to unit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -33,6 +36,7 @@ from saelib.core.sae import SAE
 __all__ = [
     "GROUPS",
     "LatentStats",
+    "class_counts",
     "class_ranks",
     "existing_share",
     "group_latents",
@@ -45,6 +49,7 @@ __all__ = [
     "masking_curves",
     "patch_maps",
     "spliced_accuracy",
+    "split_half_noise",
     "top_turnover",
 ]
 
@@ -102,6 +107,9 @@ class LatentStats:
     class_counts: Tensor
     """[L, C] tokens with activation > tau, summed over each class's images (binarised,
     class-level activation)."""
+    image_counts: Tensor
+    """[N, L] (int16) each image's tokens with activation > tau: class counts of any subset of the
+    images (``class_counts``), e.g. the halves of ``split_half_noise``."""
     image_max: Tensor
     """[N, L] each image's largest activation of each latent."""
     tau: float
@@ -150,8 +158,7 @@ def latent_stats(sae: SAE, acts: Tensor, labels: Tensor, n_classes: int, tau: fl
     fired = torch.zeros(n_latents, dtype=torch.float64)
     mass = torch.zeros(n_latents, dtype=torch.float64)
     class_mass = torch.zeros(n_classes, n_latents, dtype=torch.float64)
-    class_counts = torch.zeros(n_classes, n_latents, dtype=torch.float64)
-    image_max = []
+    image_counts, image_max = [], []
     for i in range(0, len(acts), chunk):
         codes = _codes(sae, acts[i:i + chunk])
         y = labels[i:i + chunk]
@@ -159,14 +166,21 @@ def latent_stats(sae: SAE, acts: Tensor, labels: Tensor, n_classes: int, tau: fl
         per_image = codes.sum(1).double()
         mass += per_image.sum(0)
         class_mass.index_add_(0, y, per_image)
-        class_counts.index_add_(0, y, (codes > tau).sum(1).double())
+        image_counts.append((codes > tau).sum(1).to(torch.int16))  # at most 32,767 tokens an image
         image_max.append(codes.amax(1))
     n_tokens = acts.shape[0] * acts.shape[1]
+    counts = torch.cat(image_counts)
     return LatentStats(frequency=(fired / n_tokens).float(),
                        mean_activation=(mass / fired.clamp(min=1)).float(),
                        class_mass=class_mass.T.float().contiguous(),
-                       class_counts=class_counts.T.float().contiguous(),
+                       class_counts=class_counts(counts, labels, n_classes), image_counts=counts,
                        image_max=torch.cat(image_max), tau=tau, n_tokens=n_tokens)
+
+
+def class_counts(image_counts: Tensor, labels: Tensor, n_classes: int) -> Tensor:
+    """[L, C] class-level counts: per-image counts [N, L] summed over the images of each class."""
+    out = torch.zeros(n_classes, image_counts.shape[1], dtype=torch.float64)
+    return out.index_add_(0, labels, image_counts.double()).T.float().contiguous()
 
 
 @torch.no_grad()
@@ -327,6 +341,34 @@ def top_turnover(base_counts: Tensor, adapted_counts: Tensor, top: int) -> dict[
     base, adapted = tops(base_counts), tops(adapted_counts)
     return {"new": float((adapted & ~base).sum() / adapted.sum().clamp(min=1)),
             "dropped": float((base & ~adapted).sum() / base.sum().clamp(min=1))}
+
+
+def split_half_noise(measure: Callable[[Tensor, Tensor], float], base: LatentStats, adapted: LatentStats,
+                     labels: Tensor, splits: int = 20, seed: int = 0) -> float:
+    """The root mean square, over ``splits`` random halvings of the images (within each class, so
+    both halves keep the class balance), of ``measure`` on one half minus ``measure`` on the other.
+
+    ``measure(base_counts, adapted_counts)`` is a summary of class-level counts such as
+    ``existing_share`` or ``top_turnover``; ``base`` and ``adapted`` are statistics of the same
+    images (``labels``) under the two models, and a half keeps its images under both. With noise
+    that shrinks as 1/sqrt(images), the result is about twice the standard error of ``measure`` on
+    all the images: the noise floor of a comparison with a fixed threshold, and, combined in
+    quadrature with another task's, of a comparison of two tasks."""
+    if splits < 1:
+        raise ValueError(f"need at least one split, got {splits}")
+    n_classes = base.class_counts.shape[1]
+    gen = seeding.generator("image_splits:split_half_noise", seed)
+    diffs = []
+    for _ in range(splits):
+        first = torch.zeros(len(labels), dtype=torch.bool)
+        for c in range(n_classes):
+            members = torch.nonzero(labels == c).flatten()
+            first[members[torch.randperm(len(members), generator=gen)[:len(members) // 2]]] = True
+        halves = [measure(class_counts(base.image_counts[h], labels[h], n_classes),
+                          class_counts(adapted.image_counts[h], labels[h], n_classes))
+                  for h in (first, ~first)]
+        diffs.append(halves[0] - halves[1])
+    return float(np.sqrt(np.mean(np.square(diffs))))
 
 
 def group_summary(groups: pd.DataFrame) -> dict[str, float]:
