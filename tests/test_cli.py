@@ -250,8 +250,11 @@ def test_two_concurrent_runs_into_one_folder(single, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
     assert sum("waiting for process" in r[1] for r in results) == 1
     _same(_weights(out), _weights(single))
-    columns = lambda h: h.drop(columns="tokens_per_s")  # noqa: E731 (timings differ)
-    assert columns(pd.read_csv(out / "history.csv")).equals(columns(pd.read_csv(single / "history.csv")))
+    # Timings differ; the losses agree to float rounding (the runs here use one thread, `single`
+    # the test process's thread count, which changes the order of float sums).
+    columns = lambda h: h.drop(columns="tokens_per_s")  # noqa: E731
+    pd.testing.assert_frame_equal(columns(pd.read_csv(out / "history.csv")),
+                                  columns(pd.read_csv(single / "history.csv")), check_exact=False, rtol=1e-5)
 
 
 def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
