@@ -68,5 +68,5 @@ def test_bf16_training_resumes_bit_identically(tmp_path, rule):
 
 
 def test_unknown_encoder_dtype_is_refused():
-    with pytest.raises(ValueError, match="unknown encoder_dtype 'fp16'.*bfloat16"):
+    with pytest.raises(ValueError, match="encoder_dtype = 'fp16' is invalid: unknown encoder_dtype; valid: .*bfloat16"):
         SAEConfig(D, F, encoder_dtype="fp16")
