@@ -19,6 +19,8 @@ and every damage message ends with the remedy quoted in its row.
 | activation cache: second half of activations.bin zeroed [cache-zero] | `.../activations.bin is damaged: its contents differ ...; delete CACHE and rerun to harvest it again` |
 | activation cache: truncated / flipped / tokens.npy and activations.bin swapped [cache-*] | `... is damaged: ...` |
 | activation cache: damaged after it was verified and stamped [cache-after-stamp] | the write voids the stamp: damaged |
+| organism: its last checkpoint truncated / flipped / zeroed [organism] | `.../checkpoints/step_N.pt is damaged: ...; delete FOLDER and rerun train_organism('NAME') to train it again` |
+| ViT: model.pt flipped, vit.json truncated [vit] | `.../model.pt is damaged: ...; delete FOLDER and rerun train_vit to pretrain it again` |
 | SAELens export: weights truncated [saelens-truncate] | `.../sae_weights.safetensors is damaged: ...; delete FOLDER and export it again` |
 | `TrainConfig(min_lr_frac=-5.0)` [cfg-min_lr_frac] | `TrainConfig.min_lr_frac = -5.0 is invalid: must be a fraction of lr in [0, 1]` |
 | `TrainConfig(lr=-0.001)`, `lr=nan`, `lr=inf` [cfg-lr*] | `TrainConfig.lr = -0.001 is invalid: must be a finite number > 0` |
