@@ -8,6 +8,8 @@
   and dictionary-size studies; about an hour more on 2 cores). A chapter without its own ``cpu-long``
   entry runs its ``cpu`` values (``BASE``), so ``--profile cpu-long`` builds the whole book.
 * ``gpu``: the papers' own settings for Colab or a GPU: online models (gpt2-small) and datasets.
+* ``gpu-smoke``: ``gpu``'s model, hook, dataset and revision names and code path at ``ci``'s sizes
+  (``smoke_values``), for running the gpu path in seconds against the tests' stand-in hub.
 
 A notebook's ``parameters`` cell names ``profile`` and every knob of its chapter (``None`` = take
 the profile's value), then calls ``resolve(chapter, profile, knob=value, ...)``. Every profile of a
@@ -26,7 +28,7 @@ import html
 import os
 from typing import Any, Mapping
 
-PROFILES = ("ci", "cpu", "cpu-long", "gpu")
+PROFILES = ("ci", "cpu", "cpu-long", "gpu", "gpu-smoke")
 BASE = {"cpu-long": "cpu"}
 """A profile a chapter does not define takes the values of its base profile (every chapter defines
 the others)."""
@@ -237,6 +239,34 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     group_bottom=100, expect_claims=None),
     },
 }
+
+
+SMOKE_SIZES = frozenset({
+    "n_tokens", "eval_tokens", "eval_windows", "loss_windows", "splice_windows", "sanity_tokens",
+    "dead_after_tokens", "steps", "length_steps", "big_steps", "sanity_steps", "timing_steps", "n_budgets",
+    "batch_size", "context_size", "d_model", "n_features", "expansion", "big_expansion", "shelf_max_chars",
+    "organism", "icl_sequences", "icl_length", "sae_images", "eval_images", "mask_images",
+    "task_test_images", "prompt_epochs", "mask_ks", "group_top", "group_bottom"})
+"""The knobs ``gpu-smoke`` takes from ``ci``: amounts of data, steps and widths (and the organism,
+named by its size); every other knob, names and hyperparameters, is ``gpu``'s."""
+SMOKE_BOUNDS: dict[str, dict[str, Any]] = {
+    # the stand-in models are random: a loss near log(vocabulary), no trained structure
+    "subject_models": {"max_pretrained_ce": 8.0},
+    # gpu's hyperparameters at ci's sizes: ci's recovery bounds do not hold (a code-path run)
+    "synthetic": {"min_recovered": 0.0, "max_nmse": 1.0},
+}
+"""Asserted bounds ``gpu-smoke`` relaxes, per chapter."""
+
+
+def smoke_values(chapter: str) -> dict[str, Any]:
+    """``gpu-smoke``: ``gpu``'s values with the ``SMOKE_SIZES`` of ``ci`` and the ``SMOKE_BOUNDS``."""
+    table = CHAPTERS[chapter]
+    sizes = {k: v for k, v in table["ci"].items() if k in SMOKE_SIZES}
+    return {**table["gpu"], **sizes, **SMOKE_BOUNDS.get(chapter, {})}
+
+
+for _chapter_name in CHAPTERS:
+    CHAPTERS[_chapter_name]["gpu-smoke"] = smoke_values(_chapter_name)
 
 
 class Params(dict):
