@@ -3,7 +3,8 @@
 ``build(root)`` writes, under ``root`` (use it as ``HF_HOME``):
 
 * ``hub/``: the hub's cache layout (``models--ORG--NAME/refs/REV`` holding a commit hash,
-  ``snapshots/COMMIT/FILES``) for ``gpt2`` (a 2-layer GPT2LMHeadModel), ``EleutherAI/pythia-70m-deduped``
+  ``snapshots/COMMIT/FILES``) for ``gpt2`` (a 2-layer GPT2LMHeadModel whose position-0 embedding is
+  scaled up, the massive first-position norm chapter 1 checks), ``EleutherAI/pythia-70m-deduped``
   (a 3-layer GPTNeoX with ``main`` and the ``stepN`` revisions of ``PYTHIA_STEPS``, each with its own
   weights) and ``openai/clip-vit-base-patch16`` (a 12-layer CLIPVisionModel of width 32), all sharing one
   small byte-level BPE tokenizer trained here; and each dataset of ``DATASETS`` as the parquet files
@@ -90,8 +91,13 @@ def build(root: Path) -> Path:
 
     torch.manual_seed(0)
     # n_ctx: gpt2's own config.json has it and TransformerLens reads it (transformers 5 no longer sets it).
-    save(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=256, n_ctx=256, vocab_size=vocab,
-                                    bos_token_id=0, eos_token_id=0)), "gpt2")
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=256, n_ctx=256,
+                                      vocab_size=vocab, bos_token_id=0, eos_token_id=0))
+    with torch.no_grad():
+        # The one trained-model trait a chapter asserts (chapter 1: position 0's residual norm is
+        # over 10x the others', as in the real gpt2), given by a large position-0 embedding.
+        gpt2.transformer.wpe.weight[0] *= 100
+    save(gpt2, "gpt2")
     neox = GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                          max_position_embeddings=256, vocab_size=vocab, rotary_pct=0.25, bos_token_id=0,
                          eos_token_id=0)

@@ -39,3 +39,17 @@ def _run_chapter(only: str, hub, tmp_path) -> subprocess.CompletedProcess:
 def test_chapter_0_runs_on_gpu_smoke(hub, tmp_path):
     proc = _run_chapter("00_synthetic", hub, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_chapter_1_runs_on_gpu_smoke(hub, tmp_path):
+    """gpt2-small through TransformerLens, held-out windows from the hf: dataset, the ci organism."""
+    proc = _run_chapter("01_subject", hub, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_a_wrong_hub_name_stops_the_chapter_naming_it(hub, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "saelib.book", "--profile", "gpu-smoke", "--only", "01_subject",
+                           "--no-html", "--build-dir", str(tmp_path), "-p", "pretrained=gpt2-smal"], cwd=ROOT,
+                          env=hub_standin.environment(hub), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1
+    assert "01_subject_models.ipynb failed in cell" in proc.stderr and "unknown subject model 'gpt2-smal'" in proc.stderr
