@@ -27,9 +27,13 @@ import os
 import shutil
 from pathlib import Path
 
+from saelib.book import profiles
+
 PYTHIA = "EleutherAI/pythia-70m-deduped"
-PYTHIA_STEPS = (0, 1000, 143000)
-"""Revisions ``stepN`` of the stand-in Pythia (143000 is the final one, ``main``)."""
+_DYNAMICS = profiles.values("dynamics", "gpu")
+PYTHIA_STEPS = tuple(sorted({*_DYNAMICS["checkpoints"], *_DYNAMICS["probe_checkpoints"]}))
+"""Revisions ``stepN`` of the stand-in Pythia: those chapter 4's gpu profile reads (the last, 143000,
+is also ``main``)."""
 CLIP = "openai/clip-vit-base-patch16"
 DATASETS = {"Elriggs/openwebtext-100k": "text"}
 """Parquet-backed datasets the gpu profiles read, with their text column."""
@@ -114,7 +118,7 @@ def build(root: Path) -> Path:
         data = _snapshot(hub, "dataset", name) / "data"
         data.mkdir(exist_ok=True)
         parquet = data / "train-00000-of-00001.parquet"
-        pq.write_table(pa.table({column: _documents(400, 1 + i)}), parquet)
+        pq.write_table(pa.table({column: _documents(4000, 1 + i)}), parquet)
         # What the first online load_dataset(name) prepares, where load_dataset(name) looks for it
         # offline: NAMESPACE___NAME/default/0.0.0/COMMIT/{dataset_info.json, NAME-train.arrow}. The
         # parquet builder writes it under its own names (repo_id= would demand hf:// data files), so

@@ -53,3 +53,9 @@ def test_a_wrong_hub_name_stops_the_chapter_naming_it(hub, tmp_path):
                           env=hub_standin.environment(hub), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1
     assert "01_subject_models.ipynb failed in cell" in proc.stderr and "unknown subject model 'gpt2-smal'" in proc.stderr
+
+
+def test_chapter_4_runs_on_gpu_smoke(hub, tmp_path):
+    """Pythia through TransformerLens at every checkpoint of the gpu profile (its stepN revisions)."""
+    proc = _run_chapter("04_dynamics", hub, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -39,7 +39,7 @@ docs = load_corpus("hf:Elriggs/openwebtext-100k", max_chars=2000)
 out["corpus"] = [len(docs), docs[0][:20]]
 out["wrong_name"] = failure(lambda: load_subject_model("gpt2-smal"))
 out["missing_model"] = failure(lambda: load_subject_model("pythia-160m"))
-out["wrong_revision"] = failure(lambda: load_subject_model("pythia-70m-deduped", checkpoint=2000))
+out["wrong_revision"] = failure(lambda: load_subject_model("pythia-70m-deduped", checkpoint=3000))
 out["wrong_column"] = failure(lambda: load_corpus("hf:Elriggs/openwebtext-100k", text_field="content"))
 out["wrong_dataset"] = failure(lambda: load_corpus("hf:Skylion007/openwebtext", max_chars=100))
 print("RESULT" + json.dumps(out))
@@ -76,7 +76,7 @@ def test_the_gpu_profiles_dataset_streams(loaded):
 def test_wrong_names_revisions_and_columns_fail_clearly(loaded):
     assert "unknown subject model 'gpt2-smal'" in loaded["wrong_name"]
     assert "could not fetch 'pythia-160m'" in loaded["missing_model"]
-    assert "could not fetch 'pythia-70m-deduped' at checkpoint 2000 (revision 'step2000')" in loaded["wrong_revision"]
+    assert "could not fetch 'pythia-70m-deduped' at checkpoint 3000 (revision 'step3000')" in loaded["wrong_revision"]
     assert "has no field 'content'" in loaded["wrong_column"] and "['text']" in loaded["wrong_column"]
     assert "Skylion007/openwebtext" in loaded["wrong_dataset"]
 
