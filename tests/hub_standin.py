@@ -3,7 +3,7 @@
 ``build(root)`` writes, under ``root`` (use it as ``HF_HOME``):
 
 * ``hub/``: the hub's cache layout (``models--ORG--NAME/refs/REV`` holding a commit hash,
-  ``snapshots/COMMIT/FILES``) for ``gpt2`` (a 2-layer GPT2LMHeadModel whose position-0 embedding is
+  ``snapshots/COMMIT/FILES``) for ``gpt2`` (a 12-layer GPT2LMHeadModel of width 64 whose position-0 embedding is
   scaled up, the massive first-position norm chapter 1 checks), ``EleutherAI/pythia-70m-deduped``
   (a 3-layer GPTNeoX with ``main`` and the ``stepN`` revisions of ``PYTHIA_STEPS``, each with its own
   weights) and ``openai/clip-vit-base-patch16`` (a 12-layer CLIPVisionModel of width 32), all sharing one
@@ -95,7 +95,9 @@ def build(root: Path) -> Path:
 
     torch.manual_seed(0)
     # n_ctx: gpt2's own config.json has it and TransformerLens reads it (transformers 5 no longer sets it).
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=256, n_ctx=256,
+    # 12 layers as the real one (the gpu profiles hook blocks 4, 6 and 8); width 64 so that
+    # chapter 2's largest k (128) fits the dictionary at ci's expansion (2)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=64, n_head=2, n_positions=256, n_ctx=256,
                                       vocab_size=vocab, bos_token_id=0, eos_token_id=0))
     with torch.no_grad():
         # The one trained-model trait a chapter asserts (chapter 1: position 0's residual norm is

@@ -59,3 +59,9 @@ def test_chapter_4_runs_on_gpu_smoke(hub, tmp_path):
     """Pythia through TransformerLens at every checkpoint of the gpu profile (its stepN revisions)."""
     proc = _run_chapter("04_dynamics", hub, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_chapter_5_runs_on_gpu_smoke(hub, tmp_path):
+    """The CLIP vision tower from transformers behind the chapter's hooks, prompts and probes."""
+    proc = _run_chapter("05_vision", hub, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -56,7 +56,7 @@ def loaded(tmp_path_factory):
 
 
 def test_gpt2_loads_through_transformer_lens(loaded):
-    assert loaded["gpt2"][:3] == [2, 32, 256] and loaded["gpt2"][3][:2] == [1, 3]
+    assert loaded["gpt2"][:3] == [12, 64, 256] and loaded["gpt2"][3][:2] == [1, 3]
 
 
 def test_pythia_revisions_are_its_checkpoints(loaded):
