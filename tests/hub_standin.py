@@ -143,8 +143,11 @@ def build(root: Path) -> Path:
 
 
 def environment(root: Path) -> dict[str, str]:
-    """The environment of a process that sees the stand-in hub, offline."""
+    """The environment of a process that sees the stand-in hub, offline, with its own saelib cache:
+    saelib keys caches by model name, and activations of a stand-in "gpt2-small" must never be
+    found by a run on the real one."""
     root = Path(root)
-    return {**os.environ, "HF_HOME": str(root), "HF_HUB_CACHE": str(root / "hub"),
+    return {**os.environ, "SAELIB_CACHE": str(root / "saelib"), "HF_HOME": str(root),
+            "HF_HUB_CACHE": str(root / "hub"),
             "HF_DATASETS_CACHE": str(root / "datasets"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1"}

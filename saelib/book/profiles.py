@@ -244,11 +244,13 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
 SMOKE_SIZES = frozenset({
     "n_tokens", "eval_tokens", "eval_windows", "loss_windows", "splice_windows", "sanity_tokens",
     "dead_after_tokens", "steps", "length_steps", "big_steps", "sanity_steps", "timing_steps", "n_budgets",
-    "batch_size", "context_size", "d_model", "n_features", "expansion", "big_expansion", "shelf_max_chars",
+    "batch_size", "context_size", "d_model", "n_features", "shelf_max_chars",
     "organism", "icl_sequences", "icl_length", "sae_images", "eval_images", "mask_images",
     "task_test_images", "prompt_epochs", "mask_ks", "group_top", "group_bottom"})
 """The knobs ``gpu-smoke`` takes from ``ci``: amounts of data, steps and widths (and the organism,
-named by its size); every other knob, names and hyperparameters, is ``gpu``'s."""
+named by its size); every other knob, names and hyperparameters, is ``gpu``'s. Expansions stay
+``gpu``'s: the stand-in models are narrow, and at ci's expansions gpu's k would not fit (chapter 2's
+k 128) or Feature Choice's Zipf capacities would exceed the batch."""
 SMOKE_BOUNDS: dict[str, dict[str, Any]] = {
     # the stand-in models are random: a loss near log(vocabulary), no trained structure
     "subject_models": {"max_pretrained_ce": 8.0},
