@@ -8,6 +8,8 @@
   and dictionary-size studies; about an hour more on 2 cores). A chapter without its own ``cpu-long``
   entry runs its ``cpu`` values (``BASE``), so ``--profile cpu-long`` builds the whole book.
 * ``gpu``: the papers' own settings for Colab or a GPU: online models (gpt2-small) and datasets.
+* ``gpu-smoke``: ``gpu``'s model, hook, dataset and revision names and code path at ``ci``'s sizes
+  (``smoke_values``), for running the gpu path in seconds against the tests' stand-in hub.
 
 A notebook's ``parameters`` cell names ``profile`` and every knob of its chapter (``None`` = take
 the profile's value), then calls ``resolve(chapter, profile, knob=value, ...)``. Every profile of a
@@ -26,7 +28,7 @@ import html
 import os
 from typing import Any, Mapping
 
-PROFILES = ("ci", "cpu", "cpu-long", "gpu")
+PROFILES = ("ci", "cpu", "cpu-long", "gpu", "gpu-smoke")
 BASE = {"cpu-long": "cpu"}
 """A profile a chapter does not define takes the values of its base profile (every chapter defines
 the others)."""
@@ -71,7 +73,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                    eval_windows=8, context_size=64, check_against_transformers=True, max_pretrained_ce=4.5),
         "cpu": dict(corpus="mixed", shelf_max_chars=None, pretrained="smollm2-135m", organism="cpu",
                     eval_windows=48, context_size=128, check_against_transformers=True, max_pretrained_ce=4.0),
-        "gpu": dict(corpus="hf:Skylion007/openwebtext", shelf_max_chars=None, pretrained="gpt2-small",
+        "gpu": dict(corpus="hf:Elriggs/openwebtext-100k", shelf_max_chars=None, pretrained="gpt2-small",
                     organism="cpu", eval_windows=256, context_size=128, check_against_transformers=False,
                     max_pretrained_ce=3.6),
     },
@@ -93,7 +95,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     expect_claims={"mc_beats_topk": False, "fc_beats_topk": False, "mc_batch_beats_topk": False,
                                    "topk_beats_relu": True, "fc_no_dead": True, "aux_zipf_helps": True,
                                    "adaptive": True}),
-        "gpu": dict(model="gpt2-small", hook="blocks.8.hook_resid_pre", corpus="hf:Skylion007/openwebtext",
+        "gpu": dict(model="gpt2-small", hook="blocks.8.hook_resid_pre", corpus="hf:Elriggs/openwebtext-100k",
                     n_tokens=8_000_000, eval_tokens=131_072, context_size=128, splice_windows=256, expansion=32,
                     k=32, k_sweep=(16, 64, 128), l1_sweep=(0.05, 0.1, 0.2, 0.4), steps=12_000,
                     batch_size=4096, lr=4e-4, dead_after_tokens=5_000_000, zipf_exponent=1.0,
@@ -125,7 +127,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
         # doubling) and the 32x dictionary 4x longer (2.6M tokens).
         "cpu-long": {**_SCALE_CPU, "length_steps": 5888, "n_budgets": 6, "big_steps": 1280,
                      "max_overfit": 1.15, "expect_claims": None},
-        "gpu": dict(model="gpt2-small", hook="blocks.8.hook_resid_pre", corpus="hf:Skylion007/openwebtext",
+        "gpu": dict(model="gpt2-small", hook="blocks.8.hook_resid_pre", corpus="hf:Elriggs/openwebtext-100k",
                     n_tokens=8_000_000, eval_tokens=131_072, context_size=128, splice_windows=256,
                     precision="bfloat16", expansion=8, k=32, batch_size=4096, lr=4e-4,
                     dead_after_tokens=5_000_000, zipf_exponent=1.0, length_steps=48_000,
@@ -161,7 +163,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     expect_claims={"local_l0_twice": False, "e2e_ce_under_45": False,
                                    "ds_downstream": True, "e2e_seed_fragile": True,
                                    "e2e_runtime": True}),
-        "gpu": dict(model="gpt2-small", hook="blocks.6.hook_resid_pre", corpus="hf:Skylion007/openwebtext",
+        "gpu": dict(model="gpt2-small", hook="blocks.6.hook_resid_pre", corpus="hf:Elriggs/openwebtext-100k",
                     n_tokens=16_000_000, eval_tokens=500_000, eval_windows=256, context_size=128,
                     expansion=60, normalize_input=False, l1_local=(2.0, 6.0, 20.0), l1_e2e=(0.5, 1.5, 5.0),
                     l1_ds=(1.0, 3.0, 10.0), kl_coeff_ds=0.5, ds_coeff=2.5, k_sweep=(16, 32, 64),
@@ -197,7 +199,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                                    "tracked_agree": True, "icl_emerges": False,
                                    "icl_abrupt": False}),
         "gpu": dict(model="pythia-70m-deduped", hook="blocks.2.hook_resid_post",
-                    corpus="hf:Skylion007/openwebtext",
+                    corpus="hf:Elriggs/openwebtext-100k",
                     checkpoints=(0, 4, 32, 256, 1000, 4000, 16000, 64000, 143000),
                     probe_checkpoints=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 4000, 8000,
                                        16000, 32000, 64000, 100000, 143000),
@@ -242,6 +244,36 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     group_bottom=100, expect_claims=None),
     },
 }
+
+
+SMOKE_SIZES = frozenset({
+    "n_tokens", "eval_tokens", "eval_windows", "loss_windows", "splice_windows", "sanity_tokens",
+    "dead_after_tokens", "steps", "length_steps", "big_steps", "sanity_steps", "timing_steps", "n_budgets",
+    "batch_size", "context_size", "d_model", "n_features", "shelf_max_chars",
+    "organism", "icl_sequences", "icl_length", "sae_images", "eval_images", "mask_images",
+    "task_test_images", "prompt_epochs", "mask_ks", "group_top", "group_bottom"})
+"""The knobs ``gpu-smoke`` takes from ``ci``: amounts of data, steps and widths (and the organism,
+named by its size); every other knob, names and hyperparameters, is ``gpu``'s. Expansions stay
+``gpu``'s: the stand-in models are narrow, and at ci's expansions gpu's k would not fit (chapter 2's
+k 128) or Feature Choice's Zipf capacities would exceed the batch."""
+SMOKE_BOUNDS: dict[str, dict[str, Any]] = {
+    # the stand-in models are random: a loss near log(vocabulary), no trained structure
+    "subject_models": {"max_pretrained_ce": 8.0},
+    # gpu's hyperparameters at ci's sizes: ci's recovery bounds do not hold (a code-path run)
+    "synthetic": {"min_recovered": 0.0, "max_nmse": 1.0},
+}
+"""Asserted bounds ``gpu-smoke`` relaxes, per chapter."""
+
+
+def smoke_values(chapter: str) -> dict[str, Any]:
+    """``gpu-smoke``: ``gpu``'s values with the ``SMOKE_SIZES`` of ``ci`` and the ``SMOKE_BOUNDS``."""
+    table = CHAPTERS[chapter]
+    sizes = {k: v for k, v in table["ci"].items() if k in SMOKE_SIZES}
+    return {**table["gpu"], **sizes, **SMOKE_BOUNDS.get(chapter, {})}
+
+
+for _chapter_name in CHAPTERS:
+    CHAPTERS[_chapter_name]["gpu-smoke"] = smoke_values(_chapter_name)
 
 
 class Params(dict):

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from saelib.core import seeding
+from saelib.core.devices import to_device_of
 from saelib.core.hooks import parse_hook
 from saelib.core.progress import bar as progress_bar
 from saelib.core.sae import SAE
@@ -174,7 +175,7 @@ def _encode_all(saes: Mapping[str, SAE], table, n: int, batch_size: int,
         for lo in progress_bar(range(0, n, batch_size), show=progress, desc="browser: encoding", unit="batch"):
             x = table[torch.arange(lo, min(n, lo + batch_size))].float()
             for name, sae in saes.items():
-                c = sae(x.to(sae.decoder.device)).codes
+                c = sae(to_device_of(x, sae)).codes
                 col_dtype = torch.int16 if sae.cfg.d_sae < 2 ** 15 else torch.int32
                 parts[name].append(((c.rows + lo).int().cpu(), c.cols.to(col_dtype).cpu(), c.values.float().cpu()))
     finally:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saelib.core.devices import to_device_of
 from saelib.core.losses import nmse
 from saelib.core.progress import bar as progress_bar
 from saelib.core.sae import SAE
@@ -74,18 +75,19 @@ def evaluate(sae: SAE, data, n_tokens: int | None = None, batch_size: int = 4096
     l0s, sq_err, xs_sum, xs_sq, errs = [], 0.0, 0.0, 0.0, []
     resid_sum, resid_sq = 0.0, 0.0
     for lo in progress_bar(range(start, start + n_tokens, batch_size), show=progress, desc="evaluating"):
-        x = torch.as_tensor(data[torch.arange(lo, min(lo + batch_size, start + n_tokens))]).float()
+        x = to_device_of(data[torch.arange(lo, min(lo + batch_size, start + n_tokens))], sae).float()
         out = sae(x)
-        fires += out.codes.fire_counts()
-        l0s.append(out.codes.l0_per_token())
+        fires += out.codes.fire_counts().cpu()
+        l0s.append(out.codes.l0_per_token().cpu())
         resid = x - out.x_hat
         sq_err += float(resid.pow(2).sum())
+        # The per-dimension sums stay on the SAE's device (one copy at the end, not one per batch).
         xs_sum, xs_sq = xs_sum + x.double().sum(0), xs_sq + x.double().pow(2).sum(0)
         resid_sum, resid_sq = resid_sum + resid.double().sum(0), resid_sq + resid.double().pow(2).sum(0)
-        errs.append(resid.pow(2).sum(1))
+        errs.append(resid.pow(2).sum(1).cpu())
     sae.train(was_training)
-    var_x = (xs_sq - xs_sum**2 / n_tokens).sum()
-    var_resid = (resid_sq - resid_sum**2 / n_tokens).sum()
+    var_x = float((xs_sq - xs_sum**2 / n_tokens).sum())
+    var_resid = float((resid_sq - resid_sum**2 / n_tokens).sum())
     l0_per_token = torch.cat(l0s)
     return Evaluation(
         n_tokens=n_tokens,
@@ -94,7 +96,7 @@ def evaluate(sae: SAE, data, n_tokens: int | None = None, batch_size: int = 4096
         nmse=float(sq_err / var_x),
         explained_variance=float(1 - var_resid / var_x),
         density=fires / n_tokens,
-        per_token_error=torch.cat(errs) / float(var_x / n_tokens),
+        per_token_error=torch.cat(errs) / (var_x / n_tokens),
     )
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from saelib.core import distributed, seeding
 from saelib.core.allocation import AllocationContext, get_rule, threshold_select
+from saelib.core.devices import module_device, to_device_of
 from saelib.core.validate import check, integer, real
 
 # Above this fraction of kept entries the dense kernels are faster than the sparse ones
@@ -224,6 +225,11 @@ class SAE(nn.Module):
         self.register_buffer("threshold", torch.full((cfg.d_sae,), float("inf")))
         """Inference thresholds of batch-level rules (inf = never observed firing)."""
 
+    @property
+    def device(self) -> torch.device:
+        """Where the SAE's parameters are: the device its input must be on."""
+        return module_device(self)
+
     # ----------------------------------------------------------------------------- set-up
     @torch.no_grad()
     def init_from_sample(self, x: Tensor) -> None:
@@ -311,21 +317,22 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Reconstruction of activations of any leading shape [..., d_in] (inference mode)."""
+        """Reconstruction of activations of any leading shape [..., d_in] (inference mode), on
+        ``x``'s device (the SAE's own may differ)."""
         was_training = self.training
         self.eval()
         try:
-            return self(x.reshape(-1, x.shape[-1])).x_hat.reshape(x.shape)
+            return self(to_device_of(x.reshape(-1, x.shape[-1]), self)).x_hat.reshape(x.shape).to(x.device)
         finally:
             self.train(was_training)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        """Dense codes [tokens, d_sae] (inference mode, normalised units)."""
+        """Dense codes [tokens, d_sae] (inference mode, normalised units), on ``x``'s device."""
         was_training = self.training
         self.eval()
         try:
-            return self(x).codes.to_dense()
+            return self(to_device_of(x, self)).codes.to_dense().to(x.device)
         finally:
             self.train(was_training)
 

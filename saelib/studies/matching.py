@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saelib.core.devices import to_device_of
 from saelib.core.sae import SAE
 
 __all__ = ["cosines", "max_cosine_match", "max_cosine_within", "assign", "track_back", "births",
@@ -132,8 +133,8 @@ def firing_matrix(sae: SAE, x: Tensor, batch_size: int = 4096) -> Tensor:
     try:
         out = torch.zeros(len(x), sae.cfg.d_sae, dtype=torch.bool)
         for lo in range(0, len(x), batch_size):
-            codes = sae(x[lo:lo + batch_size].float()).codes
-            out[lo + codes.rows, codes.cols] = codes.values > 0
+            codes = sae(to_device_of(x[lo:lo + batch_size], sae).float()).codes
+            out[lo + codes.rows.cpu(), codes.cols.cpu()] = (codes.values > 0).cpu()
         return out
     finally:
         sae.train(was_training)

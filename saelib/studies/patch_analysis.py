@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from saelib.core import seeding
+from saelib.core.devices import to_device_of
 from saelib.core.hooks import hook_layer
 from saelib.core.sae import SAE
 
@@ -72,7 +73,7 @@ def harvest_tokens(model, images: Tensor, hook: str, prompts=None, batch_size: i
             got.append(act[:, :n_image].detach().to("cpu", copy=True))
 
         stop = layer + 1 if layer is not None and layer >= 0 else None
-        model.run_with_hooks(images[i:i + batch_size], fwd_hooks=[(hook, keep)], prompts=prompts,
+        model.run_with_hooks(to_device_of(images[i:i + batch_size], model), fwd_hooks=[(hook, keep)], prompts=prompts,
                              stop_at_layer=stop)
         out.append(got[0])
     return torch.cat(out)
@@ -143,7 +144,7 @@ def _images_per_chunk(acts: Tensor, sae: SAE, most: int = 250) -> int:
 def _codes(sae: SAE, acts: Tensor) -> Tensor:
     """Dense codes [n, tokens, L] of activations [n, tokens, d]."""
     n, t, d = acts.shape
-    return sae.encode(acts.reshape(n * t, d).to(sae.b_dec.device)).cpu().reshape(n, t, -1)
+    return sae.encode(acts.reshape(n * t, d)).reshape(n, t, -1)
 
 
 @torch.no_grad()
@@ -202,9 +203,8 @@ def masked_reconstruction(sae: SAE, x: Tensor, keep: Tensor) -> Tensor:
     if keep.shape[-1] != sae.cfg.d_sae:
         raise ValueError(f"keep has {keep.shape[-1]} entries per mask; the SAE has {sae.cfg.d_sae} latents")
     lead = x.shape[:-1]
-    x = x.to(sae.b_dec.device)
-    codes = sae.encode(x.reshape(-1, x.shape[-1])).reshape(*lead, sae.cfg.d_sae)
-    return _decode_kept(sae, codes, keep)
+    codes = sae.encode(to_device_of(x.reshape(-1, x.shape[-1]), sae)).reshape(*lead, sae.cfg.d_sae)
+    return _decode_kept(sae, codes, keep).to(x.device)
 
 
 def _decode_kept(sae: SAE, codes: Tensor, keep: Tensor) -> Tensor:
@@ -229,10 +229,10 @@ def spliced_accuracy(model, layer: int, acts: Tensor, labels: Tensor, sae: SAE |
         x = acts[i:i + batch_size]
         if sae is not None:
             if keep is None:
-                x = sae.reconstruct(x.to(sae.b_dec.device))
+                x = sae.reconstruct(x)
             else:
                 x = masked_reconstruction(sae, x, keep if keep.ndim == 1 else keep[i:i + batch_size])
-        logits = model.classify(model.run_blocks(x.to(model.device), layer + 1))
+        logits = model.classify(model.run_blocks(to_device_of(x, model), layer + 1))
         correct += int((logits.argmax(-1).cpu() == labels[i:i + batch_size]).sum())
     return correct / len(acts)
 
@@ -276,11 +276,11 @@ def masking_curves(model, layer: int, sae: SAE, acts: Tensor, labels: Tensor, ra
     correct = torch.zeros(len(masks), dtype=torch.long)
     with torch.no_grad():
         for i in range(0, len(acts), batch_size):
-            codes = _codes(sae, acts[i:i + batch_size]).to(sae.b_dec.device)
+            codes = to_device_of(_codes(sae, acts[i:i + batch_size]), sae)
             y = labels[i:i + batch_size]
             for j, mask in enumerate(masks):
                 x_hat = _decode_kept(sae, codes, mask if mask.ndim == 1 else mask[i:i + batch_size])
-                logits = model.classify(model.run_blocks(x_hat.to(model.device), layer + 1))
+                logits = model.classify(model.run_blocks(to_device_of(x_hat, model), layer + 1))
                 correct[j] += int((logits.argmax(-1).cpu() == y).sum())
     return pd.DataFrame(rows).assign(accuracy=[c / len(acts) for c in correct.tolist()])
 

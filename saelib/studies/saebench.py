@@ -40,6 +40,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from saelib.core.devices import to_device_of
 from saelib.core.metrics import Evaluation, evaluate
 from saelib.core.sae import SAE
 from saelib.core.saelens_io import saelens_config
@@ -173,8 +174,9 @@ def _reconstruction_stats(sae: SAE, x: Tensor, window: Tensor, n_windows: int, b
     sae.eval()
     for lo in range(0, len(x), batch_size):
         xb = x[lo:lo + batch_size]
-        out = sae(xb)
-        x_hat, codes = out.x_hat.double(), out.codes
+        out = sae(to_device_of(xb, sae))
+        # Sums and the window index are on the CPU, where x is.
+        x_hat, codes = out.x_hat.double().cpu(), out.codes
         xd = xb.double()
         n_in, n_out = xd.norm(dim=1), x_hat.norm(dim=1)
         err = (xd - x_hat).pow(2).sum(1)
@@ -187,7 +189,7 @@ def _reconstruction_stats(sae: SAE, x: Tensor, window: Tensor, n_windows: int, b
         sums["x_dot_xhat"] += float((xd * x_hat).sum())
         sums["l1"] += float(codes.values.double().abs().sum())
         sums["ev_legacy"] += float((1 - err / (xd - mean).pow(2).sum(1)).sum())
-        fired_windows[window[lo + codes.rows], codes.cols] = True
+        fired_windows[window[lo + codes.rows.cpu()], codes.cols.cpu()] = True
     sae.train(was_training)
     return sums | {"fired_windows": fired_windows.sum(0)}
 

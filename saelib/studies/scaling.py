@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from saelib.core.devices import to_device_of
 from saelib.core.sae import SAE
 from saelib.core.storage import atomic_text, content_key
 from saelib.subjects.activations import RowSubset
@@ -43,7 +44,7 @@ def batch_allocated(sae: SAE) -> Callable[[Tensor], Tensor]:
     def reconstruct(x: Tensor) -> Tensor:
         twin = copy.deepcopy(sae).train()
         with torch.no_grad():
-            return twin(x.reshape(-1, x.shape[-1])).x_hat.reshape(x.shape)
+            return twin(to_device_of(x.reshape(-1, x.shape[-1]), twin)).x_hat.reshape(x.shape).to(x.device)
     return reconstruct
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saelib.core.devices import to_device_of
 from saelib.core.hooks import check_hook_point, later_residual_streams
 from saelib.core.progress import bar as progress_bar
 
@@ -53,7 +54,7 @@ class SpliceResult:
 
 
 def _as_function(reconstruct) -> Callable[[Tensor], Tensor]:
-    # An saelib SAE (or anything with .reconstruct, which switches to inference mode), or x -> x_hat.
+    # An saelib SAE (its .reconstruct switches to inference mode and runs on its device), or x -> x_hat.
     fn = getattr(reconstruct, "reconstruct", reconstruct)
     if not callable(fn):
         raise TypeError(f"reconstruct must be an SAE or a callable x -> x_hat, got {type(reconstruct).__name__}")
@@ -101,7 +102,7 @@ def splice_sweep(model, hook: str, reconstructs: Mapping[str, object], windows: 
     spliced_sums = {name: torch.zeros(2, dtype=torch.float64) for name in replace}  # ce spliced, kl
     n = 0
     for lo in progress_bar(range(0, len(windows), batch_size), show=progress, desc="splicing", unit="batch"):
-        tokens = windows[lo:lo + batch_size].to(model.cfg.device)
+        tokens = to_device_of(windows[lo:lo + batch_size], model)
         target = tokens[:, 1:].reshape(-1)
 
         def log_probs(hooks):
@@ -150,7 +151,7 @@ def downstream_errors(model, hook: str, reconstructs: Mapping[str, object], wind
     err = {(name, h): torch.zeros((), dtype=torch.float64) for name in replace for h in hooks}
     n = 0
     for lo in progress_bar(range(0, len(windows), batch_size), show=progress, desc="downstream", unit="batch"):
-        tokens = windows[lo:lo + batch_size].to(model.cfg.device)
+        tokens = to_device_of(windows[lo:lo + batch_size], model)
         _, cache = model.run_with_cache(tokens, names_filter=hooks)
         clean = {h: cache[h][:, 1:].double().flatten(0, 1) for h in hooks}
         for h in hooks:

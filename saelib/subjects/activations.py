@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from saelib.core import seeding
+from saelib.core.devices import to_device_of
 from saelib.core.hooks import check_hook_point, stop_layer
 from saelib.core.progress import bar as progress_bar
 from saelib.core.sae import PRECISIONS
@@ -178,10 +179,9 @@ def _iter_harvest(model, hooks: Sequence[str], windows: Tensor, batch_size: int,
                          "use a smaller context_size")
     stop = stop_layer(model, hooks)  # also validates the hook names
     first = int(exclude_bos)
-    device = model.cfg.device
     with torch.no_grad():
         for lo in progress_bar(range(0, len(windows), batch_size), show=progress, desc="harvesting", unit="batch"):
-            batch = windows[lo:lo + batch_size].to(device)
+            batch = to_device_of(windows[lo:lo + batch_size], model)
             _, cache = model.run_with_cache(batch, names_filter=list(hooks), stop_at_layer=stop)
             out = {}
             for h in hooks:

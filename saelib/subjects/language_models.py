@@ -97,8 +97,11 @@ def _load_official(name: str, device: str, **kw: Any):
     try:
         return HookedTransformer.from_pretrained(name, device=device, **kw)
     except (OSError, ConnectionError, RuntimeError) as e:
+        # The revision is named: a missing checkpoint otherwise reads like a missing model.
+        at = f" at checkpoint {kw['checkpoint_value']} (revision 'step{kw['checkpoint_value']}')" \
+            if "checkpoint_value" in kw else ""
         raise RuntimeError(
-            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
+            f"could not fetch {name!r}{at} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
             "This machine may be offline: use 'smollm2-135m', an 'organism-<profile>' model, or a "
             "local directory saved with save_pretrained."
         ) from e

@@ -1,0 +1,153 @@
+"""A local stand-in for the Hugging Face hub: tiny random models and datasets under the real names.
+
+``build(root)`` writes, under ``root`` (use it as ``HF_HOME``):
+
+* ``hub/``: the hub's cache layout (``models--ORG--NAME/refs/REV`` holding a commit hash,
+  ``snapshots/COMMIT/FILES``) for ``gpt2`` (a 12-layer GPT2LMHeadModel of width 64 whose position-0 embedding is
+  scaled up, the massive first-position norm chapter 1 checks), ``EleutherAI/pythia-70m-deduped``
+  (a 3-layer GPTNeoX with ``main`` and the ``stepN`` revisions of ``PYTHIA_STEPS``, each with its own
+  weights) and ``openai/clip-vit-base-patch16`` (a 12-layer CLIPVisionModel of width 32), all sharing one
+  small byte-level BPE tokenizer trained here; and each dataset of ``DATASETS`` as the parquet files
+  of its repository (``datasets--ORG--NAME/snapshots/COMMIT/data/train-00000-of-00001.parquet``).
+* ``datasets/``: those parquet files prepared by ``datasets``' own parquet builder under the
+  dataset's hub name, which is what ``load_dataset(NAME)`` leaves behind after one online load and
+  the only thing it reads offline (datasets 5 never resolves a hub dataset from ``hub/`` offline).
+
+Only the files are small: what loads them is the real code (TransformerLens ``from_pretrained``,
+transformers, ``datasets.load_dataset``), run with ``HF_HUB_OFFLINE=1`` (``environment(root)``).
+These libraries read their cache locations when imported, so the stand-in is used from a fresh
+process (a papermill kernel, ``subprocess``) started with that environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from saelib.book import profiles
+
+PYTHIA = "EleutherAI/pythia-70m-deduped"
+_DYNAMICS = profiles.values("dynamics", "gpu")
+PYTHIA_STEPS = tuple(sorted({*_DYNAMICS["checkpoints"], *_DYNAMICS["probe_checkpoints"]}))
+"""Revisions ``stepN`` of the stand-in Pythia: those chapter 4's gpu profile reads (the last, 143000,
+is also ``main``)."""
+CLIP = "openai/clip-vit-base-patch16"
+DATASETS = {"Elriggs/openwebtext-100k": "text"}
+"""Parquet-backed datasets the gpu profiles read, with their text column."""
+_WORDS = ("the model reads a token and writes the next one while sparse features fire on words "
+          "that matter in context such as names numbers dates places and code").split()
+
+
+def _commit(*parts: object) -> str:
+    return hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()
+
+
+def _snapshot(hub: Path, kind: str, repo: str, revision: str = "main") -> Path:
+    folder = hub / f"{kind}s--{repo.replace('/', '--')}"
+    commit = _commit(kind, repo, revision)
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / revision).write_text(commit)
+    snap = folder / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    return snap
+
+
+def _documents(n: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(40, 120))) + "." for _ in range(n)]
+
+
+def build(root: Path) -> Path:
+    """Write the stand-in hub under ``root`` (idempotent); returns ``root``, the ``HF_HOME``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from datasets.data_files import DataFilesDict, DataFilesList
+    from datasets.packaged_modules.parquet.parquet import Parquet
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+    )
+
+    from saelib.subjects.language_models import train_tokenizer
+
+    root = Path(root)
+    hub = root / "hub"
+    if (root / "complete").exists():
+        return root
+    tokenizer = train_tokenizer(_documents(200, 0), vocab_size=512)
+    vocab = len(tokenizer)
+
+    def save(model, kind_repo: str, revision: str = "main", with_tokenizer: bool = True) -> None:
+        snap = _snapshot(hub, "model", kind_repo, revision)
+        model.save_pretrained(snap)
+        if with_tokenizer:
+            tokenizer.save_pretrained(snap)
+
+    torch.manual_seed(0)
+    # n_ctx: gpt2's own config.json has it and TransformerLens reads it (transformers 5 no longer sets it).
+    # 12 layers as the real one (the gpu profiles hook blocks 4, 6 and 8); width 64 so that
+    # chapter 2's largest k (128) fits the dictionary at ci's expansion (2)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=64, n_head=2, n_positions=256, n_ctx=256,
+                                      vocab_size=vocab, bos_token_id=0, eos_token_id=0))
+    with torch.no_grad():
+        # The one trained-model trait a chapter asserts (chapter 1: position 0's residual norm is
+        # over 10x the others', as in the real gpt2), given by a large position-0 embedding.
+        gpt2.transformer.wpe.weight[0] *= 100
+    save(gpt2, "gpt2")
+    neox = GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=256, vocab_size=vocab, rotary_pct=0.25, bos_token_id=0,
+                         eos_token_id=0)
+    for step in PYTHIA_STEPS:
+        torch.manual_seed(step)  # each revision its own weights, as a training run's checkpoints
+        model = GPTNeoXForCausalLM(neox)
+        save(model, PYTHIA, f"step{step}")
+        if step == PYTHIA_STEPS[-1]:
+            save(model, PYTHIA, "main")
+    save(CLIPVisionModel(CLIPVisionConfig(num_hidden_layers=12, hidden_size=32, intermediate_size=64,
+                                          num_attention_heads=2, image_size=32, patch_size=16)),
+         CLIP, with_tokenizer=False)
+    for i, (name, column) in enumerate(DATASETS.items()):
+        data = _snapshot(hub, "dataset", name) / "data"
+        data.mkdir(exist_ok=True)
+        parquet = data / "train-00000-of-00001.parquet"
+        pq.write_table(pa.table({column: _documents(4000, 1 + i)}), parquet)
+        # What the first online load_dataset(name) prepares, where load_dataset(name) looks for it
+        # offline: NAMESPACE___NAME/default/0.0.0/COMMIT/{dataset_info.json, NAME-train.arrow}. The
+        # parquet builder writes it under its own names (repo_id= would demand hf:// data files), so
+        # the files are moved to the hub-loaded dataset's names.
+        scratch = root / "scratch"
+        Parquet(cache_dir=str(scratch), dataset_name="standin",
+                data_files=DataFilesDict({"train": DataFilesList([str(parquet)], [None])})
+                ).download_and_prepare()
+        (prepared,) = scratch.glob("standin/*/0.0.0")
+        namespace, short = name.split("/")
+        final = root / "datasets" / f"{namespace}___{short}" / "default" / "0.0.0" / _commit("dataset", name)
+        final.mkdir(parents=True)
+        (prepared / "standin-train.arrow").rename(final / f"{short}-train.arrow")
+        info = json.loads((prepared / "dataset_info.json").read_text())
+        info.update(config_name="default", dataset_name=short)
+        (final / "dataset_info.json").write_text(json.dumps(info))
+        shutil.rmtree(scratch)
+    (root / "complete").write_text("")
+    return root
+
+
+def environment(root: Path) -> dict[str, str]:
+    """The environment of a process that sees the stand-in hub, offline, with its own saelib cache:
+    saelib keys caches by model name, and activations of a stand-in "gpt2-small" must never be
+    found by a run on the real one."""
+    root = Path(root)
+    return {**os.environ, "SAELIB_CACHE": str(root / "saelib"), "HF_HOME": str(root),
+            "HF_HUB_CACHE": str(root / "hub"),
+            "HF_DATASETS_CACHE": str(root / "datasets"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1"}
