@@ -28,9 +28,10 @@ from torch import Tensor, nn
 from saelib.core import seeding
 from saelib.core.checkpoints import check_same_config
 from saelib.core.progress import bar as progress_bar
-from saelib.core.storage import atomic_json, atomic_save
+from saelib.core.storage import atomic_json, atomic_save, read_json
+from saelib.core.validate import check
 
-__all__ = ["PretrainConfig", "PretrainResult", "pretrain", "clear_resume", "RESUME_FILE"]
+__all__ = ["PretrainConfig", "PretrainResult", "pretrain", "clear_resume", "read_record", "RESUME_FILE"]
 
 RESUME_FILE = "resume.pt"
 
@@ -81,10 +82,8 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))  # JSON round-trips tuples as lists
         for name in ("steps", "batch_size", "log_every", "resume_every", "units_per_row"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"PretrainConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.precision not in ("float32", "bfloat16"):
-            raise ValueError(f"precision must be 'float32' or 'bfloat16', got {self.precision!r}")
+            check(self, name, lambda v: v > 0, "must be positive")
+        check(self, "precision", lambda v: v in ("float32", "bfloat16"), "must be 'float32' or 'bfloat16'")
         seeding.derived_seed(self.stream, self.seed)  # refuses an unknown stream now, not at step 0
 
     def lr_at(self, step: int) -> float:
@@ -220,6 +219,18 @@ def pretrain(model: nn.Module, batch_loss: Callable[[Tensor], Tensor], n_rows: i
         after_step()
     bar.close()
     return PretrainResult(step, history, elapsed, step >= cfg.steps)
+
+
+def read_record(path: Path, identity: dict, what: str) -> dict | None:
+    """The record a pretrained model keeps beside its weights (``organism.json``, ``vit.json``):
+    None before the first run; refused, naming each differing field, when it was written for
+    another ``identity`` (the fields that determine the weights: config, data); ``DamagedError``
+    when it cannot be read."""
+    if not path.exists():
+        return None
+    record = read_json(path, f"delete {path.parent} and rerun to train it again")
+    check_same_config(identity, {key: record.get(key) for key in identity}, what=what)
+    return record
 
 
 def clear_resume(out_dir: str | Path) -> None:

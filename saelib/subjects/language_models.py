@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,8 +27,18 @@ from typing import Any, Iterable
 import torch
 
 from saelib.core import seeding
-from saelib.core.pretraining import PretrainConfig, clear_resume, pretrain
-from saelib.core.storage import atomic_json, atomic_save, cache_root, locked, read_json, verify, write_checksums
+from saelib.core.pretraining import PretrainConfig, clear_resume, pretrain, read_record
+from saelib.core.storage import (
+    atomic_dir,
+    atomic_json,
+    atomic_save,
+    cache_root,
+    commit_dir,
+    locked,
+    read_json,
+    verify,
+    write_checksums,
+)
 from saelib.subjects.corpora import load_corpus
 
 __all__ = [
@@ -183,13 +192,10 @@ def _load_smollm2(device: str, hf_model=None, tokenizer=None, use_cache: bool = 
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not (prep / "config.json").exists():
         # The GGUF-loaded model cannot be save_pretrained; its config and tokenizer can.
-        tmp = prep.with_name(prep.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = atomic_dir(prep)
         hf_model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        prep.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(prep, ignore_errors=True)
-        os.replace(tmp, prep)
+        commit_dir(tmp, prep)
     model = _tl_from_hf_dir(prep, hf_model, tokenizer, device)
     if use_cache and not weights.exists():
         atomic_save(model.state_dict(), weights)
@@ -346,22 +352,17 @@ def _train_organism_into(out: Path, name: str, p: OrganismProfile, corpus: str, 
     _, HookedTransformer, _, _ = _transformer_lens()
     meta = {"profile": name, "config": asdict(p), "corpus": corpus}
     meta_path = out / "organism.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old["config"] != meta["config"] or old["corpus"] != corpus:
-            raise ValueError(f"{out} holds an organism trained with a different configuration "
-                             f"({old['config']} on {old['corpus']!r}); pick another out_dir or delete it")
-        if old.get("finished"):
-            return out
+    old = read_record(meta_path, {"config": meta["config"], "corpus": corpus}, what=f"the organism in {out}")
+    if old is not None and old.get("finished"):
+        return out
     out.mkdir(parents=True, exist_ok=True)
 
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
         tokenizer = train_tokenizer(load_corpus(corpus, max_chars=p.tokenizer_chars), p.d_vocab)
-        tmp = tok_dir.with_name(f"tokenizer.tmp{os.getpid()}")
+        tmp = atomic_dir(tok_dir)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(tok_dir, ignore_errors=True)
-        os.replace(tmp, tok_dir)
+        commit_dir(tmp, tok_dir)
     # TransformerLens re-opens the tokenizer from its name_or_path, so it must come from disk.
     tokenizer = _load_tokenizer(tok_dir)
     atomic_json(meta, meta_path)

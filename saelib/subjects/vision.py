@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import json
 import math
 import os
 import struct
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saelib.core import seeding
-from saelib.core.pretraining import PretrainConfig, clear_resume, pretrain
+from saelib.core.pretraining import PretrainConfig, clear_resume, pretrain, read_record
 from saelib.core.storage import (
     atomic_json,
     atomic_save,
@@ -433,13 +432,9 @@ def _train_vit_into(out: Path, name: str, cfg: ViTConfig, resume_every: int, pro
                     stop_at_step: int | None) -> Path:
     meta = {"profile": name, "config": asdict(cfg)}
     meta_path = out / "vit.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old["config"] != meta["config"]:
-            raise ValueError(f"{out} holds a ViT trained with a different configuration ({old['config']}); "
-                             "pick another out_dir or delete it")
-        if old.get("finished"):
-            return out
+    old = read_record(meta_path, {"config": meta["config"]}, what=f"the ViT in {out}")
+    if old is not None and old.get("finished"):
+        return out
     atomic_json(meta, meta_path)
     images, labels = load_fashion_mnist("train")
     train_idx, val_idx = pretraining_split(cfg.seed, cfg.val_images)
