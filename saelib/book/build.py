@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from saelib.book import profiles
+from saelib.book import plan, profiles
 from saelib.browser.publish import BROWSER_DIR_ENV
 from saelib.core import progress, storage
 
@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-html", action="store_true", help="execute only; skip the HTML build")
     ap.add_argument("--list", action="store_true", help="list chapters and their knobs, then exit")
     ap.add_argument("--timings", action="store_true", help="print the recorded chapter times, then exit")
+    ap.add_argument("--plan", action="store_true",
+                    help="print each chapter's plan (tokens, disk, memory, T4/A100 hours), then exit")
     a = ap.parse_args(argv)
     notebooks = chapters()
     if a.timings:
@@ -267,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         if not notebooks:
             ap.error(f"--only {a.only} matches no chapter; chapters: {[nb.stem for nb in chapters()]}")
     params = dict(a.param)
+    if a.plan:
+        return _print_plans(notebooks, a.profile, params)
     if a.profile != "gpu":  # the offline profiles must never wait on a hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -280,6 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # an unwritable --build-dir, a full disk: the system's one-line reason
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _print_plans(notebooks: list[Path], profile: str, params: dict[str, Any]) -> int:
+    """The plans of ``notebooks`` at ``profile``, each with whether this machine can hold it."""
+    for nb in notebooks:
+        chapter = chapter_of(nb)
+        P = {**profiles.values(chapter, profile), **{k: v for k, v in params.items() if k in profiles.knobs(chapter)}}
+        p = plan.plan(chapter, P)
+        print(f"{nb.stem}: " + "\n".join(p.lines()))
+        try:
+            p.check(*plan.machine())
+            print("  this machine can hold it")
+        except plan.PlanError as e:
+            print(f"  {e}")
+    return 0
 
 
 def _build_book(a: argparse.Namespace, notebooks: list[Path], params: dict[str, Any]) -> int:

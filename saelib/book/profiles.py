@@ -28,10 +28,15 @@ import html
 import os
 from typing import Any, Mapping
 
+from saelib.book import plan
+
 PROFILES = ("ci", "cpu", "cpu-long", "gpu", "gpu-smoke")
 BASE = {"cpu-long": "cpu"}
 """A profile a chapter does not define takes the values of its base profile (every chapter defines
 the others)."""
+PLANNED = ("gpu", "gpu-smoke")
+"""Profiles whose ``resolve`` prints the run's plan and refuses one this machine cannot hold
+(``saelib.book.plan``)."""
 PROFILE_ENV = "SAELIB_PROFILE"
 DEFAULT_PROFILE = "cpu"
 
@@ -331,6 +336,8 @@ def resolve(chapter: str, profile: str | None = None, **overrides: Any) -> Param
             check_type(chapter, name, value)
             params[name] = value
     params["profile"] = profile
+    if profile in PLANNED:
+        plan.announce(chapter, params)
     return params
 
 
