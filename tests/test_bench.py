@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))  # the scripts import each other (bench_saelens reads bench_train's data)
+sys.path.insert(0, str(BENCH))  # the scripts import each other (bench_peers reads bench_train's data)
 
 import bench_e2e  # noqa: E402
 import bench_harvest  # noqa: E402
-import bench_saelens  # noqa: E402
+import bench_peers  # noqa: E402
 import bench_train  # noqa: E402
 
 SCRIPTS = sorted(BENCH.glob("bench_*.py"))
@@ -66,19 +66,32 @@ def test_bench_train_two_ranks(capsys):
     assert all(r["tokens_per_s"] > 0 for r in result["rules"])
 
 
-def test_bench_saelens_checks_equal_quality_before_any_ratio(capsys):
+def test_bench_peers_round_robin_checks_equal_quality_before_any_ratio(capsys):
     pytest.importorskip("sae_lens")
-    result = bench_saelens.main(["--d", "32", "--d-sae", "128", "--k", "4", "--batch", "256", "--steps", "8",
-                                 "--warmup", "2", "--rows", "4096", "--heldout", "1024"])
+    pytest.importorskip("sparsify")
+    result = bench_peers.main(["--d", "32", "--d-sae", "128", "--k", "4", "--batch", "256", "--steps", "8",
+                               "--warmup", "2", "--rows", "4096", "--heldout", "1024", "--rounds", "2"])
     out = capsys.readouterr().out
     rows = result["results"]
-    assert [r["library"] for r in rows] == ["saelib (float32 encoder)", "SAELens dense, dec. norm 0.1",
-                                            "SAELens dense, dec. norm 1"]
+    assert [r["library"] for r in rows] == [
+        "saelib (float32 encoder)", "saelib (bfloat16 encoder)", "SAELens dense, dec. norm 0.1",
+        "SAELens dense, dec. norm 1", "sparsify 1.3, signum", "sparsify 1.3, adam"]
     assert all(r["tokens_per_s"] > 0 and r["end_to_end_tokens_per_s"] > 0 and 0 < r["nmse"] < 2 for r in rows)
-    assert out.count("equal-quality check:") == 2
-    equal = [r for r in rows[1:] if r["equal_quality"]]
-    ratio = out.index("at equal held-out NMSE") if equal else out.index("no speed ratio is claimed")
-    assert ratio > out.rindex("equal-quality check:")  # the check comes first
+    # round-robin: every library ran once per round, and the table shows the median of its rounds
+    assert all(len(r["tokens_per_s_rounds"]) == 2 for r in rows)
+    assert all(r["tokens_per_s"] == pytest.approx(sum(r["tokens_per_s_rounds"]) / 2) for r in rows)
+    assert "load average" in out and out.count("fp32 matmul") == 2 and result["matmul_gflops"] > 0
+    assert out.count("equal-quality check:") == len(rows) - 1
+    first_ratio = min((out.index(t) for t in ("at equal held-out NMSE", "no speed ratio is claimed") if t in out))
+    assert first_ratio > out.rindex("equal-quality check:")  # every check comes first
+    for peer in ("SAELens", "sparsify"):  # each peer: a ratio against an equal-quality run, or none claimed
+        equal = [r for r in rows if r["library"].startswith(peer) and r["equal_quality"]]
+        assert bool(equal) == any(f"/ {peer}" in k for k in result["ratios"]), peer
+        assert equal or f"no {peer} run reached" in out
+    for name, ratio in result["ratios"].items():
+        mine, peer = (next(r for r in rows if r["library"] == n) for n in name.split(" / "))
+        assert mine["equal_quality"] and peer["equal_quality"]
+        assert ratio == pytest.approx(mine["tokens_per_s"] / peer["tokens_per_s"])
 
 
 def test_bench_e2e_times_every_objective(ci_organism, capsys):
