@@ -62,6 +62,30 @@ def test_full_load_is_cached_and_reused(tmp_path):
     assert load_corpus("kjv", max_chars=5) == ["senti"]
 
 
+def test_a_budget_beyond_the_corpus_caches_all_of_it_and_a_smaller_one_does_not(tmp_path):
+    if not corpora.KJV_DATA.exists():
+        pytest.skip("bible-kjv-text is not installed")
+    cached = tmp_path / "cache" / "corpora" / "kjv.json"
+    part = load_corpus("kjv", max_chars=10_000)
+    assert sum(map(len, part)) == 10_000 and not cached.exists()
+    whole = load_corpus("kjv", max_chars=10**12)  # more than it holds: the whole corpus, so cached
+    assert json.loads(cached.read_text()) == whole and whole[: len(part) - 1] == part[:-1]
+
+
+def test_windows_beyond_the_corpus_are_refused_before_tokenizing():
+    class Tokenizer:  # tokenizing is what the check saves: a call would fail this test
+        bos_token_id, eos_token_id = 0, 0
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("tokenized a corpus that cannot hold the windows")
+
+    from saelib.subjects.activations import token_windows
+
+    with pytest.raises(ValueError, match=r"corpus 'kjv' \(train split\) holds at most [\d,]+ tokens \([\d,]+ windows of 64\), "
+                                         r"10,000,000 windows requested"):
+        token_windows(Tokenizer(), "kjv", 10_000_000, 64)
+
+
 def test_mixed_interleaves_all_four_deterministically():
     if not all(p.exists() for p in DATA.values()):
         pytest.skip("mixed needs all four Debian corpus packages")

@@ -37,7 +37,7 @@ and every damage message ends with the remedy quoted in its row.
 | `book --build-dir` below a regular file [book-build-dir] | `error: [Errno 20] Not a directory: ...` (exit 2) |
 | `student-copy --out` a regular file [student-copy-out] | `error: [Errno 17] File exists: ...` (exit 2) |
 | `browse --cache` with a zeroed block [browse-damaged-cache] | `error: .../activations.bin is damaged: its contents differ ...; delete CACHE and rerun to harvest it again` |
-| `browse --tokens 1000000000000` [browse-too-many-tokens] | `error: cannot harvest 1,000,000,000,000 tokens of 'mixed': corpus 'mixed' (heldout split) holds only 25930 windows of 64 tokens, ...; pass a smaller --tokens` |
+| `browse --tokens 1000000000000` [browse-too-many-tokens] | `error: cannot harvest 1,000,000,000,000 tokens of 'mixed': corpus 'mixed' (heldout split) holds at most ... tokens (... windows of 64), ...; pass a smaller --tokens` |
 | `browse --out` below a regular file [browse-out-unwritable] | `error: [Errno 20] Not a directory: ...` |
 
 Elsewhere, each also a test: `saelib train` with `train.lr=-0.001` (exit 2, nothing written, the corrected

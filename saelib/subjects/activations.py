@@ -151,6 +151,12 @@ def token_windows(tokenizer, corpus: str, n_windows: int, context_size: int, see
         docs = load_corpus(corpus, max_chars=chars)
         complete = sum(map(len, docs)) < chars  # the corpus ran out before the budget
         keep = [d for i, d in enumerate(docs) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == (split == "heldout")]
+        if complete:  # the whole split is here: refuse before tokenizing what cannot be enough
+            at_most = sum(len(d.encode()) for d in keep) + len(keep)  # a token spans >= 1 byte, + one EOS each
+            if at_most < need:
+                raise ValueError(f"corpus {corpus!r} ({split} split) holds at most {at_most:,} tokens "
+                                 f"({at_most // body:,} windows of {context_size}), {n_windows:,} windows requested; "
+                                 "ask for fewer tokens or use a larger corpus")
         ids: list[int] = []
         for enc in tokenizer(keep, add_special_tokens=False)["input_ids"] if keep else []:
             ids.extend(enc)

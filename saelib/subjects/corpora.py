@@ -284,7 +284,7 @@ def load_corpus(name: str, max_chars: int | None = None, *, text_field: str = "t
         docs = list(_interleave([iter(load_corpus(n)) for n in _SHELF]))  # reuses the per-corpus caches
     else:
         docs = _truncate(iter_corpus(name, text_field=text_field, split=split), max_chars)
-    if cacheable and max_chars is None:
+    if cacheable and (max_chars is None or sum(map(len, docs)) < max_chars):  # all of it: cache it too
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_text(json.dumps(docs), cache)  # a killed run never leaves a half-written cache
     return docs
