@@ -119,6 +119,23 @@ def test_derived_knobs_are_valid_for_small_user_values():
     pytest.fail("00_synthetic builds no TrainConfig")
 
 
+def test_the_runner_estimates_what_is_left_from_this_folders_recorded_times(tmp_path):
+    from pathlib import Path
+
+    chapters = [Path(f"{n}.ipynb") for n in ("00_a", "01_b", "02_c")]
+    assert book._eta({}, chapters) == "", "a first run has nothing to estimate from"
+    book.record_timing(tmp_path, "cpu", "00_a", 60)
+    book.record_timing(tmp_path, "cpu", "01_b", 120)
+    assert book._eta(book._recorded_timings(tmp_path)["cpu"], chapters) == "", "02_c was never timed here"
+    book.record_timing(tmp_path, "cpu", "02_c", 1800)
+    previous = book._recorded_timings(tmp_path)["cpu"]
+    assert re.fullmatch(r" \(last run here: 1\.0 min; the 3 left: about 33 min, done about \d\d:\d\d\)",
+                        book._eta(previous, chapters))
+    assert book._eta(previous, chapters[2:]) == " (last run here: 30.0 min)"
+    (tmp_path / "timings.json").write_text("{broken")
+    assert book._recorded_timings(tmp_path) == {}
+
+
 def test_a_failing_chapter_keeps_the_last_good_executed_notebook(tmp_path):
     params = nbformat.v4.new_code_cell('profile = "cpu"\nfail = False')
     params.metadata["tags"] = ["parameters"]

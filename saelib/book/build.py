@@ -215,6 +215,25 @@ def export_figures(executed: Path, out: Path) -> list[Path]:
     return written
 
 
+def _recorded_timings(build_dir: Path) -> dict[str, dict[str, float]]:
+    path = build_dir / "timings.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}  # an estimate only: a broken record is rewritten by the next recorded chapter
+
+
+def _eta(previous: dict[str, float], remaining: list[Path]) -> str:
+    """' (last run here: 3.1 min; these N chapters: about M min, done about HH:MM)' from the times
+    this build folder recorded for the profile; empty where a chapter has none (a first run)."""
+    if not remaining or any(nb.stem not in previous for nb in remaining):
+        return ""
+    left = sum(previous[nb.stem] for nb in remaining)
+    done_at = time.strftime("%H:%M", time.localtime(time.time() + left))
+    rest = f"; the {len(remaining)} left: about {left / 60:.0f} min, done about {done_at}" if len(remaining) > 1 else ""
+    return f" (last run here: {previous[remaining[0].stem] / 60:.1f} min{rest})"
+
+
 def record_timing(build_dir: Path, profile: str, chapter: str, seconds: float) -> None:
     path = build_dir / "timings.json"
     with storage.locked(path):  # builds sharing a build folder add their times, none is lost
@@ -303,9 +322,10 @@ def _print_plans(notebooks: list[Path], profile: str, params: dict[str, Any]) ->
 
 def _build_book(a: argparse.Namespace, notebooks: list[Path], params: dict[str, Any]) -> int:
     executed = a.build_dir / "executed" / a.profile
+    previous = _recorded_timings(a.build_dir).get(a.profile, {})
     total = 0.0
     for i, nb in enumerate(notebooks, 1):
-        print(f"[{i}/{len(notebooks)}] {nb.stem} ({a.profile}) ...", flush=True)
+        print(f"[{i}/{len(notebooks)}] {nb.stem} ({a.profile}) ...{_eta(previous, notebooks[i - 1:])}", flush=True)
         try:
             seconds = execute(nb, executed / nb.name, a.profile, params)
         except ChapterFailed as e:
