@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             "run_tokens_per_s": args.steps * args.batch / seconds})
         curve = run.history.pivot_table(index="tokens", columns="sae", values="dead_frac")
         curves.append((expansion, 100 * curve))
+        done = pd.DataFrame([r for r in results if r["expansion"] == expansion])
+        print(f"{expansion}x done ({seconds:.0f} s):\n{done.to_string(index=False, float_format=lambda v: f'{v:.4f}')}",
+              flush=True)
 
     table = pd.DataFrame(results)
     print(f"\n{args.steps} steps x {args.batch} tokens (k {args.k}, dead after {args.dead_after:,} silent tokens, "
