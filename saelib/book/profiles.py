@@ -123,7 +123,8 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                    sanity_tokens=12_288, sanity_steps=60, max_overfit=1.5,
                    # A minute of training at toy sizes: only the dead-feature premise and aux_k's
                    # effect are recorded (2304 features die fast at batch 512).
-                   expect_claims={"topk_dies": True, "fc_no_dead_big": True}),
+                   expect_claims={"topk_dies": True, "fc_no_dead_big": True, "fc_uniform_no_dead_big": True,
+                                  "fc_unfloored_no_dead_big": False, "aux_k_fewer_dead_big": True}),
         "cpu": _SCALE_CPU,
         # The same with the longest runs extended: the length study to 12M tokens (two more
         # doublings) and the large dictionary 4x longer (2.6M tokens).
