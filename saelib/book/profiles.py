@@ -106,16 +106,15 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     expect_claims=None),
     },
     # Chapter 2b: chapter 2's comparison at increasing training lengths (one run, snapshots at
-    # doubling budgets), with a 32x dictionary for dead features, and at a second hook point.
-    # Throughput measured 2026-11-26 on the project machine (2 cores, quiet), bfloat16 encoder,
-    # batch 2048, k 32: 4608 features TopK 36.7k tokens/s, FC 31.7k, MC 35.6k; 18432 features
-    # TopK 10.0k, FC 9.0k, MC 9.5k, TopK + aux_k 8.6k; MC + aux_zipf 3-5k early in training (every
-    # feature is under its target then). bfloat16 harvest of SmolLM2 layer 15: 4.1k tokens/s.
-    # cpu cold took 75 min with two other chapters building beside it (load 4-6 on 2 cores;
-    # harvest 6 min, length study 49 min, 32x study 14 min, second hook 6 min): over the 40
-    # minutes the issue allows, and still short of 1% dead TopK features at 32x. cpu-long
-    # (unrun so far) doubles the length study and trains the 32x dictionary 4x longer: about
-    # 2.5 more hours at the same contention, 1.5 on a quiet machine (estimates).
+    # doubling budgets), with a large dictionary for dead features, and at a second hook point.
+    # The large dictionary is 64x on cpu: bench/bench_dead.py (2026-12-02, under the shared lock on a
+    # loaded machine, load 3-5) measured TopK without aux_k at 64x (36,864 features, bf16 encoder,
+    # batch 2048, k 32, dead after 100k tokens) losing 1.78% of its features in 320 steps (655k
+    # tokens), past the 1% the comparisons need, and rising about 0.9 points per 100k tokens at the
+    # end (0.05% at 328k): 5% is an extrapolation for cpu-long's 4x longer run. The cpu profile's
+    # 32x (chapter 2b before issue 30) lost 0.41%. 128x would put F above k * B (73,728 > 65,536), so
+    # the floored FC profiles would spend more than k per token there. The length study stops at
+    # 3M tokens (1472 steps) to pay for the larger dictionary; cpu-long runs it to 12M.
     "allocation_scale": {
         "ci": dict(**HARVEST["ci"], splice_windows=4, expansion=2, k=16, batch_size=512, lr=2e-3,
                    dead_after_tokens=16_384, zipf_exponent=1.0, length_steps=120, n_budgets=3,
