@@ -3,9 +3,25 @@
 import pytest
 import torch
 
-from saelib.core.allocation import RULES, AllocationContext, get_rule, top_n_indices, zipf_capacities, zipf_profile
+from saelib.core.allocation import (
+    RULES,
+    AllocationContext,
+    get_rule,
+    top_n_indices,
+    uniform_capacities,
+    zipf_capacities,
+    zipf_profile,
+)
 
 B, F, K = 64, 96, 5
+FC_RULES = ("feature_choice", "feature_choice_uniform", "feature_choice_unfloored")
+
+
+def fc_capacities(rule, n_features, n_tokens, k, exponent=1.0):
+    """What each Feature Choice variant's capacities should be, per feature rank."""
+    return {"feature_choice": lambda: zipf_capacities(n_features, n_tokens, k, exponent, min_tokens=1),
+            "feature_choice_uniform": lambda: uniform_capacities(n_features, n_tokens, k),
+            "feature_choice_unfloored": lambda: zipf_capacities(n_features, n_tokens, k, exponent)}[rule]()
 
 
 def preacts(seed=0, positive=False):
@@ -55,23 +71,85 @@ def test_top_n_indices_is_exact_on_large_inputs():
     assert torch.equal(got.sort().values, values.topk(n).indices.sort().values)
 
 
-def test_feature_choice_respects_capacities_and_total_budget():
+@pytest.mark.parametrize("rule", FC_RULES)
+def test_feature_choice_respects_capacities_and_total_budget(rule):
     z = preacts(positive=True)
     rank = torch.randperm(F, generator=torch.Generator().manual_seed(4))
-    mask = kept_mask("feature_choice", z, feature_rank=rank, zipf_exponent=1.0)
-    capacity = zipf_capacities(F, B, K, 1.0)[rank]
+    mask = kept_mask(rule, z, feature_rank=rank, zipf_exponent=1.0)
+    capacity = fc_capacities(rule, F, B, K)[rank]
     per_feature = mask.sum(0)
-    assert (per_feature <= capacity).all()
-    assert mask.sum() == K * B  # all entries positive, so every slot is filled
+    assert torch.equal(per_feature, capacity)  # all entries positive, so every slot is filled
+    assert mask.sum() == K * B
     # each feature keeps its own largest tokens
     for i in range(F):
         if per_feature[i] and per_feature[i] < B:
             assert z[mask[:, i], i].min() > z[~mask[:, i], i].max()
 
 
-def test_feature_choice_with_negative_entries_never_exceeds_budget():
-    mask = kept_mask("feature_choice", preacts(5))
+@pytest.mark.parametrize("rule", FC_RULES)
+def test_feature_choice_with_negative_entries_never_exceeds_budget(rule):
+    mask = kept_mask(rule, preacts(5))
     assert 0 < mask.sum() <= K * B
+
+
+@pytest.mark.parametrize("rule", ["feature_choice", "feature_choice_uniform"])
+@pytest.mark.parametrize("n_features, n_tokens, k", [(2048, 128, 32), (4096, 64, 8)])
+def test_floored_feature_choice_gives_every_feature_with_a_positive_entry_a_token_in_every_batch(
+        rule, n_features, n_tokens, k):
+    """(a) and (b): whatever rank a feature holds, it keeps its best token in every batch where it has a
+    positive pre-activation, so it cannot go silent (the paper's "no dead features"). The second size
+    has k * B < F: the floor wins over the budget there."""
+    gen = torch.Generator().manual_seed(11)
+    for batch in range(4):
+        # Sparse positives: most features are positive on a handful of tokens only.
+        z = torch.randn(n_tokens, n_features, generator=gen) - 2.2
+        rank = torch.randperm(n_features, generator=gen)
+        kept = RULES[rule].select(z, AllocationContext(k=k, feature_rank=rank, zipf_exponent=1.0))
+        fired = torch.bincount(kept % n_features, minlength=n_features)
+        has_positive = (z > 0).any(0)
+        assert 0.5 * n_features < has_positive.sum() < n_features  # some features have nothing to keep
+        assert (fired[has_positive] >= 1).all(), f"batch {batch}: {(fired[has_positive] == 0).sum()} silent"
+        assert torch.equal(fired > 0, has_positive)
+        capacity = fc_capacities(rule, n_features, n_tokens, k)
+        assert capacity.min() >= 1 and capacity.sum() == max(k * n_tokens, n_features)
+
+
+def test_unfloored_zipf_leaves_tail_ranks_without_a_token_at_a_large_dictionary():
+    """(c), the silent failure mode: at 32x SmolLM2's width (18,432 features), batch 2048, k = 32, the
+    pure Zipf share rounds to zero for about a quarter of the ranks; a feature holding such a rank keeps
+    nothing however positive its pre-activations are."""
+    capacity = zipf_capacities(18_432, 2048, 32, 1.0)
+    assert 0.2 < (capacity == 0).float().mean() < 0.3
+    assert (zipf_capacities(18_432, 2048, 32, 1.0, min_tokens=1) >= 1).all()
+    # The same at a size a test can select over: 4096 features, batch 64, k 16.
+    n_features, n_tokens = 4096, 64
+    capacity = zipf_capacities(n_features, n_tokens, 16, 1.0)
+    starved = capacity == 0
+    assert starved.any()
+    z = torch.rand(n_tokens, n_features, generator=torch.Generator().manual_seed(2)) + 0.1  # all positive
+    kept = RULES["feature_choice_unfloored"].select(z, AllocationContext(k=16, zipf_exponent=1.0))
+    fired = torch.bincount(kept % n_features, minlength=n_features)
+    assert (fired[starved] == 0).all() and (fired[~starved] > 0).all()
+
+
+@pytest.mark.parametrize("n_features, n_tokens, k", [(96, 64, 5), (1000, 37, 3), (50, 10, 50), (4096, 64, 8)])
+def test_uniform_capacities_are_one_m_summing_to_the_budget_and_at_least_one(n_features, n_tokens, k):
+    cap = uniform_capacities(n_features, n_tokens, k)
+    assert cap.min() >= 1 and cap.max() - cap.min() <= 1 and cap.max() <= n_tokens
+    assert cap.sum() == max(k * n_tokens, n_features)
+    assert torch.all(cap[1:] <= cap[:-1]), "the extra tokens go to the first ranks"
+
+
+@pytest.mark.parametrize("exponent", [0.0, 0.7, 1.0, 2.0])
+@pytest.mark.parametrize("n_features, n_tokens, k", [(96, 64, 5), (18_432, 2048, 32), (64, 16, 64)])
+def test_floored_zipf_capacities_sum_to_budget_follow_rank_and_never_drop_below_one(
+        exponent, n_features, n_tokens, k):
+    cap = zipf_capacities(n_features, n_tokens, k, exponent, min_tokens=1)
+    assert cap.sum() == k * n_tokens and cap.min() >= 1 and cap.max() <= n_tokens
+    assert torch.all(cap[1:] <= cap[:-1] + 1), "capacities must follow rank (up to rounding)"
+    # Above the floor it is the Zipf share of what is left: the head keeps its order of magnitude.
+    plain = zipf_capacities(n_features, n_tokens, k, exponent)
+    assert cap[0] <= plain[0] + 1
 
 
 @pytest.mark.parametrize("exponent", [0.0, 0.7, 1.0, 2.0])
@@ -136,5 +214,30 @@ def test_a_new_rule_is_one_function_and_one_decorator(tmp_path):
 
 
 def test_saelens_architecture_follows_each_rules_inference_mode():
-    assert {name: RULES[name].saelens_architecture for name in ("relu", "topk", "mutual_choice", "feature_choice")} \
-        == {"relu": "standard", "topk": "topk", "mutual_choice": "jumprelu", "feature_choice": "jumprelu"}
+    assert {name: RULES[name].saelens_architecture for name in ("relu", "topk", "mutual_choice", *FC_RULES)} \
+        == {"relu": "standard", "topk": "topk", "mutual_choice": "jumprelu", **dict.fromkeys(FC_RULES, "jumprelu")}
+
+
+def test_a_rule_revised_under_its_name_gets_a_new_cache_key(monkeypatch):
+    """feature_choice changed its capacities under an unchanged name (revision 1): SAEs cached before
+    must not load, and rules never revised keep their keys."""
+    import dataclasses
+
+    from saelib.core import training
+    from saelib.core.sae import SAEConfig
+
+    assert RULES["feature_choice"].revision == 1 and RULES["topk"].revision == 0
+    out_dirs = []
+    monkeypatch.setattr(training, "train_saes", lambda *a, out_dir, **kw: out_dirs.append(out_dir))
+
+    def cached(rule):
+        cfg = training.TrainConfig(steps=1, batch_size=8)
+        training.train_cached({"a": SAEConfig(4, 8, rule=rule, k=2)}, torch.zeros(8, 4), cfg, data_key="d")
+        return out_dirs[-1]
+
+    revised = cached("feature_choice")
+    monkeypatch.setitem(RULES, "feature_choice", dataclasses.replace(RULES["feature_choice"], revision=0))
+    assert cached("feature_choice") != revised
+    topk = cached("topk")
+    monkeypatch.setitem(RULES, "topk", dataclasses.replace(RULES["topk"], revision=0))
+    assert cached("topk") == topk

@@ -12,6 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))  # the scripts import each other (bench_peers reads bench_train's data)
 
+import bench_dead  # noqa: E402
 import bench_e2e  # noqa: E402
 import bench_harvest  # noqa: E402
 import bench_peers  # noqa: E402
@@ -111,3 +112,17 @@ def test_bench_harvest_rows_at_each_thread_count(ci_organism, capsys):
     low = [r for r in rows if "vs_fp32" in r]
     assert len(low) == 2 and all(r["relative_error"] < 0.05 for r in low)
     assert "load average" in out and "fp32's harvest" in out
+
+
+def test_bench_dead_reports_dead_share_nmse_and_speed_per_rule_and_size(ci_organism, capsys):
+    rows = bench_dead.main(["--model", "organism-ci", "--hook", "blocks.0.hook_resid_post", "--tokens", "4096",
+                            "--eval-tokens", "1024", "--context", "32", "--runs",
+                            "topk:2,feature_choice:2,feature_choice_unfloored:8", "--steps", "8", "--batch", "128",
+                            "--k", "2", "--dead-after", "256"])
+    out = capsys.readouterr().out
+    assert [(r["family"], r["expansion"]) for r in rows] == [("topk", 2), ("feature_choice", 2),
+                                                             ("feature_choice_unfloored", 8)]
+    assert all(0 <= r["dead_pct"] <= 100 and 0 < r["nmse"] < 2 and r["run_tokens_per_s"] > 0 for r in rows)
+    # k * batch = 256 tokens for 8x the width's features: the pure Zipf share starves ranks, the floor does not.
+    assert rows[1]["dead_pct"] == 0 and rows[2]["dead_pct"] > 0
+    assert "% dead against training tokens, 8x" in out

@@ -73,3 +73,39 @@ def test_checkpoints_come_from_rank_zero_only_and_resume_with_another_world_size
     resumed = train_saes(cfgs, x, cfg, out_dir=tmp_path, progress=False)  # now a single process
     for name in cfgs:
         _close(single.saes[name], resumed.saes[name])
+
+
+def _tied_preacts():
+    """bfloat16 pre-activations with heavy ties (8 bits of mantissa), 256 tokens x 96 features."""
+    gen = torch.Generator().manual_seed(3)
+    return (torch.randn(256, 96, generator=gen).abs() + 0.5).to(torch.bfloat16)
+
+
+def _select_worker(rank, world, port, out_dir):
+    from saelib.core.allocation import RULES, AllocationContext
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        z = _tied_preacts().chunk(world)[rank]  # rank r holds the r-th slice of the global batch
+        kept = RULES["mutual_choice"].select(z.contiguous(), AllocationContext(k=3))
+        torch.save(kept + rank * z.numel(), out_dir / f"kept{rank}.pt")  # as global flat indices
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_select_exactly_what_one_process_selects_under_bf16_ties(tmp_path):
+    """Mutual Choice keeps exactly k * B entries over both ranks, the same ones as one process: ties at
+    the global threshold are broken by global position on every rank."""
+    from saelib.core.allocation import RULES, AllocationContext
+
+    z = _tied_preacts()
+    single = RULES["mutual_choice"].select(z, AllocationContext(k=3))
+    threshold = z.flatten()[single].min()
+    tied = int((z == threshold).sum())
+    assert tied > int((z.flatten()[single] == threshold).sum()) > 0, "the test needs ties cut at the threshold"
+    mp.start_processes(_select_worker, args=(2, _free_port(), tmp_path), nprocs=2, start_method="spawn")
+    both = torch.cat([torch.load(tmp_path / f"kept{r}.pt") for r in range(2)])
+    assert both.numel() == 3 * 256
+    assert torch.equal(both, single)

@@ -67,6 +67,21 @@ def test_cpu_long_falls_back_to_cpu_where_a_chapter_has_none():
     assert own["cpu-long"]["length_steps"] > own["cpu"]["length_steps"]
 
 
+@pytest.mark.parametrize("profile", ["ci", "cpu", "cpu-long", "gpu", "gpu-smoke"])
+def test_chapters_02_and_02b_open_one_harvest(profile):
+    """Chapter 2b reads chapter 2's activation cache (one key: model, hook, corpus, tokens, context,
+    precision), so it never harvests the same layer twice."""
+    from saelib.subjects.activations import CacheSpec
+
+    def spec(chapter, split, n):
+        v = profiles.values(chapter, profile)
+        return CacheSpec(model=v["model"], hook=v["hook"], corpus=v["corpus"], n_tokens=v[n],
+                         context_size=v["context_size"], model_dtype=v["precision"], split=split).key()
+
+    for split, n in (("train", "n_tokens"), ("heldout", "eval_tokens")):
+        assert spec("allocation", split, n) == spec("allocation_scale", split, n)
+
+
 def test_profile_none_reads_saelib_profile_else_cpu(monkeypatch):
     monkeypatch.delenv("SAELIB_PROFILE", raising=False)
     assert profiles.resolve("synthetic").profile == "cpu"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from saelib.core.allocation import RULES, AllocationContext, zipf_capacities
+from saelib.core.allocation import RULES, AllocationContext, uniform_capacities, zipf_capacities
 from saelib.core.losses import sae_loss
 from saelib.core.sae import SAE, SAEConfig
 from saelib.core.training import TrainConfig, train_saes
@@ -51,11 +51,14 @@ def test_every_rule_keeps_exactly_its_budget_under_bf16_ties():
     topk = RULES["topk"].select(z, ctx)
     assert torch.equal(torch.bincount(topk // 96, minlength=256), torch.full((256,), K))
     assert RULES["mutual_choice"].select(z, ctx).numel() == K * 256
-    fc = RULES["feature_choice"].select(z, ctx)
-    assert torch.equal(torch.bincount(fc % 96, minlength=96), zipf_capacities(96, 256, K, 1.0))
+    for rule, capacity in (("feature_choice", zipf_capacities(96, 256, K, 1.0, min_tokens=1)),
+                           ("feature_choice_uniform", uniform_capacities(96, 256, K)),
+                           ("feature_choice_unfloored", zipf_capacities(96, 256, K, 1.0))):
+        fc = RULES[rule].select(z, ctx)
+        assert torch.equal(torch.bincount(fc % 96, minlength=96), capacity), rule
 
 
-@pytest.mark.parametrize("rule", ["topk", "mutual_choice", "feature_choice"])
+@pytest.mark.parametrize("rule", ["topk", "mutual_choice", "feature_choice", "feature_choice_uniform"])
 def test_bf16_training_resumes_bit_identically(tmp_path, rule):
     x = batch(4096)
     cfgs = {rule: SAEConfig(D, 128, rule=rule, k=K, encoder_dtype="bfloat16")}

@@ -35,13 +35,13 @@ ALLOWED = {
                       "10x the median norm", "48 held-out tokens", "96 features", "budget of 4 per",
                       "98% of tokens", "Table 1", "a 32x dictionary", "(within 1%)", "within 40%",
                       "Exercise 2.1", "Exercise 2.2", "Exercise 2.3", "(from 0)", "from 1",
-                      "chapter 0", "Chapter 2", "Section 4", "section 2", "chapter 2b"),
+                      "chapter 0", "Chapter 2", "Section 4", "section 2", "chapter 2b", "section 3"),
     "02b_allocation_scale": ("a 32x dictionary", "GPT-2 small, a 32x dictionary", "last 20%", "2026-11-26",
                              "0.996-1.002", "1.6x", "2.1x", "2.7-3.3x", "towards 1", "by more than 0.02",
                              "at least 1%", "Table 1", "10M in Gao et al.", "10x the median norm",
                              "Below 1", "near 1", "under 0.99", "under 1%", "Exercise 2b.1",
                              "Exercise 2b.2", "crossed 1", "from 1", "chapter 2 section 4",
-                             "Chapter 2", "chapter 2", "Section 2"),
+                             "Chapter 2", "chapter 2", "Section 2", "layer 15"),
 }
 
 STRIP = [

@@ -66,7 +66,7 @@ def test_b_dec_starts_at_geometric_median():
         assert dist(sae.b_dec.detach()) <= dist(probe) + 1e-4
 
 
-@pytest.mark.parametrize("rule", ["mutual_choice", "feature_choice"])
+@pytest.mark.parametrize("rule", ["mutual_choice", "feature_choice", "feature_choice_uniform", "feature_choice_unfloored"])
 def test_batch_rules_encode_a_single_token_deterministically_at_inference(rule):
     x = batch(1024)
     sae = SAE(SAEConfig(D, F, rule=rule, k=K))

@@ -165,3 +165,13 @@ def test_the_exercise_checks_name_what_a_wrong_answer_got_wrong(capsys):
     assert not check_gap_trend(signed)
     out = capsys.readouterr().out
     assert "ratios [0.95, 0.92, 0.9]: got 'closes', expected 'widens'" in out
+
+
+def test_share_difference_floor_is_two_standard_errors_of_a_difference_of_shares():
+    from saelib.studies.scaling import share_difference_floor
+
+    assert share_difference_floor(0.0, 0.0, 1000) == 0.0
+    assert abs(share_difference_floor(0.04, 0.06, 10_000) - 2 * (2 * 0.05 * 0.95 / 10_000) ** 0.5) < 1e-12
+    assert share_difference_floor(0.05, 0.05, 100) > share_difference_floor(0.05, 0.05, 10_000)
+    with pytest.raises(ValueError, match="shares must be in"):
+        share_difference_floor(5.0, 0.1, 100)  # a percentage passed as a share

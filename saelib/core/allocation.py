@@ -12,10 +12,16 @@ Adding a rule: write the function and decorate it with ``@register("name", ...)`
 that names rules (the SAE's inference mode, SAELens export, the book's plot colours) reads the
 registry, so nothing else needs editing.
 
+Feature Choice comes in three capacity profiles, each its own rule: ``feature_choice`` (Zipf shares
+with a floor of one token per feature, the book's default), ``feature_choice_uniform`` (one m for
+every feature) and ``feature_choice_unfloored`` (the pure Zipf share, whose tail ranks get no token
+in a small batch).
+
 Batch-level rules (mutual and feature choice) allocate over the GLOBAL batch when training is
 data-parallel: each rank sends its candidate values to the others, all ranks agree on the same
 thresholds, and each keeps its own entries above them, so N ranks with B/N tokens each select what
-one process with B tokens would.
+one process with B tokens would (Mutual Choice breaks ties at its threshold by global position, as
+one process does, so it keeps exactly k * B entries even with bfloat16 ties).
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ class Rule:
     """How the book names the rule in figures and tables."""
     color: str
     """The rule's colour in every figure of the book."""
+    revision: int = 0
+    """Raised when a rule's selection changes under an unchanged name, so that SAEs cached under the
+    old selection are not reused (``saelib.core.training.train_cached`` keys on it when non-zero)."""
 
     @property
     def saelens_architecture(self) -> str:
@@ -72,7 +81,7 @@ RULES: dict[str, Rule] = {}
 
 
 def register(name: str, *, label: str, color: str, inference_threshold: str = "none", l1_penalty: bool = False,
-             feature_major: bool = False):
+             feature_major: bool = False, revision: int = 0):
     """Decorator: add ``fn`` to the registry as rule ``name`` (a name may be registered once)."""
     if inference_threshold not in ("none", "global", "per_feature"):
         raise ValueError(f"inference_threshold must be 'none', 'global' or 'per_feature', got {inference_threshold!r}")
@@ -81,7 +90,8 @@ def register(name: str, *, label: str, color: str, inference_threshold: str = "n
         if name in RULES:
             raise ValueError(f"allocation rule {name!r} is already registered (by {RULES[name].select.__qualname__}); "
                              "pick another name")
-        RULES[name] = Rule(fn, inference_threshold, l1_penalty, feature_major, label, color)  # type: ignore[arg-type]
+        RULES[name] = Rule(fn, inference_threshold, l1_penalty, feature_major, label, color,  # type: ignore[arg-type]
+                           revision)
         return fn
 
     return add
@@ -145,11 +155,27 @@ def mutual_choice(z: Tensor, ctx: AllocationContext) -> Tensor:
     # Whatever this rank contributes to the global winners is among its own top `budget`.
     kept = top_n_indices(z_flat, budget)
     if distributed.is_distributed():
-        values = z_flat[kept]
-        pooled = distributed.all_gather_ragged(values)
-        if pooled.numel() > budget:
-            kept = kept[values >= torch.kthvalue(pooled, pooled.numel() - budget + 1).values]
+        kept = _global_winners(z_flat, kept, budget)
     return _positive(z_flat, kept).sort().values
+
+
+def _global_winners(z_flat: Tensor, candidates: Tensor, budget: int) -> Tensor:
+    """The entries among this rank's ``candidates`` (its own top ``budget``) that are among the global
+    batch's ``budget`` largest. Ties at the global threshold are broken by global position, rank-major
+    and then row-major (rank r holds the r-th slice of the global batch), as one process breaks them
+    by position: the earlier ranks' tied entries are kept first, so exactly ``budget`` entries are
+    kept over all ranks even when bfloat16 pre-activations tie at the threshold."""
+    values = z_flat[candidates]
+    pooled = distributed.all_gather_ragged(values)
+    if pooled.numel() <= budget:
+        return candidates
+    threshold = torch.kthvalue(pooled, pooled.numel() - budget + 1).values
+    above = candidates[values > threshold]
+    tied = candidates[values == threshold].sort().values
+    counts = distributed.all_gather(torch.tensor([above.numel(), tied.numel()], device=z_flat.device))
+    tied_before = int(counts[: distributed.rank(), 1].sum())
+    mine = min(max(budget - int(counts[:, 0].sum()) - tied_before, 0), tied.numel())
+    return torch.cat([above, tied[:mine]])
 
 
 def zipf_profile(n_features: int, k: float, exponent: float) -> Tensor:
@@ -172,31 +198,56 @@ def zipf_profile(n_features: int, k: float, exponent: float) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def zipf_capacities(n_features: int, n_tokens: int, k: int, exponent: float) -> Tensor:
-    """Integer capacities m_r per feature rank for a batch of n_tokens: the Zipf profile times
-    n_tokens, rounded by largest remainder so that sum m_r = k * n_tokens exactly."""
-    target = zipf_profile(n_features, k, exponent) * n_tokens
+def zipf_capacities(n_features: int, n_tokens: int, k: int, exponent: float, min_tokens: int = 0) -> Tensor:
+    """Integer capacities m_r per feature rank for a batch of n_tokens: ``min_tokens`` for every rank,
+    and the rest of the budget shared by the Zipf profile, rounded by largest remainder so that
+    sum m_r = k * n_tokens exactly.
+
+    With ``min_tokens=0`` (the pure Zipf share) the tail ranks of a large dictionary get no token at
+    all in a small batch, so those features cannot fire while they hold those ranks. With
+    ``min_tokens=1`` every feature picks at least its best token in every batch, the property Feature
+    Choice's "no dead features" rests on. Where the floor alone exceeds the budget
+    (min_tokens * n_features > k * n_tokens) every rank gets the floor and the batch spends more than k
+    per token."""
+    floor_total = min_tokens * n_features
+    if floor_total >= k * n_tokens:
+        return torch.full((n_features,), min_tokens, dtype=torch.long)
+    room = n_tokens - min_tokens  # each rank can take at most this many tokens above its floor
+    rest = k * n_tokens - floor_total
+    target = zipf_profile(n_features, rest / room, exponent) * room
     capacity = target.floor()
-    shortfall = k * n_tokens - int(capacity.sum())
-    remainder = torch.where(capacity < n_tokens, target - capacity, -1.0)
+    shortfall = rest - int(capacity.sum())
+    remainder = torch.where(capacity < room, target - capacity, -1.0)
     capacity[remainder.topk(shortfall).indices] += 1
-    return capacity.long()
+    return capacity.long() + min_tokens
 
 
-@register("feature_choice", label="Feature Choice", color="#d62728", inference_threshold="per_feature",
-          feature_major=True)
-def feature_choice(z: Tensor, ctx: AllocationContext) -> Tensor:
-    """Each feature i keeps its top m_i tokens; m follows a Zipf profile over feature rank.
+@functools.lru_cache(maxsize=64)
+def uniform_capacities(n_features: int, n_tokens: int, k: int) -> Tensor:
+    """One capacity m = k * n_tokens / n_features for every rank (the abstract's "each feature matches
+    with at most m tokens"), in integers: floor(m) for every rank and one more for the first
+    (k * n_tokens mod n_features) ranks, so the budget is exact. At least one token per rank: where
+    the budget is under one token per feature, every rank still gets one (and the batch spends more
+    than k per token)."""
+    base, extra = divmod(k * n_tokens, n_features)
+    if base == 0:
+        return torch.ones(n_features, dtype=torch.long)
+    capacity = torch.full((n_features,), base, dtype=torch.long)
+    capacity[:extra] += 1
+    return capacity
 
-    The feature of rank r gets capacity m_r from ``zipf_capacities``, so the batch total is exactly
-    k * n_tokens. Features are processed in buckets of similar capacity so each bucket needs one
-    top-k with a small k (most features are in the Zipf tail and need a handful of tokens), rather
-    than a full sort of every column."""
+
+def choose_tokens(z: Tensor, ctx: AllocationContext, capacity_by_rank: Tensor) -> Tensor:
+    """Feature Choice's selection: each feature i keeps its top m_i tokens, m_i the capacity of the
+    rank it holds (``ctx.feature_rank``, default: feature index).
+
+    Features are processed in buckets of similar capacity so each bucket needs one top-k with a small
+    k (most features are in the Zipf tail and need a handful of tokens), rather than a full sort of
+    every column."""
     n_tokens, n_features = z.shape
     rank = ctx.feature_rank if ctx.feature_rank is not None else torch.arange(n_features)
-    n_global = n_tokens * distributed.world_size()
-    capacity = zipf_capacities(n_features, n_global, ctx.k, ctx.zipf_exponent)[rank.cpu()].to(z.device)
-    z_by_feature = z.t()  # contiguous: the SAE computes z feature-major for this rule
+    capacity = capacity_by_rank[rank.cpu()].to(z.device)
+    z_by_feature = z.t()  # contiguous: the SAE computes z feature-major for these rules
     kept = []
     bucket = torch.ceil(torch.log2(capacity.clamp(min=1).double())).long()
     for b in torch.unique(bucket[capacity > 0]).tolist():
@@ -215,6 +266,40 @@ def feature_choice(z: Tensor, ctx: AllocationContext) -> Tensor:
     if not kept:
         return torch.zeros(0, dtype=torch.long, device=z.device)
     return torch.cat(kept).sort().values
+
+
+def _global_tokens(z: Tensor) -> int:
+    """Tokens of the global batch (all data-parallel ranks): batch-level capacities are set for it."""
+    return z.shape[0] * distributed.world_size()
+
+
+@register("feature_choice", label="Feature Choice", color="#d62728", inference_threshold="per_feature",
+          feature_major=True, revision=1)
+def feature_choice(z: Tensor, ctx: AllocationContext) -> Tensor:
+    """Each feature i keeps its top m_i tokens: one token for every feature, the rest of the budget
+    k * n_tokens shared by a Zipf profile over feature rank (``zipf_capacities(min_tokens=1)``).
+
+    The paper's abstract defines FC by "each feature matches with at most m tokens" and claims no dead
+    features; its capacities are reported to follow a Zipf law. This is the book's reading of both:
+    Zipf shares, but never below one token, so every feature picks its own best token in every batch.
+    Revision 1: until then this name meant the pure Zipf share (now ``feature_choice_unfloored``)."""
+    capacity = zipf_capacities(z.shape[1], _global_tokens(z), ctx.k, ctx.zipf_exponent, min_tokens=1)
+    return choose_tokens(z, ctx, capacity)
+
+
+@register("feature_choice_uniform", label="FC (uniform m)", color="#8c564b", inference_threshold="per_feature",
+          feature_major=True)
+def feature_choice_uniform(z: Tensor, ctx: AllocationContext) -> Tensor:
+    """Each feature keeps its top m = k * n_tokens / n_features tokens (``uniform_capacities``)."""
+    return choose_tokens(z, ctx, uniform_capacities(z.shape[1], _global_tokens(z), ctx.k))
+
+
+@register("feature_choice_unfloored", label="FC (Zipf, no floor)", color="#e377c2",
+          inference_threshold="per_feature", feature_major=True)
+def feature_choice_unfloored(z: Tensor, ctx: AllocationContext) -> Tensor:
+    """Each feature keeps its top m_r tokens, m_r the pure Zipf share of its rank (``zipf_capacities``
+    with no floor): in a batch where a rank's share rounds to zero, the feature holding it cannot fire."""
+    return choose_tokens(z, ctx, zipf_capacities(z.shape[1], _global_tokens(z), ctx.k, ctx.zipf_exponent))
 
 
 def selection_mask(rule: str, z: Tensor, ctx: AllocationContext) -> Tensor:

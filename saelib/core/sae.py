@@ -46,7 +46,8 @@ class SAEConfig:
     d_sae: int
     """Number of dictionary features."""
     rule: str = "topk"
-    """Allocation rule: relu, topk, feature_choice, mutual_choice (see saelib.core.allocation)."""
+    """Allocation rule: relu, topk, mutual_choice, feature_choice (or its capacity variants
+    feature_choice_uniform and feature_choice_unfloored); see saelib.core.allocation."""
     k: int = 32
     """Active features per token: exact for topk, the batch average for feature/mutual choice.
     Unused by relu, whose sparsity is set by l1_coeff."""

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from saelib.core import checkpoints as ckpt
 from saelib.core import distributed, seeding, storage
+from saelib.core.allocation import get_rule
 from saelib.core.losses import dead_weights, zipf_shortfall_weights
 from saelib.core.objectives import Objective, Reconstruction, token_rows
 from saelib.core.progress import bar as progress_bar
@@ -277,6 +278,9 @@ def train_cached(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: Trai
     activations, e.g. a cache manifest), the digests of any ``init_from`` weights and the
     objectives: a finished run is reloaded at once, a killed one resumes."""
     key = {"data": data_key, "train": train_config_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()}}
+    revisions = {n: get_rule(c.rule).revision for n, c in saes.items() if get_rule(c.rule).revision}
+    if revisions:  # a rule whose selection changed under its name: never reuse SAEs trained before
+        key["rule_revisions"] = revisions
     if init_from:
         key["init_from"] = _init_digests(init_from)
     described = _describe(_objectives_for(saes, objectives))

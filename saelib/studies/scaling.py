@@ -73,6 +73,17 @@ def first_tokens_at(history: pd.DataFrame, sae: str, column: str, level: float) 
     return None if reached.empty else int(reached.tokens.iloc[0])
 
 
+def share_difference_floor(share_a: float, share_b: float, n: int) -> float:
+    """Noise floor of a difference of two shares of ``n`` items each (e.g. the dead features of two
+    dictionaries of ``n`` features), in the shares' units: two standard errors of the difference of two
+    binomial proportions at their mean, 2 * sqrt(2 p (1 - p) / n). One seed per SAE, so this is the
+    spread that chance alone would give two equally good SAEs; 0 where both shares are 0 or 1."""
+    if n < 1 or not (0 <= share_a <= 1 and 0 <= share_b <= 1):
+        raise ValueError(f"shares must be in [0, 1] of n >= 1 items, got {share_a}, {share_b} of {n}")
+    p = (share_a + share_b) / 2
+    return float(2 * np.sqrt(2 * p * (1 - p) / n))
+
+
 def study_table(snapshots: Mapping[int, Mapping[str, SAE]], heldout: Tensor, seen: Tensor,
                 batch_size: int, tokens_per_step: int, unseen: Tensor | None = None,
                 splice: Mapping[str, Any] | None = None) -> pd.DataFrame:
