@@ -18,7 +18,7 @@ def test_gpu_smoke_differs_from_gpu_in_sizes_only(chapter):
     changed = {k for k in gpu if smoke[k] != gpu[k]}
     bounds = set(profiles.SMOKE_BOUNDS.get(chapter, {}))
     assert changed <= profiles.SMOKE_SIZES | bounds, changed - profiles.SMOKE_SIZES - bounds
-    assert all(k.startswith(("min_", "max_")) for k in bounds)
+    assert all(k.startswith(("min_", "max_", "check_")) for k in bounds)
     # every name (model, hook, dataset, ViT, precision, revisions) is gpu's
     for k, v in gpu.items():
         if isinstance(v, str) and k != "organism":
@@ -44,6 +44,18 @@ def test_chapter_0_runs_on_gpu_smoke(hub, tmp_path):
 def test_chapter_1_runs_on_gpu_smoke(hub, tmp_path):
     """gpt2-small through TransformerLens, held-out windows from the hf: dataset, the ci organism."""
     proc = _run_chapter("01_subject", hub, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_chapter_2_runs_on_gpu_smoke(hub, tmp_path):
+    """gpt2-small through TransformerLens, the OpenWebText mirror streamed by `datasets`, every rule."""
+    proc = _run_chapter("02_allocation", hub, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_chapter_2b_runs_on_gpu_smoke(hub, tmp_path):
+    """Chapter 2's harvest reused (one cache key), the length study, the large dictionary, layer 4."""
+    proc = _run_chapter("02b_allocation", hub, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 

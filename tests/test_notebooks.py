@@ -201,36 +201,6 @@ def test_notebook_executes_on_the_ci_profile(path, ci_executed, tmp_path):
     assert len(figures) >= 2 and all(f.read_bytes().startswith(b"\x89PNG") for f in figures)
 
 
-def test_allocation_chapter_through_the_online_routes(tmp_path, monkeypatch):
-    """Colab's path, offline: chapter 2 at the ci sizes on a model from a local Hugging Face
-    directory (the loader online names take) and an `hf:` dataset streamed by `datasets`."""
-    from transformers import AutoModelForCausalLM
-
-    from saelib.subjects.corpora import load_corpus
-    from saelib.subjects.language_models import load_smollm2_hf
-
-    hf, tokenizer = load_smollm2_hf()
-    model_dir = tmp_path / "smollm2-hf"
-    plain = AutoModelForCausalLM.from_config(hf.config)  # a GGUF-loaded model cannot save_pretrained
-    plain.load_state_dict(hf.state_dict())
-    plain.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    del hf, plain
-    data = tmp_path / "shelf"
-    data.mkdir()
-    docs = load_corpus("mixed", max_chars=2_000_000)
-    (data / "train.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
-    monkeypatch.setenv("SAELIB_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "02_allocation.ipynb"
-    book.execute(book.ROOT / "notebooks" / "02_allocation.ipynb", out, "ci",
-                 {"model": str(model_dir), "corpus": f"hf:{data}"})
-    executed = nbformat.read(out, as_version=4)
-    text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "")
-                   for c in executed.cells if c.cell_type == "code" for o in c.outputs)
-    assert f"'model': '{model_dir}'" in text and f"'corpus': 'hf:{data}'" in text
-    assert "all chapter-2 checks passed" in text
-
-
 def test_book_renders_to_html_with_figures_and_offline_math(ci_executed):
     """The runner's last step on the ci chapters: jupyter-book with warnings as errors (so a broken
     cross-reference fails), every chapter a page with its figures, MathJax served locally."""

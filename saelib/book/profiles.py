@@ -95,10 +95,12 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
     "allocation": {
         "ci": dict(**HARVEST["ci"], splice_windows=4, expansion=2, k=16, k_sweep=(8, 32),
                    l1_sweep=(0.01, 0.04), steps=120, batch_size=512, lr=2e-3, dead_after_tokens=16_384,
-                   zipf_exponent=1.0, expect_claims={"fc_no_dead": True, "adaptive": True}),
+                   zipf_exponent=1.0, max_budget_gap=0.01, max_inference_gap=0.4, check_trends=True,
+                   expect_claims={"fc_no_dead": True, "adaptive": True}),
         "cpu": dict(**HARVEST["cpu"], splice_windows=16, expansion=8, k=32,
                     k_sweep=(16, 64), l1_sweep=(0.05, 0.1, 0.2), steps=300, batch_size=2048, lr=1e-3,
-                    dead_after_tokens=100_000, zipf_exponent=1.0,
+                    dead_after_tokens=100_000, zipf_exponent=1.0, max_budget_gap=0.01, max_inference_gap=0.4,
+                    check_trends=True,
                     # Not re-run since issue 30 (bf16 harvest and encoder, 600k harvested tokens,
                     # FC floored at one token; ci passes): a cpu build may need these updated.
                     # What the rendered book reports (measured 2026-11-26, independent random
@@ -110,7 +112,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
         "gpu": dict(**HARVEST["gpu"], splice_windows=256, expansion=32,
                     k=32, k_sweep=(16, 64, 128), l1_sweep=(0.05, 0.1, 0.2, 0.4), steps=12_000,
                     batch_size=4096, lr=4e-4, dead_after_tokens=5_000_000, zipf_exponent=1.0,
-                    expect_claims=None),
+                    max_budget_gap=0.01, max_inference_gap=0.4, check_trends=True, expect_claims=None),
     },
     # Chapter 2b: chapter 2's comparison at increasing training lengths (one run, snapshots at
     # doubling budgets), with a large dictionary for dead features, and at a second hook point.
@@ -268,8 +270,13 @@ SMOKE_BOUNDS: dict[str, dict[str, Any]] = {
     "subject_models": {"max_pretrained_ce": 8.0},
     # gpu's hyperparameters at ci's sizes: ci's recovery bounds do not hold (a code-path run)
     "synthetic": {"min_recovered": 0.0, "max_nmse": 1.0},
+    # Feature Choice keeps a feature's top tokens among its positive pre-activations: on a random
+    # model at ci's sizes many columns have fewer positives than their capacity (28.4 of k = 32 kept
+    # in training; its inference threshold keeps 2.6), and at gpu's lr a few steps leave TopK's NMSE
+    # rising with k: bounds and trends that only a trained run meets
+    "allocation": {"max_budget_gap": 0.2, "max_inference_gap": 1.0, "check_trends": False},
 }
-"""Asserted bounds ``gpu-smoke`` relaxes, per chapter."""
+"""Asserted bounds (``min_``/``max_``) and result checks (``check_``) ``gpu-smoke`` relaxes, per chapter."""
 
 
 def smoke_values(chapter: str) -> dict[str, Any]:
