@@ -42,7 +42,6 @@ from saelib.core.progress import bar as progress_bar
 from saelib.core.sae import SAE, SAEConfig
 from saelib.core.validate import check, integer, real
 
-
 SCHEDULES = ("linear", "cosine")
 
 
