@@ -157,6 +157,23 @@ def test_killed_e2e_run_resumes_bit_identically(model, windows, tmp_path):
                    objectives={"e2e": Local(), "topk": E2E(model, HOOK)})
 
 
+def test_official_parametrisation_trains_e2e_at_unit_norm_and_resumes_bit_identically(model, windows, tmp_path):
+    saes = {"e2e": relu_cfg(normalize_input=False, parametrisation="e2e_sae"),
+            "local": relu_cfg(normalize_input=False, parametrisation="e2e_sae", seed=1)}
+    objectives = {"e2e": E2E(model, HOOK), "local": Local()}
+    start = initial_saes(saes, windows, CFG)
+    whole = train_saes(saes, windows, CFG, progress=False, objectives=objectives)
+    train_saes(saes, windows, CFG, out_dir=tmp_path, progress=False, stop_at_step=5, objectives=objectives)
+    resumed = train_saes(saes, windows, CFG, out_dir=tmp_path, progress=False, objectives=objectives)
+    for name in saes:
+        for (key, p), q in zip(whole.saes[name].state_dict().items(), resumed.saes[name].state_dict().values()):
+            assert torch.equal(p, q), (name, key)
+        sae = whole.saes[name]
+        assert torch.allclose(sae.decoder.norm(dim=1), torch.ones(sae.cfg.d_sae), atol=1e-5)
+        assert not torch.equal(sae.decoder, start[name].decoder)  # it trained: the rows moved, at unit norm
+        assert float(sae.input_scale) == 1.0  # raw inputs throughout
+
+
 def test_reconstruction_is_the_default_objective(windows):
     cfgs = {"s": SAEConfig(D, 64, rule="topk", k=4)}
     a = train_saes(cfgs, windows, CFG, progress=False)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from saelib.core import seeding
 from saelib.core.allocation import RULES
 from saelib.core.losses import sae_loss
 from saelib.core.sae import SAE, SAEConfig, positive_mass
@@ -99,3 +100,51 @@ def test_wrong_activation_width_is_refused():
     sae = SAE(SAEConfig(D, F, k=K))
     with pytest.raises(ValueError, match=f"shape \\[tokens, {D}\\].*hook point"):
         sae(torch.randn(4, D + 1))
+
+
+# ----------------------------------------------------------------------------- the official parametrisation
+def official_cfg(**kw):
+    return SAEConfig(D, F, rule="relu", l1_coeff=kw.pop("l1_coeff", 0.0), normalize_input=False,
+                     parametrisation="e2e_sae", **kw)
+
+
+def test_e2e_sae_forward_is_the_official_formulas_by_hand():
+    """ApolloResearch/e2e_sae's SAE: c = ReLU(W_e x + b_e), x_hat = c D_n + b_d, D_n the decoder with
+    each dictionary element normalised, on raw x (no scale, no pre-encoder bias)."""
+    sae = SAE(official_cfg())
+    with torch.no_grad():  # move every parameter off its initial value, the dictionary off unit norm too
+        for p in sae.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    w_e, b_e, w_d, b_d = (t.detach().clone() for t in (sae.encoder, sae.b_enc, sae.decoder, sae.b_dec))
+    sae.normalize_decoder()  # the official forward normalises the dictionary; saelib keeps it normalised
+    x = batch()
+    c = torch.relu(x @ w_e.T + b_e)
+    dictionary = w_d / w_d.norm(dim=1, keepdim=True)
+    out = sae(x)
+    assert torch.allclose(out.codes.to_dense(), c, atol=1e-5)
+    assert torch.allclose(out.x_hat, c @ dictionary + b_d, atol=1e-4)
+    sae.init_from_sample(x)  # data-independent: neither a scale nor a geometric-median b_dec
+    assert float(sae.input_scale) == 1.0 and torch.equal(sae.b_dec, b_d)
+
+
+def test_e2e_sae_initialisation_is_the_official_one():
+    sae = SAE(official_cfg())
+    dec = sae.decoder.detach()
+    assert torch.allclose(dec.norm(dim=1), torch.ones(F), atol=1e-6)
+    # orthogonal init: the dictionary is the row-normalised [d_sae, d_in] matrix with orthonormal columns
+    q = torch.nn.init.orthogonal_(torch.empty(F, D), generator=seeding.generator("sae_init", 0))
+    assert torch.allclose(q.T @ q, torch.eye(D), atol=1e-5)
+    assert torch.equal(dec, q / q.norm(dim=1, keepdim=True))
+    assert not torch.allclose(sae.encoder, sae.decoder)  # untied
+    assert sae.encoder.abs().max() <= D ** -0.5 and sae.b_enc.abs().max() <= D ** -0.5
+    assert sae.b_dec.abs().max() <= F ** -0.5 and sae.b_enc.abs().min() >= 0 and (sae.b_enc != 0).all()
+    assert torch.equal(SAE(official_cfg()).encoder, sae.encoder)  # seeded
+    assert "parametrisation" not in SAEConfig(D, F).to_dict()  # earlier runs' keys unchanged
+    assert SAEConfig.from_dict(official_cfg().to_dict()) == official_cfg()
+
+
+def test_e2e_sae_needs_raw_inputs():
+    with pytest.raises(ValueError, match="normalize_input=False"):
+        SAEConfig(D, F, parametrisation="e2e_sae")
+    with pytest.raises(ValueError, match="valid: \\['saelib', 'e2e_sae'\\]"):
+        SAEConfig(D, F, parametrisation="official")

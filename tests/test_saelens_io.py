@@ -159,3 +159,17 @@ def test_a_folder_that_is_not_an_saelens_sae_is_named(trained, tmp_path):
     (folder / "checksums.json").unlink()  # a hand-edited folder, as a foreign one: nothing to verify against
     with pytest.raises(CheckpointError, match="does not match cfg.json's d_in=24, d_sae=65"):
         read_saelens(folder)
+
+
+def test_an_sae_without_pre_encoder_bias_exports_as_saelens_computes_it(trained, tmp_path):
+    x, _ = trained
+    cfg = SAEConfig(24, 64, rule="relu", l1_coeff=1e-3, normalize_input=False, parametrisation="e2e_sae")
+    sae = train_saes({"s": cfg}, x, TrainConfig(steps=10, batch_size=512, warmup_steps=2), progress=False).saes["s"]
+    folder = export_saelens(sae, tmp_path / "official")
+    assert json.loads((folder / "cfg.json").read_text())["apply_b_dec_to_input"] is False
+    loaded = load_saelens(folder)
+    assert loaded.cfg == sae.cfg and torch.allclose(loaded.reconstruct(x[:256]), sae.reconstruct(x[:256]), atol=1e-5)
+    sae_lens = pytest.importorskip("sae_lens")
+    theirs = sae_lens.SAE.load_from_disk(folder)
+    with torch.no_grad():
+        assert torch.allclose(theirs.decode(theirs.encode(x[:256])), sae.reconstruct(x[:256]), atol=1e-5)

@@ -16,8 +16,12 @@ from saelib.studies.scaling import (
     doubling_steps,
     first_tokens_at,
     gap_trend,
+    ratio_at_equal,
+    ratio_trend,
     relative_to,
+    seed_agreement,
     study_table,
+    trend_verdict,
 )
 
 D, F, K = 16, 64, 4
@@ -175,3 +179,52 @@ def test_share_difference_floor_is_two_standard_errors_of_a_difference_of_shares
     assert share_difference_floor(0.05, 0.05, 100) > share_difference_floor(0.05, 0.05, 10_000)
     with pytest.raises(ValueError, match="shares must be in"):
         share_difference_floor(5.0, 0.1, 100)  # a percentage passed as a share
+
+
+def _frontier(objective, tokens, ces, scale, slope=1.0):
+    """A family on a power-law frontier: L0 = scale * CE ** -slope."""
+    return pd.DataFrame({"objective": objective, "tokens": tokens, "CE increase": ces,
+                         "L0": [scale * c ** -slope for c in ces]})
+
+
+def test_ratio_trend_reads_the_ratio_across_the_whole_shared_range():
+    ces_local, ces_e2e = [0.02, 0.05, 0.1, 0.2, 0.4], [0.03, 0.06, 0.12, 0.3, 0.6]
+    points = pd.concat([
+        # budget 1000: local needs exactly 1.5x e2e's L0 everywhere
+        _frontier("local", 1000, ces_local, 150), _frontier("e2e", 1000, ces_e2e, 100),
+        # budget 2000: the ratio 3 * CE ** 0.5 moves along the frontier (about 0.52 to 1.90)
+        _frontier("local", 2000, ces_local, 300, slope=0.5), _frontier("e2e", 2000, ces_e2e, 100),
+        # budget 4000: the sweeps share no CE range
+        _frontier("local", 4000, [0.01, 0.02], 100), _frontier("e2e", 4000, [0.1, 0.2], 100)])
+    table = ratio_trend(points, "local", "e2e").set_index("tokens")
+    assert table.loc[1000, ["median", "min", "max"]].tolist() == pytest.approx([1.5, 1.5, 1.5])
+    assert table.loc[1000, ["CE increase from", "CE increase to"]].tolist() == pytest.approx([0.03, 0.4])
+    assert table.loc[2000, "min"] == pytest.approx(3 * 0.03 ** 0.5)  # the ends of the shared range
+    assert table.loc[2000, "max"] == pytest.approx(3 * 0.4 ** 0.5)
+    assert table.loc[2000, "median"] == pytest.approx(3 * (0.03 * 0.4) ** 0.25, rel=1e-6)  # the log-middle
+    assert table.loc[4000, ["median", "min", "max"]].isna().all()
+    assert (table[["n local", "n e2e"]].loc[1000] == 5).all()
+    grid, ratio = ratio_at_equal([0.1], [10], [0.1, 0.2], [5, 4])  # one point is no frontier
+    assert grid.size == ratio.size == 0
+
+
+@pytest.mark.parametrize("medians, word", [
+    ([1.2, 1.5, 2.0], "rising"),
+    ([2.0, 1.5, 1.2], "falling"),
+    ([1.0, 1.03, 0.98], "flat"),
+    ([1.0, 2.0, 1.08], "inconclusive"),     # up, then down again: no trend
+    ([1.66, 1.20, 1.44], "inconclusive"),  # the issue's stand-in: 20k, 80k, 161k tokens
+    ([1.0, float("nan"), 1.5], "inconclusive"),
+])
+def test_trend_verdict_names_rising_flat_falling_and_inconclusive(medians, word):
+    found, change, floor = trend_verdict(medians)
+    assert found == word
+    if word in ("rising", "falling"):
+        assert abs(change) > floor and (change > 0) == (word == "rising")
+
+
+def test_seed_agreement_is_one_for_the_same_directions_and_low_for_random_ones():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 64, generator=gen)
+    assert seed_agreement(a, a[torch.randperm(200, generator=gen)]) == pytest.approx(1.0)
+    assert seed_agreement(a, torch.randn(400, 64, generator=gen)) < 0.5

@@ -23,6 +23,7 @@ from saelib.core.training import (
     initial_saes,
     stepper,
     train_cached,
+    train_config_dict,
     train_saes,
 )
 
@@ -232,6 +233,18 @@ def test_lr_schedule_warms_up_holds_and_decays():
     assert lrs[20:50] == [1.0] * 30
     assert lrs[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[50:], lrs[51:]))
+
+
+def test_cosine_schedule_is_braun_et_als_and_keeps_linear_keys():
+    cfg = TrainConfig(steps=102, lr=1.0, warmup_steps=1, min_lr_frac=0.1, schedule="cosine")
+    lrs = [cfg.lr_at(s) for s in range(102)]
+    assert lrs[1] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert lrs[51] == pytest.approx(0.55)  # half way: the mean of lr and its floor
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
+    assert "schedule" not in train_config_dict(TrainConfig(steps=10))
+    assert train_config_dict(cfg)["schedule"] == "cosine"
+    with pytest.raises(ValueError, match="valid: \\['linear', 'cosine'\\]"):
+        TrainConfig(steps=10, schedule="cos")
 
 
 def test_aux_k_sends_gradient_to_dead_features_only_through_the_aux_term():

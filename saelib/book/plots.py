@@ -26,7 +26,8 @@ NAMED_COLORS = {"topk+aux_k": "#17becf", "feature_choice_matched": "#ff9896", "m
                 # chapter 3: objectives (Braun et al.) by rule
                 "relu local": "#7f7f7f", "relu e2e": "#ff7f0e", "relu e2e+ds": "#8c564b",
                 "topk local": "#1f77b4", "topk e2e": "#d62728", "local": "#7f7f7f", "e2e": "#ff7f0e",
-                "e2e+ds": "#8c564b"}
+                "e2e+ds": "#8c564b", "official local": "#bcbd22", "official e2e": "#e377c2",
+                "saelib SAE": "#1f77b4", "official SAE": "#e377c2"}
 METRIC_LABELS = {"nmse": "NMSE (fraction of variance unexplained)", "l0": "L0 (active features per token)",
                  "dead_frac": "fraction of dead features",
                  "underused_frac": "fraction under half their Zipf target", "loss": "training loss",
@@ -494,5 +495,34 @@ def over_tokens(frame: pd.DataFrame, metrics: Mapping[str, str], hue: str = "sae
         ax.set_ylabel(label)
         if i == 0:
             ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def ratio_trend(ratios: pd.DataFrame, agreement: pd.DataFrame, reference: float = 2.0) -> Figure:
+    """Chapter 3's trend figure. Left: a ratio read along two frontiers (``ratios``: tokens, median,
+    min, max, one line per ``sae``), the median as a line and its range over the shared x range as a
+    band, with a dashed line at 1 and a dotted one at ``reference`` (the paper's claim). Right:
+    cross-seed agreement (``agreement``: tokens, objective, cosine, chance), one line per objective,
+    each beside its chance level (dashed, the same colour)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.4))
+    for name, part in ratios.groupby("sae", sort=False):
+        c = color(name)
+        left.fill_between(part.tokens, part["min"], part["max"], color=c, alpha=0.15, lw=0)
+        left.plot(part.tokens, part["median"], "o-", ms=4, lw=1.5, color=c, label=name)
+    left.axhline(1, color="0.3", lw=1, ls="--")
+    left.axhline(reference, color="0.3", lw=1, ls=":", label=f"the paper: > {reference:g}x")
+    left.set_ylabel("L0 local / L0 e2e at equal CE increase")
+    for name, part in agreement.groupby("objective", sort=False):
+        right.plot(part.tokens, part.cosine, "o-", ms=4, lw=1.5, color=color(name), label=name)
+        right.plot(part.tokens, part.chance, "--", lw=1, color=color(name))
+    right.set_ylabel("median cross-seed max cosine\n(dashed: untrained, alive features)")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(ratios.tokens.unique()))
+        ax.xaxis.set_major_formatter(EngFormatter(sep="", places=0))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("training tokens per SAE")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -4,6 +4,13 @@
     codes = allocation_rule(z)                   a sparse subset of the positive entries of z
     x_hat = (W_dec^T codes + b_dec) / s          reconstruction, in the input's own units
 
+``parametrisation="e2e_sae"`` is the SAE of Braun et al.'s code (ApolloResearch/e2e_sae,
+``models/sparsifiers.py``) instead: no pre-encoder bias (z = W_enc x + b_enc), raw inputs (s = 1),
+an untied encoder and both biases at nn.Linear's default initialisation, and an orthogonal decoder
+whose rows (the dictionary) are normalised. The official code normalises the dictionary inside its
+forward and lets the stored weights drift; here the rows are kept at unit norm as for every SAE
+(below), which gives the same forward and, at unit norm, the same gradient direction.
+
 Memory layout: ``encoder`` and ``decoder`` are both [d_sae, d_in], so row i of each belongs to
 feature i (the SAELens export transposes the encoder). Decoder rows have unit norm: the trainer
 projects out the gradient component parallel to each row before the Adam step and renormalises the
@@ -33,6 +40,7 @@ from saelib.core.validate import check, integer, real
 # (a ReLU SAE early in training keeps about half of all entries).
 SPARSE_MAX_DENSITY = 0.05
 AUX_LOSSES = ("none", "aux_k", "aux_zipf")
+PARAMETRISATIONS = ("saelib", "e2e_sae")
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """The precisions saelib computes in (an SAE's encoder product, a harvest's forward pass)."""
 
@@ -78,6 +86,11 @@ class SAEConfig:
     (twice as fast on CPUs with AVX-512 BF16 and on GPUs). Weights, gradients, the optimizer and the
     decoder stay float32; with bfloat16 the rule selects from bfloat16 pre-activations and the kept
     values carry bfloat16's ~3 significant digits."""
+    parametrisation: str = "saelib"
+    """saelib: tied initialisation (encoder = decoder), b_enc 0, b_dec at the inputs' geometric median
+    and subtracted before encoding. e2e_sae: Braun et al.'s official SAE: untied encoder, orthogonal
+    decoder, nn.Linear's default biases, no pre-encoder bias, raw inputs (needs normalize_input=False).
+    Left out of the saved config when saelib, so the keys of earlier runs stay the same."""
 
     def __post_init__(self) -> None:
         rule = get_rule(self.rule)
@@ -95,9 +108,22 @@ class SAEConfig:
         check(self, "normalize_input", lambda v: isinstance(v, bool), "must be true or false")
         check(self, "seed", integer(0), "must be an integer >= 0")
         check(self, "encoder_dtype", lambda v: v in PRECISIONS, f"unknown encoder_dtype; valid: {list(PRECISIONS)}")
+        check(self, "parametrisation", lambda v: v in PARAMETRISATIONS,
+              f"unknown parametrisation; valid: {list(PARAMETRISATIONS)}")
+        if self.parametrisation == "e2e_sae" and self.normalize_input:
+            raise ValueError("SAEConfig.parametrisation='e2e_sae' reads raw inputs, as the official SAE does: "
+                             "set normalize_input=False")
+
+    @property
+    def pre_encoder_bias(self) -> bool:
+        """Whether b_dec is subtracted from the input before encoding (saelib's parametrisation)."""
+        return self.parametrisation == "saelib"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["parametrisation"] == "saelib":
+            del d["parametrisation"]  # so the keys and checkpoints of runs before the field stay the same
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SAEConfig":
@@ -139,7 +165,8 @@ class SAEOutput:
     preacts: Tensor = field(repr=False)
     """Pre-activations z (no gradient); kept for the auxiliary losses."""
     preact_bias: Tensor = field(repr=False)
-    """b_enc - W_enc b_dec, with gradient: what kept_values needs to gather more entries of z."""
+    """b_enc - W_enc b_dec (b_enc without a pre-encoder bias), with gradient: what kept_values needs to
+    gather more entries of z."""
 
 
 class _KeptPreacts(torch.autograd.Function):
@@ -202,19 +229,37 @@ def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-8) -> Tensor:
     return median
 
 
+def _e2e_sae_init(d_in: int, d_sae: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(decoder, encoder, b_enc, b_dec) as the official SAE starts: an orthogonal [d_sae, d_in] decoder
+    (orthonormal columns when d_sae > d_in) whose rows are then the normalised dictionary; encoder
+    and biases as nn.Linear initialises them, uniform in +-1/sqrt(fan_in) (kaiming_uniform with
+    a = sqrt(5) gives exactly that bound for the weight)."""
+    decoder = nn.init.orthogonal_(torch.empty(d_sae, d_in), generator=gen)
+    decoder /= decoder.norm(dim=1, keepdim=True)
+
+    def uniform(*shape: int, fan_in: int) -> Tensor:
+        return (torch.rand(*shape, generator=gen) * 2 - 1) / fan_in ** 0.5
+
+    return decoder, uniform(d_sae, d_in, fan_in=d_in), uniform(d_sae, fan_in=d_in), uniform(d_in, fan_in=d_sae)
+
+
 class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
         self.rule = get_rule(cfg.rule)
         gen = seeding.generator("sae_init", cfg.seed)
-        decoder = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
-        decoder /= decoder.norm(dim=1, keepdim=True)
+        if cfg.parametrisation == "saelib":
+            decoder = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+            decoder /= decoder.norm(dim=1, keepdim=True)
+            # Tied initialisation (Gao et al.): each feature starts by reading its own direction.
+            encoder, b_enc, b_dec = decoder.clone(), torch.zeros(cfg.d_sae), torch.zeros(cfg.d_in)
+        else:
+            decoder, encoder, b_enc, b_dec = _e2e_sae_init(cfg.d_in, cfg.d_sae, gen)
         self.decoder = nn.Parameter(decoder)
-        # Tied initialisation (Gao et al.): each feature starts by reading its own direction.
-        self.encoder = nn.Parameter(decoder.clone())
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.encoder = nn.Parameter(encoder)
+        self.b_enc = nn.Parameter(b_enc)
+        self.b_dec = nn.Parameter(b_dec)
         self.register_buffer("input_scale", torch.tensor(1.0))
         self.register_buffer("density", torch.zeros(cfg.d_sae))
         """Running firing frequency per token of each feature (decayed per step)."""
@@ -234,8 +279,11 @@ class SAE(nn.Module):
     # ----------------------------------------------------------------------------- set-up
     @torch.no_grad()
     def init_from_sample(self, x: Tensor) -> None:
-        """Set the input scale and put b_dec at the geometric median of a sample of activations."""
+        """Set the input scale and put b_dec at the geometric median of a sample of activations
+        (saelib's parametrisation; the e2e_sae initialisation does not depend on the data)."""
         self._check_input(x)
+        if not self.cfg.pre_encoder_bias:
+            return
         if self.cfg.normalize_input:
             self.input_scale.fill_(float(x.pow(2).sum(1).mean().rsqrt()))
         self.b_dec.copy_(geometric_median(x * self.input_scale))
@@ -255,9 +303,9 @@ class SAE(nn.Module):
         return rank
 
     def preactivations(self, x_norm: Tensor) -> tuple[Tensor, Tensor]:
-        """(z without gradient, in ``cfg.encoder_dtype``; effective bias b_enc - W_enc b_dec with
-        gradient, float32)."""
-        bias = self.b_enc - self.encoder @ self.b_dec
+        """(z without gradient, in ``cfg.encoder_dtype``; effective bias b_enc - W_enc b_dec, or b_enc
+        without a pre-encoder bias, with gradient, float32)."""
+        bias = self.b_enc - self.encoder @ self.b_dec if self.cfg.pre_encoder_bias else self.b_enc
         with torch.no_grad():
             dtype = PRECISIONS[self.cfg.encoder_dtype]
             encoder, x_in, b = self.encoder.to(dtype), x_norm.to(dtype), bias.to(dtype)

@@ -5,6 +5,9 @@ so the export folds s into the weights, which reproduces saelib's outputs exactl
 
     W_enc' = s * encoder.T,  b_dec' = b_dec / s,  W_dec' = decoder / s,  b_enc' = b_enc
 
+An SAE without a pre-encoder bias (``parametrisation="e2e_sae"``, s = 1) is written with
+``apply_b_dec_to_input`` false, SAELens's name for the same forward.
+
 Architectures: topk -> "topk" (with k); relu -> "standard"; feature_choice and mutual_choice ->
 "jumprelu" with saelib's tracked inference thresholds (how these batch-level rules encode a single
 token). The full saelib config is kept under ``metadata.saelib`` so ``load_saelens`` rebuilds the
@@ -79,7 +82,7 @@ def saelens_config(sae: SAE, metadata: Mapping[str, Any] | None = None) -> dict[
     meta["sae_lens_version"] = metadata.get("sae_lens_version") or SAELENS_FORMAT_VERSION
     meta["saelib"] = {"config": cfg.to_dict(), "input_scale": float(sae.input_scale)}
     out = {"architecture": architecture, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32", "device": "cpu",
-           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+           "apply_b_dec_to_input": cfg.pre_encoder_bias, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": meta}
     if architecture == "topk":
         out["k"] = cfg.k
@@ -193,8 +196,9 @@ def read_saelens(folder: str | Path) -> SAELensFolder:
         raise CheckpointError(f"{folder}: sae_weights.safetensors does not match cfg.json's d_in={cfg.d_in}, "
                               f"d_sae={cfg.d_sae}: {bad}")
     b_enc = w["b_enc"].float()
-    if not saelens_cfg.get("apply_b_dec_to_input", True):
-        # SAELens then encodes x @ W_enc + b_enc; saelib always encodes (x - b_dec): fold b_dec into b_enc.
+    if not saelens_cfg.get("apply_b_dec_to_input", True) and cfg.pre_encoder_bias:
+        # SAELens then encodes x @ W_enc + b_enc; saelib's parametrisation encodes (x - b_dec): fold
+        # b_dec into b_enc (an e2e_sae SAE has no pre-encoder bias either, and loads as it is).
         b_enc = b_enc + w["b_dec"].float() @ w["W_enc"].float()
     sae = SAE(cfg)
     with torch.no_grad():

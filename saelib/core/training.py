@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ from saelib.core.objectives import Objective, Reconstruction, token_rows
 from saelib.core.progress import bar as progress_bar
 from saelib.core.sae import SAE, SAEConfig
 from saelib.core.validate import check, integer, real
+
+SCHEDULES = ("linear", "cosine")
 
 
 class ActivationTable(Protocol):
@@ -65,7 +68,12 @@ class TrainConfig:
     warmup_steps: int = 100
     """Linear warm-up from 0 to lr."""
     decay_start: float = 0.8
-    """Fraction of training after which lr decays linearly to min_lr_frac * lr at the last step."""
+    """Fraction of training after which lr decays linearly to min_lr_frac * lr at the last step
+    (schedule linear)."""
+    schedule: str = "linear"
+    """After the warm-up: linear (hold lr, then decay linearly from decay_start) or cosine (Braun et
+    al.'s: a half cosine from lr at the end of warm-up to min_lr_frac * lr at the last step;
+    decay_start unused). Left out of the saved config when linear, so earlier runs keep their keys."""
     min_lr_frac: float = 0.1
     """Final learning rate as a fraction of lr."""
     grad_clip: float = 1.0
@@ -95,6 +103,7 @@ class TrainConfig:
         check(self, "lr", real(0, low_open=True), "must be a finite number > 0")
         check(self, "warmup_steps", integer(0), "must be an integer >= 0")
         check(self, "decay_start", real(0, 1), "must be a fraction of training in [0, 1]")
+        check(self, "schedule", lambda v: v in SCHEDULES, f"unknown schedule; valid: {list(SCHEDULES)}")
         check(self, "min_lr_frac", real(0, 1), "must be a fraction of lr in [0, 1]")
         check(self, "grad_clip", real(0), "must be a finite number >= 0 (0 disables clipping)")
         check(self, "adam_betas", lambda b: len(b) == 2 and all(real(0, 1, high_open=True)(x) for x in b),
@@ -107,6 +116,9 @@ class TrainConfig:
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "cosine":
+            frac = (step - self.warmup_steps) / max(1, self.steps - 1 - self.warmup_steps)
+            return self.lr * (self.min_lr_frac + (1 - self.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
         start = int(self.decay_start * self.steps)
         if step < start:
             return self.lr
@@ -448,6 +460,8 @@ def train_config_dict(cfg: TrainConfig) -> dict:
     d["snapshot_steps"] = list(d["snapshot_steps"])
     if not d["snapshot_steps"]:
         del d["snapshot_steps"]  # so the keys of runs made before the field stay the same
+    if d["schedule"] == "linear":
+        del d["schedule"]
     return d
 
 

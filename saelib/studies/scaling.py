@@ -5,6 +5,12 @@ One long run with ``TrainConfig.snapshot_steps`` gives every SAE at several trai
 overfitting check); ``gap_trend`` says in one word whether a ratio to the baseline moved towards 1
 or away from it; ``first_tokens_at`` reads from a training history when a metric first reached a
 level (e.g. when 1% of a dictionary had died).
+
+Two families of SAEs compared along their whole frontiers (chapter 3's local vs e2e): ``ratio_at_equal``
+reads the ratio of one quantity (L0) at equal values of another (CE increase) across the whole range
+the two sweeps share, ``ratio_trend`` does so at every snapshot budget, and ``trend_verdict`` says
+whether the median ratio rose, fell, stayed flat or moved both ways with training; ``seed_agreement``
+is the cross-seed decoder cosine over alive features that goes beside it, with its chance level.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from saelib.core.storage import atomic_text, content_key
 from saelib.subjects.activations import RowSubset
 
 TRENDS = ("closes", "stays", "widens")
+RATIO_TRENDS = ("rising", "flat", "falling", "inconclusive")
 
 
 def doubling_steps(steps: int, n: int) -> tuple[int, ...]:
@@ -161,3 +168,75 @@ def cached_table(folder: Path, name: str, key: Mapping[str, Any],
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_text(table.to_csv(index=False), path)  # a killed run leaves no half-written table
     return table
+
+
+def ratio_at_equal(x_a: Sequence[float], y_a: Sequence[float], x_b: Sequence[float], y_b: Sequence[float],
+                   n_points: int = 25) -> tuple[np.ndarray, np.ndarray]:
+    """(grid, y_a / y_b at each grid x): family a's y over family b's at equal x, each family's
+    frontier interpolated as ``saelib.core.metrics.frontier_at`` does (log y linear in log x), on
+    ``n_points`` log-spaced x values spanning the whole range the two families share. Empty arrays
+    where the ranges do not overlap (or a family has fewer than two points): a single reading at one
+    x would hide how much the ratio moves along the frontier."""
+    from saelib.core.metrics import frontier_at
+
+    xa, xb = np.asarray(x_a, dtype=float), np.asarray(x_b, dtype=float)
+    if min(xa.size, xb.size) < 2 or not (np.all(xa > 0) and np.all(xb > 0)):
+        return np.empty(0), np.empty(0)
+    lo, hi = max(xa.min(), xb.min()), min(xa.max(), xb.max())
+    if not lo < hi:
+        return np.empty(0), np.empty(0)
+    grid = np.geomspace(lo, hi, n_points)
+    ratio = np.array([frontier_at(x, xa, y_a) / frontier_at(x, xb, y_b) for x in grid])
+    return grid, ratio
+
+
+def ratio_trend(points: pd.DataFrame, numerator: str, denominator: str, x: str = "CE increase",
+                y: str = "L0", family: str = "objective", budget: str = "tokens",
+                n_points: int = 25) -> pd.DataFrame:
+    """At each ``budget`` of ``points`` (one row per SAE and budget), ``ratio_at_equal`` of the
+    ``numerator`` family's ``y`` over the ``denominator``'s at equal ``x``: one row per budget with the
+    ratio's median, min and max over the shared x range, the range itself (x from, x to) and how many
+    points each family has there. A budget without a shared range has NaN ratios."""
+    rows = []
+    for value, at in points.groupby(budget, sort=True):
+        a, b = at[at[family] == numerator], at[at[family] == denominator]
+        grid, ratio = ratio_at_equal(a[x], a[y], b[x], b[y], n_points)
+        nan = float("nan")
+        rows.append({budget: value, "median": float(np.median(ratio)) if ratio.size else nan,
+                     "min": float(ratio.min()) if ratio.size else nan,
+                     "max": float(ratio.max()) if ratio.size else nan,
+                     f"{x} from": float(grid[0]) if grid.size else nan,
+                     f"{x} to": float(grid[-1]) if grid.size else nan,
+                     f"n {numerator}": len(a), f"n {denominator}": len(b)})
+    return pd.DataFrame(rows)
+
+
+def trend_verdict(medians: Sequence[float], tolerance: float = 0.1) -> tuple[str, float, float]:
+    """(word, change, noise floor) for a ratio measured at increasing budgets. change = log(last /
+    first); the floor is the larger of log(1 + tolerance) and the largest step between consecutive
+    budgets against the overall direction (a trend smaller than the run's own back-and-forth is no
+    trend). "rising" / "falling" where |change| exceeds the floor, "flat" where the change and every
+    step stay within the tolerance, "inconclusive" otherwise (or where a budget has no reading).
+    change and floor are what ``saelib.book.claims.Claim`` takes as difference and noise_floor."""
+    values = np.asarray(medians, dtype=float)
+    tol = float(np.log1p(tolerance))
+    if values.size < 2 or not (np.isfinite(values).all() and (values > 0).all()):
+        return "inconclusive", float("nan"), tol
+    logs = np.log(values)
+    change, steps = float(logs[-1] - logs[0]), np.diff(logs)
+    against = -steps if change >= 0 else steps
+    floor = max(tol, float(against.max()))
+    if abs(change) > floor:
+        return ("rising" if change > 0 else "falling"), change, floor
+    if np.all(np.abs(steps) <= tol):
+        return "flat", change, floor
+    return "inconclusive", change, floor
+
+
+def seed_agreement(a: Tensor, b: Tensor) -> float:
+    """Median over the rows of ``a`` of the largest cosine with any row of ``b``: how far two
+    dictionaries (decoder rows, e.g. the alive features of two seeds) found the same directions.
+    Pass an untrained SAE's alive rows as ``b`` for the chance level."""
+    from saelib.studies.matching import max_cosine_match
+
+    return float(max_cosine_match(a, b)[1].median())
