@@ -299,6 +299,22 @@ def births(born: Mapping[str, np.ndarray], steps: Sequence[int], sorted_by: Mapp
     return fig
 
 
+def threshold_curves(frame: pd.DataFrame, ylabel: str) -> Figure:
+    """One line per column of ``frame`` against its index, the decoder-cosine threshold of a
+    matching (ceiling and floor columns, named so, dashed and dotted): how a verdict moves with it."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for j, col in enumerate(frame.columns):
+        style = "--" if col.startswith("ceiling") else ":" if col.startswith("floor") else "-"
+        ax.plot(frame.index, frame[col], style, marker="o", ms=3.5, lw=1.5,
+                color="0.3" if style != "-" else f"C{j}", label=col)
+    ax.set_xlabel("decoder-cosine threshold of a match")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
 def trajectories(coords: np.ndarray, steps: Sequence[int], labels: Sequence[str]) -> Figure:
     """Paths of features through a 2-D projection of their decoder directions: ``coords`` is
     [checkpoints, features, 2]; each path starts at a hollow circle (first checkpoint) and ends at

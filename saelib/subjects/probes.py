@@ -25,7 +25,7 @@ from torch import Tensor
 from saelib.core import seeding
 
 __all__ = ["repeated_sequences", "random_windows", "RepeatProbe", "copy_spans", "repeat_spans", "ICLScore", "icl_score",
-           "mean_loss", "loss_by_position", "attention_patterns", "prefix_matching", "previous_token"]
+           "mean_loss", "loss_by_position", "attention_patterns", "prefix_matching", "previous_token", "Rise", "steepest_rise"]
 
 
 def _allowed_ids(vocab: int, bos: int, exclude: tuple[int, ...]) -> Tensor:
@@ -223,3 +223,34 @@ def previous_token(model, windows: Tensor, batch_size: int = 16) -> Tensor:
     pattern = attention_patterns(model, windows, batch_size)
     t = torch.arange(1, windows.shape[1])
     return pattern[:, :, :, t, t - 1].mean((0, 3))
+
+
+@dataclass(frozen=True)
+class Rise:
+    rise: float
+    """The largest increase of the curve between two probed steps at most ``window`` apart."""
+    start: int
+    """The step it rises from."""
+    end: int
+    """The step it rises to."""
+
+    def overlaps(self, other: "Rise") -> bool:
+        """Whether the two rises share part of their step interval (they happen together)."""
+        return self.start < other.end and other.start < self.end
+
+
+def steepest_rise(steps, values, window: int) -> Rise:
+    """Where a probe curve (``values`` at training ``steps``, in order) jumps: the pair of probed
+    steps at most ``window`` steps apart with the largest increase. A phase change shows as a rise
+    over a short window about as large as the whole rise; a smooth curve gives a small one."""
+    steps, values = [int(s) for s in steps], [float(v) for v in values]
+    if len(steps) != len(values) or len(steps) < 2:
+        raise ValueError(f"need at least two (step, value) pairs, got {len(steps)} steps and {len(values)} values")
+    best = Rise(float("-inf"), steps[0], steps[1])
+    for i, (s0, v0) in enumerate(zip(steps, values)):
+        for s1, v1 in zip(steps[i + 1:], values[i + 1:]):
+            if s1 - s0 > window:
+                break
+            if v1 - v0 > best.rise:
+                best = Rise(v1 - v0, s0, s1)
+    return best
