@@ -231,24 +231,6 @@ def step_axis(ax, steps: Sequence[int] | None = None) -> None:
         ax.axvline(s, color="0.6", lw=0.6, ls=":", zorder=0)
 
 
-def model_over_training(probes: pd.DataFrame, marked: Sequence[int]) -> Figure:
-    """Two panels against the model's training step: held-out loss, and the in-context-learning
-    score (loss on the first copy of a random sequence minus loss on the second; 0 = no copying).
-    ``probes`` has columns step, loss, icl; ``marked`` are the steps with an SAE."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, col, label in zip(axes, ("loss", "icl"), ("held-out loss (nats/token)",
-                                                      "ICL score (nats: first copy - second copy)")):
-        ax.plot(probes.step, probes[col], "o-", ms=3.5, lw=1.4, color=color("organism"))
-        sae = probes[probes.step.isin(marked)]
-        ax.plot(sae.step, sae[col], "o", ms=7, mfc="none", color="k", label="SAE checkpoints")
-        step_axis(ax)
-        ax.set_ylabel(label)
-    axes[1].axhline(0, color="0.4", lw=0.8)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def over_steps(frame: pd.DataFrame, metrics: Mapping[str, str], hue: str = "method",
                references: Mapping[str, Mapping[str, float]] | None = None, ncols: int = 3) -> Figure:
     """One panel per metric (``metrics``: column -> axis label) against ``frame.step``, one line

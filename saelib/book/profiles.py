@@ -176,7 +176,8 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
     # model: chapter 4's own organism (saelib.subjects.language_models, "induction-*": two
     # attention-only layers, text with repeated spans, so that induction heads form within the
     # budget; chapter 1's organism never learns to copy); control_model: the same organism trained
-    # on the text without repeats (None: no control). checkpoints: the SAEs'; probe_checkpoints:
+    # on the text without repeats (None: no control). checkpoints: the SAEs' (the chapter adds the
+    # two ends of the induction head's steepest rise); probe_checkpoints:
     # where loss, ICL scores and head scores are measured (every saved one for the organisms).
     # icl_lengths: span lengths of the random-offset ICL probes; jump_window: the steps a phase
     # change may take (steepest_rise); thresholds: the decoder cosines every matching verdict is
@@ -195,11 +196,11 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                    expect_claims={"icl_jump": False}),
         "cpu": dict(model="organism-induction-cpu", control_model="organism-induction-cpu-control",
                     hook="blocks.1.hook_resid_post", corpus="mixed",
-                    checkpoints=(0, 128, 600, 1200, 1800, 2400, 3000, 4200, 6000, 8000),
-                    probe_checkpoints=tuple(checkpoint_schedule(8000, 40)),
+                    checkpoints=(0, 128, 600, 1500, 3000, 4500, 6000, 7500, 9000, 12000),
+                    probe_checkpoints=tuple(checkpoint_schedule(12000, 40)),
                     n_tokens=200_000, eval_tokens=16_384, context_size=64, loss_windows=64,
                     expansion=8, k=8, steps=600, batch_size=2048, lr=2e-3, dead_after_tokens=200_000,
-                    icl_sequences=64, icl_lengths=(8, 24), jump_window=800,
+                    icl_sequences=64, icl_lengths=(8, 24), jump_window=1500,
                     thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), match_threshold=0.5, token_level_share=0.5,
                     n_boot=2000, expect_claims=None),
         "gpu": dict(model="pythia-70m-deduped", control_model=None, hook="blocks.2.hook_resid_post",

@@ -267,7 +267,7 @@ ORGANISM_PROFILES: dict[str, OrganismProfile] = {
                                     warmup_steps=25, n_even_checkpoints=5, val_windows=32, attn_only=True,
                                     repeat_frac=1.0, heldout_unseen=True, loss_bound=6.0),
     "induction-cpu": OrganismProfile(n_layers=2, d_model=64, n_heads=4, d_mlp=0, n_ctx=64, d_vocab=2048,
-                                     tokenizer_chars=1_500_000, batch_size=16, n_steps=8000, lr=3e-3,
+                                     tokenizer_chars=1_500_000, batch_size=16, n_steps=12000, lr=3e-3,
                                      warmup_steps=100, n_even_checkpoints=40, val_windows=64, attn_only=True,
                                      repeat_frac=1.0, heldout_unseen=True, loss_bound=5.0),
 }
