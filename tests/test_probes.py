@@ -101,3 +101,38 @@ def test_probes_are_seeded_and_checked():
         repeat_spans(w, CTX // 2, seed=0)
     curve = loss_by_position(hand_built("induction"), a.tokens)
     assert curve.shape == (CTX - 1,)
+
+
+def test_steepest_rise_finds_the_jump_within_its_window():
+    from saelib.subjects.probes import steepest_rise
+
+    steps = [0, 100, 200, 300, 400, 500]
+    jump = steepest_rise(steps, [0.0, 0.1, 0.1, 2.0, 2.1, 2.2], window=100)
+    assert (jump.start, jump.end) == (200, 300) and jump.rise == pytest.approx(1.9)
+    smooth = steepest_rise(steps, [0.0, 0.4, 0.8, 1.2, 1.6, 2.0], window=100)
+    assert smooth.rise == pytest.approx(0.4), "a steady climb has no jump larger than one interval's"
+    assert jump.overlaps(steepest_rise(steps, [0, 0, 0, 1, 1, 1], window=100))
+    assert not jump.overlaps(smooth.__class__(1.0, 400, 500))
+
+
+def test_a_verdict_across_thresholds_holds_only_where_every_threshold_agrees():
+    from saelib.book import claims
+
+    assert claims.across([0.1, 0.3]) is True and claims.across([-0.1, -0.2]) is False
+    assert claims.across([0.2, -0.1]) == claims.INCONCLUSIVE and claims.across([0.0]) == claims.INCONCLUSIVE
+    claim = claims.Claim("x", "says", "ours", holds=claims.across([0.2, -0.1]))
+    assert claims.table([claim])["holds here"]["x"] == claims.INCONCLUSIVE
+    with pytest.raises(ValueError):
+        claims.across([])
+
+
+def test_bootstrap_interval_covers_a_real_difference_and_straddles_none():
+    import numpy as np
+
+    from saelib.studies.matching import bootstrap_difference
+
+    rng = np.random.default_rng(0)
+    diff, lo, hi = bootstrap_difference(rng.normal(1, 1, 400), rng.normal(0, 1, 400), seed=0)
+    assert lo > 0.7 and hi < 1.3 and lo < diff < hi
+    _, lo, hi = bootstrap_difference(rng.normal(0, 1, 400), rng.normal(0, 1, 400), seed=0)
+    assert lo < 0 < hi
