@@ -295,3 +295,30 @@ def test_book_browser_is_cached_whole_and_verified(setup, tok, tmp_path, monkeyp
     (cached / "summary.json").write_text("{")
     with pytest.raises(DamagedError, match=r"summary.json is damaged: .*; delete .* and rerun the chapter"):
         publish.book_browser(*args, **kwargs)
+
+
+def test_lineage_shows_each_checkpoints_ancestor_with_cosine_density_and_contexts(setup, tok, tmp_path):
+    from saelib.browser import Lineage, LineageView, book_lineage
+
+    model, windows, table, sae, data, _ = setup
+    other = SAE(SAEConfig(d_in=32, d_sae=48, k=4, seed=5))
+    other.init_from_sample(table)
+    early = gather_features({"early": other}, table, tokens=TokenIndex.from_windows(windows), batch_size=100,
+                            n_top=5, progress=False)["early"]
+    # Final feature 0 descends from feature 7 at step 10, final feature 1 has no ancestor there.
+    ancestor = torch.tensor([[7, -1] + [3] * 46, list(range(48))])
+    cosine = torch.tensor([[0.8, float("nan")] + [0.1] * 46, [1.0] * 48])
+    lineage = Lineage([10, 20], ancestor, cosine, {10: early, 20: data}, born=torch.tensor([10.0] + [20.0] * 47))
+    assert lineage.row(0, 0) == {"step": 10, "ancestor": 7, "cosine": pytest.approx(0.8),
+                                 "density": pytest.approx(float(early.density[7]))}
+    page = LineageView(lineage, 0, tok)._repr_html_()
+    assert page.count("<tr>") == 3 and "born at step 10" in page and "0.80" in page
+    assert int(early.top_rows[7][0]) >= 0 and page.count('class="ctx"') >= 2, "contexts at both checkpoints"
+    assert "(no match)" in LineageView(lineage, 1, tok)._repr_html_()
+    with pytest.raises(ValueError, match="no gathered features"):
+        Lineage([10, 30], ancestor, cosine, {10: early, 20: data})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAELIB_BROWSER_DIR", str(tmp_path))
+        index = book_lineage("04_dynamics", lineage, tok, features=[0, 1])
+    assert index == tmp_path / "04_dynamics" / "lineage" / "index.html"
+    assert 'href="feature_0.html"' in index.read_text() and (index.parent / "feature_1.html").exists()

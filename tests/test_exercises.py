@@ -269,12 +269,12 @@ def test_zipf_fit(capsys):
 # --------------------------------------------------------------------------- training dynamics (chapter 4)
 
 def test_icl_score(capsys):
-    from saelib.subjects.probes import icl_score
+    from saelib.subjects.probes import RepeatProbe, icl_score
 
-    assert ex.check_icl_score(lambda model, seqs: icl_score(model, seqs).score)
+    assert ex.check_icl_score(lambda model, seqs: icl_score(model, RepeatProbe.halves(seqs)).score)
 
     def reversed_sign(model, seqs):
-        return -icl_score(model, seqs).score
+        return -icl_score(model, RepeatProbe.halves(seqs)).score
 
     def every_token(model, seqs):  # the unpredictable first token of each copy left in
         n = (seqs.shape[1] - 1) // 2

@@ -8,7 +8,7 @@ import torch
 from saelib.book.exercises import CopyingModel, tiny_model
 from saelib.core.sae import SAE, SAEConfig
 from saelib.studies import matching
-from saelib.subjects.probes import icl_score, mean_loss, repeated_sequences
+from saelib.subjects.probes import RepeatProbe, icl_score, mean_loss, repeated_sequences
 
 
 def dictionary(n=64, d=16, seed=0):
@@ -87,15 +87,15 @@ def test_icl_score_is_near_zero_untrained_and_large_for_a_copier():
     seqs = repeated_sequences(16, 12, vocab=50, bos=0, seed=0)
     assert seqs.shape == (16, 25) and torch.equal(seqs[:, 1:13], seqs[:, 13:]) and (seqs[:, 1:] != 0).all()
     assert torch.equal(seqs, repeated_sequences(16, 12, vocab=50, bos=0, seed=0)), "the same probe every time"
-    untrained = icl_score(tiny_model(), seqs)
+    untrained = icl_score(tiny_model(), RepeatProbe.halves(seqs))
     assert abs(untrained.score) < 0.1 and untrained.first > 3, untrained
     wide = repeated_sequences(8, 12, vocab=1000, bos=0, seed=0)  # few repeats inside one copy
-    copier = icl_score(CopyingModel(1000), wide)
+    copier = icl_score(CopyingModel(1000), RepeatProbe.halves(wide))
     assert copier.score > 5 and copier.second < 0.1, copier
     assert mean_loss(CopyingModel(1000), wide) == pytest.approx(
         (copier.first * 11 + 2 * np.log(1000) + copier.second * 11) / 24, rel=0.05)
-    with pytest.raises(ValueError, match="two halves after BOS differ"):
-        icl_score(CopyingModel(50), torch.randint(1, 50, (2, 9)))
+    with pytest.raises(ValueError, match="occurrences differ"):
+        RepeatProbe.halves(torch.randint(1, 50, (2, 9)))
 
 
 def test_directions_of_other_widths_or_zero_norm_are_refused():

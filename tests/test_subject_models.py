@@ -115,3 +115,22 @@ def test_hook_names_parse_in_one_place():
     assert parse_hook("hook_embed").layer is None and parse_hook("ln_final.hook_normalized").layer == -1
     assert parse_hook("blocks.3.hook_mlp_out").in_residual_basis and not parse_hook("blocks.3.attn.hook_z").in_residual_basis
     assert parse_hook("blocks.2.hook_mlp_out").stream_index is None
+
+
+def test_chapter_4_organism_repeats_spans_and_never_sees_its_heldout_documents(organism):
+    from dataclasses import replace
+
+    from saelib.subjects.language_models import _load_tokenizer, _organism_windows, _record
+
+    tok = _load_tokenizer(organism / "tokenizer")
+    p = replace(ORGANISM_PROFILES["induction-ci"], n_steps=20, val_windows=8)
+    train, val = _organism_windows(tok, p, "mixed")
+    plain, val_plain = _organism_windows(tok, replace(p, repeat_frac=0.0), "mixed")
+    assert torch.equal(val, val_plain), "validation windows are natural text, without repeats"
+    assert (train != plain).any(1).float().mean() > 0.9, "every training window carries a repeated span"
+    assert ((train != plain).sum(1) <= (p.n_ctx - 1) // 2).all(), "one span of at most half a window"
+    grams = plain.unfold(1, 16, 1).reshape(-1, 16)  # every 16-gram of the training text
+    held = val[:, 1:17]
+    assert not (grams[None] == held[:, None]).all(-1).any(), "a held-out window's text was trained on"
+    # Fields added for chapter 4 stay out of the records of the organisms trained before them.
+    assert "repeat_frac" not in _record(ORGANISM_PROFILES["cpu"]) and _record(p)["repeat_frac"] == 1.0

@@ -52,8 +52,9 @@ class Claim:
     """What the paper claims, in words."""
     ours: str
     """The number this run measured, formatted."""
-    holds: bool | None = None
-    """Whether the claim holds in this run, for a claim judged without a noise floor."""
+    holds: Verdict | None = None
+    """Whether the claim holds in this run, for a claim judged without a noise floor: True, False,
+    or ``INCONCLUSIVE`` where its measurements disagree (``across``)."""
     difference: float | None = None
     """The measured difference that is positive where the claim holds (with ``noise_floor``)."""
     noise_floor: float | None = None
@@ -70,8 +71,23 @@ class Claim:
     def verdict(self) -> Verdict:
         """True, False or ``INCONCLUSIVE`` (the last only for a measured claim)."""
         if self.holds is not None:
-            return bool(self.holds)
+            return INCONCLUSIVE if self.holds == INCONCLUSIVE else bool(self.holds)
         return verdict(self.difference, self.noise_floor)
+
+
+def across(margins: Sequence[float]) -> Verdict:
+    """One verdict from a claim measured at several settings (e.g. matching thresholds), each as a
+    margin that is positive where the claim holds there: True if it holds at every setting, False
+    if it fails at every one, ``INCONCLUSIVE`` if the settings disagree (the verdict would hinge on
+    the setting)."""
+    values = [float(m) for m in margins]
+    if not values or any(math.isnan(v) for v in values):
+        raise ValueError(f"need margins measured at one setting or more, got {values}")
+    if all(v > 0 for v in values):
+        return True
+    if all(v < 0 for v in values):
+        return False
+    return INCONCLUSIVE
 
 
 def table(claims: Sequence[Claim]) -> pd.DataFrame:

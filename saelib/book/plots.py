@@ -232,24 +232,6 @@ def step_axis(ax, steps: Sequence[int] | None = None) -> None:
         ax.axvline(s, color="0.6", lw=0.6, ls=":", zorder=0)
 
 
-def model_over_training(probes: pd.DataFrame, marked: Sequence[int]) -> Figure:
-    """Two panels against the model's training step: held-out loss, and the in-context-learning
-    score (loss on the first copy of a random sequence minus loss on the second; 0 = no copying).
-    ``probes`` has columns step, loss, icl; ``marked`` are the steps with an SAE."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, col, label in zip(axes, ("loss", "icl"), ("held-out loss (nats/token)",
-                                                      "ICL score (nats: first copy - second copy)")):
-        ax.plot(probes.step, probes[col], "o-", ms=3.5, lw=1.4, color=color("organism"))
-        sae = probes[probes.step.isin(marked)]
-        ax.plot(sae.step, sae[col], "o", ms=7, mfc="none", color="k", label="SAE checkpoints")
-        step_axis(ax)
-        ax.set_ylabel(label)
-    axes[1].axhline(0, color="0.4", lw=0.8)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def over_steps(frame: pd.DataFrame, metrics: Mapping[str, str], hue: str = "method",
                references: Mapping[str, Mapping[str, float]] | None = None, ncols: int = 3) -> Figure:
     """One panel per metric (``metrics``: column -> axis label) against ``frame.step``, one line
@@ -296,6 +278,22 @@ def births(born: Mapping[str, np.ndarray], steps: Sequence[int], sorted_by: Mapp
     right.set_xlabel("features, sorted by birth (fraction)")
     right.set_ylabel("birth step")
     right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def threshold_curves(frame: pd.DataFrame, ylabel: str) -> Figure:
+    """One line per column of ``frame`` against its index, the decoder-cosine threshold of a
+    matching (ceiling and floor columns, named so, dashed and dotted): how a verdict moves with it."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for j, col in enumerate(frame.columns):
+        style = "--" if col.startswith("ceiling") else ":" if col.startswith("floor") else "-"
+        ax.plot(frame.index, frame[col], style, marker="o", ms=3.5, lw=1.5,
+                color="0.3" if style != "-" else f"C{j}", label=col)
+    ax.set_xlabel("decoder-cosine threshold of a match")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return fig
 

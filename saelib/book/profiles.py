@@ -29,6 +29,7 @@ import os
 from typing import Any, Mapping
 
 from saelib.book import plan
+from saelib.subjects.language_models import checkpoint_schedule
 
 PROFILES = ("ci", "cpu", "cpu-long", "gpu", "gpu-smoke")
 BASE = {"cpu-long": "cpu"}
@@ -201,42 +202,50 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     schedule="cosine", precision="float32", timing_steps=20, expect_claims=None),
     },
     # Chapter 4: one SAE per training checkpoint of a model, trained from scratch and SAE-Track style.
-    # checkpoints: the SAEs' (log-spaced by step); probe_checkpoints: where loss and the ICL score
-    # are measured (every saved one for the organisms). gpu: Pythia's public checkpoints through
-    # TransformerLens (checkpoint_value); not executed on the project machine.
-    # Sizes (cpu), from two seeds of the final checkpoint's SAE (share of live features whose best
-    # match has cosine >= 0.5 / >= 0.7; random directions reach 0%): 2048 features, k 16, 300 steps
-    # 54% / 4%; 1024, k 16, 600 steps 79% / 16%; 1024, k 8, 600 steps 98% / 54% (1000 steps: 97% /
-    # 58%). Sparser codes give features two seeds agree on, so: 1024 features, k 8, match at 0.5.
+    # model: chapter 4's own organism (saelib.subjects.language_models, "induction-*": two
+    # attention-only layers, text with repeated spans, so that induction heads form within the
+    # budget; chapter 1's organism never learns to copy); control_model: the same organism trained
+    # on the text without repeats (None: no control). checkpoints: the SAEs' (the chapter adds the
+    # two ends of the induction head's steepest rise); probe_checkpoints:
+    # where loss, ICL scores and head scores are measured (every saved one for the organisms).
+    # icl_lengths: span lengths of the random-offset ICL probes; jump_window: the steps a phase
+    # change may take (steepest_rise); thresholds: the decoder cosines every matching verdict is
+    # checked at; match_threshold: the one the per-checkpoint figures show.
+    # gpu: Pythia's public checkpoints through TransformerLens; not executed on the project machine.
     "dynamics": {
-        "ci": dict(model="organism-ci", hook="blocks.1.hook_resid_post", corpus="mixed",
-                   checkpoints=(0, 2, 8, 32, 100, 250),
+        "ci": dict(model="organism-induction-ci", control_model=None, hook="blocks.1.hook_resid_post",
+                   corpus="mixed", checkpoints=(0, 8, 50, 150, 250),
                    probe_checkpoints=(0, 1, 2, 4, 8, 16, 32, 50, 100, 150, 200, 250),
-                   n_tokens=24_576, eval_tokens=4096, context_size=64, loss_windows=16,
+                   n_tokens=16_384, eval_tokens=4096, context_size=64, loss_windows=16,
                    expansion=4, k=8, steps=100, batch_size=512, lr=3e-3, dead_after_tokens=20_000,
-                   icl_sequences=16, icl_length=31, match_threshold=0.5, token_level_share=0.5,
-                   # The ci organism (250 steps) never learns to copy; its other claims are noise.
-                   expect_claims={"icl_emerges": False, "icl_abrupt": False}),
-        "cpu": dict(model="organism-cpu", hook="blocks.1.hook_resid_post", corpus="mixed",
-                    checkpoints=(0, 2, 8, 32, 64, 120, 240, 480, 840, 1200),
-                    probe_checkpoints=(0, 1, 2, 4, 8, 16, 32, 64, 120, 240, 360, 480, 600, 720, 840,
-                                       960, 1080, 1200),
-                    n_tokens=200_000, eval_tokens=16_384, context_size=128, loss_windows=32,
-                    expansion=4, k=8, steps=600, batch_size=2048, lr=2e-3, dead_after_tokens=200_000,
-                    icl_sequences=32, icl_length=63, match_threshold=0.5, token_level_share=0.5,
-                    # What the rendered book reports (measured 2026-11-26, cold run 470 s).
-                    expect_claims={"early_features": True, "token_first": False,
-                                   "tracked_agree": True, "icl_emerges": False,
-                                   "icl_abrupt": False}),
-        "gpu": dict(model="pythia-70m-deduped", hook="blocks.2.hook_resid_post",
+                   icl_sequences=16, icl_lengths=(8, 24), jump_window=100,
+                   thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), match_threshold=0.5, token_level_share=0.5,
+                   n_boot=500,
+                   # 250 steps are too few for an induction head; the other claims are noise here.
+                   expect_claims={"icl_jump": False}),
+        "cpu": dict(model="organism-induction-cpu", control_model="organism-induction-cpu-control",
+                    hook="blocks.1.hook_resid_post", corpus="mixed",
+                    checkpoints=(0, 128, 600, 1500, 3000, 4500, 6000, 7500, 9000, 12000),
+                    probe_checkpoints=tuple(checkpoint_schedule(12000, 40)),
+                    n_tokens=200_000, eval_tokens=16_384, context_size=64, loss_windows=64,
+                    expansion=8, k=8, steps=600, batch_size=2048, lr=2e-3, dead_after_tokens=200_000,
+                    icl_sequences=64, icl_lengths=(8, 24), jump_window=1500,
+                    thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), match_threshold=0.5, token_level_share=0.5,
+                    # The organism, probed at its checkpoints on 2026-12-02 (the full cpu build of the
+                    # rewired chapter has not finished yet, so no claim is expected): ICL on held-out
+                    # text 0.46 / 0.81 nats (L = 8 / 24) at step 5700, 2.26 / 2.87 at 7500, 2.53 /
+                    # 3.19 at 8100; layer 1 head 2's prefix matching 0.061 -> 0.303 (chance 0.022).
+                    n_boot=2000, expect_claims=None),
+        "gpu": dict(model="pythia-70m-deduped", control_model=None, hook="blocks.2.hook_resid_post",
                     corpus="hf:Elriggs/openwebtext-100k",
                     checkpoints=(0, 4, 32, 256, 1000, 4000, 16000, 64000, 143000),
                     probe_checkpoints=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 4000, 8000,
                                        16000, 32000, 64000, 100000, 143000),
                     n_tokens=4_000_000, eval_tokens=131_072, context_size=128, loss_windows=256,
                     expansion=16, k=32, steps=8000, batch_size=4096, lr=4e-4,
-                    dead_after_tokens=5_000_000, icl_sequences=128, icl_length=63,
-                    match_threshold=0.5, token_level_share=0.5, expect_claims=None),
+                    dead_after_tokens=5_000_000, icl_sequences=128, icl_lengths=(16, 48), jump_window=2000,
+                    thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), match_threshold=0.5, token_level_share=0.5,
+                    n_boot=2000, expect_claims=None),
     },
     # Chapter 5: PatchSAE on the book's ViT, before and after prompt adaptation (Lim et al. 2025).
     # vit: a saelib.subjects.vision.VIT_PROFILES name (pretrained here, cached) or, online, CLIP ViT-B/16.
@@ -280,7 +289,7 @@ SMOKE_SIZES = frozenset({
     "n_tokens", "eval_tokens", "eval_windows", "loss_windows", "splice_windows", "sanity_tokens",
     "dead_after_tokens", "steps", "length_steps", "big_steps", "sanity_steps", "timing_steps", "n_budgets",
     "batch_size", "context_size", "d_model", "n_features", "shelf_max_chars",
-    "organism", "icl_sequences", "icl_length", "sae_images", "eval_images", "mask_images",
+    "organism", "icl_sequences", "icl_lengths", "n_boot", "sae_images", "eval_images", "mask_images",
     "task_test_images", "prompt_epochs", "mask_ks", "group_top", "group_bottom"})
 """The knobs ``gpu-smoke`` takes from ``ci``: amounts of data, steps and widths (and the organism,
 named by its size); every other knob, names and hyperparameters, is ``gpu``'s. Expansions stay

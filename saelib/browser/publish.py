@@ -12,11 +12,12 @@ from typing import Mapping
 import torch
 
 from saelib.browser.gather import FeatureData
+from saelib.browser.lineage import Lineage, write_lineage
 from saelib.browser.pages import write_browser
 from saelib.core.sae import SAE
 from saelib.core.storage import artifact_dir, atomic_dir, commit_dir, locked, read_json, verify
 
-__all__ = ["BROWSER_DIR_ENV", "book_browser"]
+__all__ = ["BROWSER_DIR_ENV", "book_browser", "book_lineage"]
 
 BROWSER_DIR_ENV = "SAELIB_BROWSER_DIR"
 """Where chapters publish their browsers; the book's runner points it into the build, which serves
@@ -43,9 +44,21 @@ def book_browser(chapter: str, saes: Mapping[str, SAE], model, table, key: Mappi
             commit_dir(tmp, cached)
     advice = f"delete {cached} and rerun the chapter to write it again"
     verify(cached, advice)
-    published = Path(os.environ.get(BROWSER_DIR_ENV, "_browser")) / chapter
+    published = _published(chapter)
     staged = atomic_dir(published)
     shutil.copytree(cached / "site", staged, dirs_exist_ok=True)
     commit_dir(staged, published)
     shown = torch.load(cached / "shown.pt", weights_only=False) if (cached / "shown.pt").exists() else None
     return published / "index.html", read_json(cached / "summary.json", advice), shown
+
+
+def _published(chapter: str) -> Path:
+    return Path(os.environ.get(BROWSER_DIR_ENV, "_browser")) / chapter
+
+
+def book_lineage(chapter: str, lineage: Lineage, tokenizer, features=None) -> Path:
+    """A chapter's lineage pages (``write_lineage``), published beside its browser as
+    ``$SAELIB_BROWSER_DIR/<chapter>/lineage``; written on every run (they take seconds, from data
+    the chapter has gathered). Returns the index."""
+    return write_lineage(lineage, tokenizer, _published(chapter) / "lineage", features,
+                         title=f"{chapter}: final features across training")

@@ -36,6 +36,7 @@ PURPOSES = (
     "prompt_init",         # deep prompts and adapted heads (saelib.subjects.prompts)
     "prompt_data_order",   # the batches of prompt adaptation and linear probes
     "latent_controls",     # random latents of the masking controls (saelib.studies.patch_analysis)
+    "bootstrap",           # resampling for bootstrap intervals (saelib.studies.matching)
 )
 
 

@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saelib.core import seeding
 from saelib.core.devices import to_device_of
 from saelib.core.sae import SAE
 
 __all__ = ["cosines", "max_cosine_match", "max_cosine_within", "assign", "track_back", "births",
-           "firing_matrix", "jaccard", "dominant_token"]
+           "firing_matrix", "jaccard", "dominant_token", "bootstrap_difference"]
 
 
 def _unit(rows: Tensor) -> Tensor:
@@ -185,3 +186,19 @@ def dominant_token(fired: Tensor, token_ids: Tensor | np.ndarray) -> tuple[Tenso
     token[feature[best]] = pairs[best] % n_vocab
     share[feature[best]] = counts[best].float() / total[feature[best]].float()
     return token, share
+
+
+def bootstrap_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> tuple[float, float, float]:
+    """(difference, low, high): mean(a) - mean(b) and its percentile bootstrap interval, each group
+    resampled with replacement ``n_boot`` times (seeded): how far two birth distributions differ
+    beyond the luck of which features fell into each group."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"need two values or more per group, got {len(a)} and {len(b)}")
+    rng = np.random.default_rng(seeding.derived_seed("bootstrap", seed))
+    diffs = (a[rng.integers(len(a), size=(n_boot, len(a)))].mean(1)
+             - b[rng.integers(len(b), size=(n_boot, len(b)))].mean(1))
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(diffs, [tail, 100 - tail])
+    return float(a.mean() - b.mean()), float(low), float(high)

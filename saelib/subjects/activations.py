@@ -42,7 +42,7 @@ from saelib.core.hooks import check_hook_point, stop_layer
 from saelib.core.progress import bar as progress_bar
 from saelib.core.sae import PRECISIONS
 from saelib.core.storage import DamagedError, cache_root, content_key, locked, read_json, verify, write_checksums
-from saelib.subjects.corpora import load_corpus
+from saelib.subjects.corpora import HELDOUT_EVERY, load_corpus, split_documents
 from saelib.subjects.language_models import load_subject_model
 
 __all__ = [
@@ -51,9 +51,6 @@ __all__ = [
     "WindowTable", "drop_norm_outliers", "at_precision",
 ]
 
-HELDOUT_EVERY = 20
-"""Every 20th document of a corpus (5%) is held out: ``split="heldout"`` windows come only from
-those, ``split="train"`` windows never do, so splice evaluation reads text no SAE was trained on."""
 
 _STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 
@@ -135,8 +132,8 @@ def token_windows(tokenizer, corpus: str, n_windows: int, context_size: int, see
     for the organisms ``<|endoftext|>`` is both, as in their training.
 
     ``split`` picks the documents (see ``HELDOUT_EVERY``). The held-out documents are held out from
-    SAE training only: ``train_organism`` trained the organisms on them too, so an organism's loss
-    on them is not a generalisation measure. Only as much text as needed is read."""
+    SAE training; from an organism's training only where its profile says ``heldout_unseen`` (the
+    chapter-4 organisms), so only there is its loss on them a generalisation measure. Only as much text as needed is read."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     bos = tokenizer.bos_token_id
@@ -150,7 +147,7 @@ def token_windows(tokenizer, corpus: str, n_windows: int, context_size: int, see
     while True:
         docs = load_corpus(corpus, max_chars=chars)
         complete = sum(map(len, docs)) < chars  # the corpus ran out before the budget
-        keep = [d for i, d in enumerate(docs) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == (split == "heldout")]
+        keep = split_documents(docs, split)
         if complete:  # the whole split is here: refuse before tokenizing what cannot be enough
             at_most = sum(len(d.encode()) for d in keep) + len(keep)  # a token spans >= 1 byte, + one EOS each
             if at_most < need:

@@ -30,7 +30,20 @@ from typing import Callable, Iterator
 
 from saelib.core.storage import atomic_text, cache_root
 
-__all__ = ["load_corpus", "list_corpora", "iter_corpus", "CorpusUnavailable"]
+__all__ = ["load_corpus", "list_corpora", "iter_corpus", "CorpusUnavailable", "HELDOUT_EVERY", "split_documents"]
+
+HELDOUT_EVERY = 20
+"""Every 20th document of a corpus (5%) is held out: ``split="heldout"`` windows come only from
+those, ``split="train"`` windows never do, so splice evaluation reads text no SAE was trained on
+(and no organism trained with ``OrganismProfile.heldout_unseen``)."""
+
+
+def split_documents(docs: list[str], split: str) -> list[str]:
+    """The documents of ``split``: "heldout" (every ``HELDOUT_EVERY``-th, counted from the corpus's
+    start, so any prefix of it splits alike) or "train" (the others)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    return [d for i, d in enumerate(docs) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == (split == "heldout")]
 
 
 class CorpusUnavailable(RuntimeError):

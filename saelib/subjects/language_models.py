@@ -39,7 +39,8 @@ from saelib.core.storage import (
     verify,
     write_checksums,
 )
-from saelib.subjects.corpora import load_corpus
+from saelib.subjects.corpora import load_corpus, split_documents
+from saelib.subjects.probes import copy_spans
 
 __all__ = [
     "load_subject_model",
@@ -226,6 +227,26 @@ class OrganismProfile:
     loss_bound: float | None = None
     """Held-out loss (nats/token, the validation windows after the last step) the profile is expected
     to reach; chapter 1 and the tests check it."""
+    attn_only: bool = False
+    """No MLPs: attention layers only (the induction circuit's natural home, and faster)."""
+    repeat_frac: float = 0.0
+    """Share of the training windows in which a span of the text recurs later in the window
+    (``saelib.subjects.probes.copy_spans``: random length, random places, so random distance),
+    which rewards copying from context and no positional shortcut."""
+    repeat_min: int = 4
+    """Shortest repeated span; the longest is (n_ctx - 1) // 2 tokens, lengths uniform between."""
+    heldout_unseen: bool = False
+    """Train on the corpus's train documents only, so the held-out split (``HELDOUT_EVERY``) is
+    text the organism never saw, and validation windows come from it."""
+
+
+# Fields added after the first organisms were trained: recorded only when set, so the records of
+# those organisms (and with them the organisms, their caches and their SAEs) stay valid.
+_LATER_FIELDS = {"attn_only": False, "repeat_frac": 0.0, "repeat_min": 4, "heldout_unseen": False}
+
+
+def _record(p: OrganismProfile) -> dict:
+    return {k: v for k, v in asdict(p).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
 
 
 ORGANISM_PROFILES: dict[str, OrganismProfile] = {
@@ -237,7 +258,22 @@ ORGANISM_PROFILES: dict[str, OrganismProfile] = {
     "cpu": OrganismProfile(n_layers=4, d_model=256, n_heads=8, d_mlp=1024, n_ctx=128, d_vocab=4096,
                            tokenizer_chars=8_000_000, batch_size=16, n_steps=1200, lr=1.5e-3,
                            warmup_steps=100, loss_bound=4.2),
+    # Chapter 4's organisms: two attention-only layers, small batch x context so that induction
+    # heads form within the budget (Aoyama et al. 2025: after about 10^5.7 sqrt(B C) tokens), text
+    # with repeated spans, held-out documents never seen, dense checkpoints through the change.
+    # Chapter 1's organisms stay as they are: chapters 1 and 3 are built on them. induction-cpu:
+    # 693 s on 2 cores (2026-12-02); its ICL score on held-out text jumps between steps 5700 and 7500.
+    "induction-ci": OrganismProfile(n_layers=2, d_model=64, n_heads=4, d_mlp=0, n_ctx=64, d_vocab=2048,
+                                    tokenizer_chars=1_500_000, batch_size=16, n_steps=250, lr=3e-3,
+                                    warmup_steps=25, n_even_checkpoints=5, val_windows=32, attn_only=True,
+                                    repeat_frac=1.0, heldout_unseen=True, loss_bound=6.0),
+    "induction-cpu": OrganismProfile(n_layers=2, d_model=64, n_heads=4, d_mlp=0, n_ctx=64, d_vocab=2048,
+                                     tokenizer_chars=1_500_000, batch_size=16, n_steps=12000, lr=3e-3,
+                                     warmup_steps=100, n_even_checkpoints=40, val_windows=64, attn_only=True,
+                                     repeat_frac=1.0, heldout_unseen=True, loss_bound=5.0),
 }
+# The control: the same organism on the same text without the repeats.
+ORGANISM_PROFILES["induction-cpu-control"] = replace(ORGANISM_PROFILES["induction-cpu"], repeat_frac=0.0)
 
 
 def organism_dir(profile: str, root: str | os.PathLike | None = None) -> Path:
@@ -250,7 +286,7 @@ def _organism_cfg(p: OrganismProfile, device: str = "cpu"):
     _, _, HookedTransformerConfig, _ = _transformer_lens()
     return HookedTransformerConfig(
         n_layers=p.n_layers, d_model=p.d_model, n_heads=p.n_heads, d_head=p.d_model // p.n_heads,
-        d_mlp=p.d_mlp, n_ctx=p.n_ctx, d_vocab=p.d_vocab, act_fn="gelu_new", normalization_type="LN",
+        d_mlp=None if p.attn_only else p.d_mlp, attn_only=p.attn_only, n_ctx=p.n_ctx, d_vocab=p.d_vocab, act_fn="gelu_new", normalization_type="LN",
         positional_embedding_type="standard", default_prepend_bos=True,
         seed=seeding.derived_seed("organism_init", p.seed), device=device,
         model_name="organism", init_weights=True,
@@ -297,20 +333,40 @@ def list_checkpoints(path: str | os.PathLike) -> list[int]:
 
 
 def _organism_windows(tokenizer, p: OrganismProfile, corpus: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training and validation windows: [n, n_ctx] token ids, BOS first, documents joined by EOS."""
+    """Training and validation windows: [n, n_ctx] token ids, BOS first, documents joined by EOS;
+    the training windows with their repeated spans (``repeat_frac``)."""
     need_tokens = p.n_steps * p.batch_size * (p.n_ctx - 1) + (p.val_windows + 1) * (p.n_ctx - 1)
     # ~3.5 characters per token for a 2-4k BPE on this text; the margin avoids a second pass.
     docs = load_corpus(corpus, max_chars=int(need_tokens * 4.5) + 100_000)
+    if p.heldout_unseen:
+        train_docs, val_docs = split_documents(docs, "train"), split_documents(docs, "heldout")
+        train, val = _windows(tokenizer, train_docs, p.n_ctx), _windows(tokenizer, val_docs, p.n_ctx)
+        if len(val) < p.val_windows:
+            raise ValueError(f"{len(val)} held-out windows, {p.val_windows} needed: lower val_windows")
+        val = val[:p.val_windows]
+    else:
+        windows = _windows(tokenizer, docs, p.n_ctx)
+        # Validation windows come from the end of the stream, never trained on.
+        train, val = windows[: len(windows) - p.val_windows], windows[len(windows) - p.val_windows:]
+    if p.repeat_frac > 0:
+        gen = seeding.generator("organism_data_order:repeats", p.seed)
+        rows = torch.nonzero(torch.rand(len(train), generator=gen) < p.repeat_frac).flatten()
+        longest = (p.n_ctx - 1) // 2
+        lengths = torch.randint(p.repeat_min, longest + 1, (len(rows),), generator=gen)
+        train = train.clone()
+        train[rows] = copy_spans(train[rows], lengths, gen)[0]
+    return train, val
+
+
+def _windows(tokenizer, docs: list[str], n_ctx: int) -> torch.Tensor:
     ids: list[int] = []
     for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
         ids.extend(enc)
         ids.append(tokenizer.eos_token_id)
-    body = p.n_ctx - 1
+    body = n_ctx - 1
     n = len(ids) // body
     windows = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
-    windows = torch.cat([torch.full((n, 1), tokenizer.bos_token_id), windows], dim=1)
-    # Validation windows come from the end of the stream, never trained on.
-    return windows[: n - p.val_windows], windows[n - p.val_windows:]
+    return torch.cat([torch.full((n, 1), tokenizer.bos_token_id), windows], dim=1)
 
 
 @torch.no_grad()
@@ -350,7 +406,7 @@ def train_organism(profile: str | OrganismProfile = "cpu", out_dir: str | os.Pat
 def _train_organism_into(out: Path, name: str, p: OrganismProfile, corpus: str, device: str, resume_every: int,
                          progress: bool, stop_at_step: int | None) -> Path:
     _, HookedTransformer, _, _ = _transformer_lens()
-    meta = {"profile": name, "config": asdict(p), "corpus": corpus}
+    meta = {"profile": name, "config": _record(p), "corpus": corpus}
     meta_path = out / "organism.json"
     old = read_record(meta_path, {"config": meta["config"], "corpus": corpus}, what=f"the organism in {out}")
     if old is not None and old.get("finished"):

@@ -40,7 +40,7 @@ def check_icl_score(fn: Callable[[Any, Tensor], Any]) -> bool:
     """Check ``fn(model, sequences) -> float``: mean next-token loss on the first copy of each
     repeated random sequence minus that on the second copy, leaving out the first token of each
     copy. Compared with ``saelib.subjects.probes.icl_score`` on a random model and on a model that copies."""
-    from saelib.subjects.probes import icl_score, repeated_sequences
+    from saelib.subjects.probes import RepeatProbe, icl_score, repeated_sequences
 
     cases = [Case("a random 2-layer model, 6 sequences of 2 x 10 tokens",
                   (tiny_model(), repeated_sequences(6, 10, vocab=50, bos=0, seed=1))),
@@ -52,7 +52,8 @@ def check_icl_score(fn: Callable[[Any, Tensor], Any]) -> bool:
                   (tiny_model(1), repeated_sequences(1, 15, vocab=50, bos=0, seed=4)))]
 
     def compare(case: Case, got: Any) -> list[str]:
-        expected = icl_score(*case.args)
+        model, sequences = case.args
+        expected = icl_score(model, RepeatProbe.halves(sequences))
         value = as_float(got)
         if is_close(value, expected.score):
             return []
