@@ -383,8 +383,8 @@ def patch_highlights(rows: Sequence[tuple[str, np.ndarray, np.ndarray, Sequence[
 
 def frequency_activation(frequency: np.ndarray, mean_activation: np.ndarray, entropy: np.ndarray,
                          marked: Mapping[int, tuple[np.ndarray, np.ndarray]], max_entropy: float) -> Figure:
-    """PatchSAE's Figure 3: each live latent at (log10 frequency, log10 mean activation), coloured
-    by label entropy; the latents in ``marked`` (latent -> (reference images, patch maps)) are
+    """PatchSAE's Figure 3 (as its official code draws it): each live latent at (log10 frequency,
+    log10 mean activation), both per image on the token mean, coloured by label entropy; the latents in ``marked`` (latent -> (reference images, patch maps)) are
     circled and numbered, with their three reference images on the right."""
     fig = plt.figure(figsize=(11, 4.6))
     grid = fig.add_gridspec(len(marked), 4, width_ratios=[3.2, 0.55, 0.55, 0.55], wspace=0.08)
@@ -396,8 +396,8 @@ def frequency_activation(frequency: np.ndarray, mean_activation: np.ndarray, ent
     points = ax.scatter(frame["log10 frequency"], frame["log10 mean activation"], c=frame["label entropy"],
                         cmap="viridis", vmin=0, vmax=max_entropy, s=9, alpha=0.8, linewidths=0)
     fig.colorbar(points, ax=ax, label="label entropy (nats)", pad=0.01)
-    ax.set_xlabel("log10 frequency (fraction of tokens)")
-    ax.set_ylabel("log10 mean activation")
+    ax.set_xlabel("log10 frequency (fraction of images)")
+    ax.set_ylabel("log10 mean activation (token mean)")
     for j, (latent, (images, maps)) in enumerate(marked.items()):
         x, y = np.log10(frequency[latent]), np.log10(max(mean_activation[latent], 1e-12))
         ax.scatter([x], [y], s=80, facecolors="none", edgecolors="k", lw=1.2)
