@@ -42,6 +42,21 @@ def verdict(difference: float, noise_floor: float) -> Verdict:
     return bool(difference > 0)
 
 
+def across(differences: Sequence[float], noise_floors: Sequence[float]) -> tuple[float, float]:
+    """One (difference, noise floor) for a claim measured several times (seeds, tasks): the centre
+    and half-width of the smallest interval holding every ``difference +- noise_floor``. Its
+    ``verdict`` is True only if every measurement is above its floor, False only if every one is
+    below minus its floor, and ``INCONCLUSIVE`` otherwise."""
+    if len(differences) != len(noise_floors) or not differences:
+        raise ValueError(f"need as many noise floors as differences, at least one: got "
+                         f"{len(differences)} and {len(noise_floors)}")
+    for d, f in zip(differences, noise_floors):
+        verdict(d, f)  # refuses NaN and negative floors
+    low = min(d - f for d, f in zip(differences, noise_floors))
+    high = max(d + f for d, f in zip(differences, noise_floors))
+    return (low + high) / 2, (high - low) / 2
+
+
 @dataclass(frozen=True)
 class Claim:
     """One claim: judged directly (``holds``) or measured (``difference`` beside ``noise_floor``)."""

@@ -214,8 +214,11 @@ def table(frame: pd.DataFrame, formats: Mapping[str, str] | None = None, digits:
     """A DataFrame as the book shows it: a blank where a value does not apply (NaN: the k of a ReLU
     SAE, the L1 coefficient of a TopK one), ``formats`` per column (e.g. ``{"k": "{:.0f}"}``), other
     numbers to ``digits`` decimals with thousands separated. Returns a pandas Styler."""
-    # An index name would add a second header row; the first column speaks for itself.
-    return frame.rename_axis(index=None).style.format(formats or {}, precision=digits, na_rep="",
+    # An index name would add a second header row; the first column speaks for itself (the levels
+    # of a MultiIndex keep their names: several columns do not).
+    if frame.index.nlevels == 1:
+        frame = frame.rename_axis(index=None)
+    return frame.style.format(formats or {}, precision=digits, na_rep="",
                                                       thousands=",")
 
 
