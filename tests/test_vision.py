@@ -200,8 +200,10 @@ def test_target_tasks_are_matched_and_the_inverted_one_shows_the_same_images():
     assert near.classes == far.classes == ("T-shirt/top", "pullover", "coat", "shirt")
     assert near.groups == far.groups == ((0,), (2,), (4,), (6,))
     assert torch.equal(near.train_labels, far.train_labels) and torch.equal(near.test_labels, far.test_labels)
-    assert torch.bincount(near.train_labels).tolist() == [5] * 4 and torch.bincount(near.test_labels).tolist() == [7] * 4
-    assert torch.allclose(far.test_images, 1 - near.test_images) and torch.allclose(far.train_images, 1 - near.train_images)
+    assert torch.bincount(near.train_labels).tolist() == [5] * 4
+    assert torch.bincount(near.test_labels).tolist() == [7] * 4
+    assert torch.allclose(far.test_images, 1 - near.test_images)
+    assert torch.allclose(far.train_images, 1 - near.train_images)
 
 
 # ----------------------------------------------------------------------------- PatchSAE analyses

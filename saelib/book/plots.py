@@ -387,8 +387,9 @@ def patch_highlights(rows: Sequence[tuple[str, np.ndarray, np.ndarray, Sequence[
 def frequency_activation(frequency: np.ndarray, mean_activation: np.ndarray, entropy: np.ndarray,
                          marked: Mapping[int, tuple[np.ndarray, np.ndarray]], max_entropy: float) -> Figure:
     """PatchSAE's Figure 3 (as its official code draws it): each live latent at (log10 frequency,
-    log10 mean activation), both per image on the token mean, coloured by label entropy; the latents in ``marked`` (latent -> (reference images, patch maps)) are
-    circled and numbered, with their three reference images on the right."""
+    log10 mean activation), both per image on the token mean, coloured by label entropy; the
+    latents in ``marked`` (latent -> (reference images, patch maps)) are circled and numbered,
+    with their three reference images on the right."""
     fig = plt.figure(figsize=(11, 4.6))
     grid = fig.add_gridspec(len(marked), 4, width_ratios=[3.2, 0.55, 0.55, 0.55], wspace=0.08)
     ax = fig.add_subplot(grid[:, 0])

@@ -223,7 +223,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
         "cpu": dict(vit="cpu", hook="blocks.2.hook_resid_post", sae_images=8000, eval_images=2000,
                     mask_images=2000, expansion=16, l1_coeff=0.05, k=16, sae_aux="none", steps=2000,
                     batch_size=2048, lr=2e-3, tau=0.2, shots=100, task_test_images=1000, prompt_tokens=8,
-                    prompt_depth=3, prompt_epochs=15, prompt_batch=32, prompt_lr=3e-2,
+                    prompt_depth=3, prompt_epochs=30, prompt_batch=32, prompt_lr=3e-2,
                     prompt_seeds=(0, 1, 2), mask_ks=(1, 2, 5, 10, 50, 100, 500, 1024), group_top=25,
                     group_bottom=50,
                     expect_claims={"adapts_near": "inconclusive", "adapts_shifted": "inconclusive",
