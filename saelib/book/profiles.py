@@ -226,9 +226,12 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     prompt_depth=3, prompt_epochs=30, prompt_batch=32, prompt_lr=3e-2,
                     prompt_seeds=(0, 1, 2), mask_ks=(1, 2, 5, 10, 50, 100, 500, 1024), group_top=25,
                     group_bottom=50,
-                    expect_claims={"adapts_near": "inconclusive", "adapts_shifted": "inconclusive",
-                                   "remaps": "inconclusive", "remaps_raw": "inconclusive",
-                                   "shifted_more": "inconclusive", "shifted_more_raw": "inconclusive",
+                    # What the rendered book reports (measured 2026-12-02, three prompt seeds):
+                    # asserted where every seed is beyond its floor by a margin; adapts_near
+                    # (-2.3 points, floor 2.3) and remaps (+5 points past the floor) are too close.
+                    expect_claims={"adapts_near": "inconclusive", "adapts_shifted": True,
+                                   "remaps": "inconclusive", "remaps_raw": True,
+                                   "shifted_more": True, "shifted_more_raw": True,
                                    "splice_cheap": True}),
         # gpu: activations are held in CPU memory (197 tokens x 768 per image: 4,000 images are
         # 2.4 GB), hence the image counts; MaPLe's depth 9, 2 tokens, SGD-free here (AdamW) at its
