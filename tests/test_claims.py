@@ -28,6 +28,20 @@ def test_a_noise_floor_must_be_a_non_negative_number(floor):
         claims.verdict(math.nan, 0.1)
 
 
+def test_a_claim_measured_several_times_holds_only_if_every_measurement_does():
+    # both beyond their floors: holds; the interval is [0.02, 0.12]
+    assert claims.across([0.05, 0.1], [0.03, 0.02]) == pytest.approx((0.07, 0.05))
+    assert claims.verdict(*claims.across([0.05, 0.1], [0.03, 0.02])) is True
+    assert claims.verdict(*claims.across([-0.05, -0.1], [0.03, 0.02])) is False
+    # one seed within its floor, or seeds of opposite signs: inconclusive
+    assert claims.verdict(*claims.across([0.05, 0.01], [0.03, 0.02])) == INCONCLUSIVE
+    assert claims.verdict(*claims.across([0.2, -0.2], [0.01, 0.01])) == INCONCLUSIVE
+    with pytest.raises(ValueError, match="as many noise floors"):
+        claims.across([0.1], [])
+    with pytest.raises(ValueError, match="non-negative"):
+        claims.across([0.1], [-1.0])
+
+
 def test_a_claim_is_judged_directly_or_measured_never_both():
     assert Claim("a", "says", "ours", True).verdict is True
     assert Claim("b", "says", "ours", difference=0.01, noise_floor=0.05).verdict == INCONCLUSIVE

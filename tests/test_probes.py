@@ -118,9 +118,12 @@ def test_steepest_rise_finds_the_jump_within_its_window():
 def test_a_verdict_across_thresholds_holds_only_where_every_threshold_agrees():
     from saelib.book import claims
 
-    assert claims.across([0.1, 0.3]) is True and claims.across([-0.1, -0.2]) is False
-    assert claims.across([0.2, -0.1]) == claims.INCONCLUSIVE and claims.across([0.0]) == claims.INCONCLUSIVE
-    claim = claims.Claim("x", "says", "ours", holds=claims.across([0.2, -0.1]))
+    def holds(margins):
+        return claims.verdict(*claims.across(margins))
+
+    assert holds([0.1, 0.3]) is True and holds([-0.1, -0.2]) is False
+    assert holds([0.2, -0.1]) == claims.INCONCLUSIVE and holds([0.0]) == claims.INCONCLUSIVE
+    claim = claims.Claim("x", "says", "ours", holds=holds([0.2, -0.1]))
     assert claims.table([claim])["holds here"]["x"] == claims.INCONCLUSIVE
     with pytest.raises(ValueError):
         claims.across([])

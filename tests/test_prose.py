@@ -15,7 +15,7 @@ from saelib.book import claims, prose
 NOTEBOOKS = {p.stem: p for p in sorted((book.ROOT / "notebooks").glob("*.ipynb"))}
 
 # Chapters whose prose still quotes one run's numbers as text; each is converted by its own issue.
-PENDING = {"05_vision": "chapter issues convert theirs (chapter 5)"}
+PENDING: dict[str, str] = {}
 
 # Phrases whose digits are not measurements: model names everywhere, and per chapter the papers'
 # numbers, code constants the text explains (thresholds, sizes of an illustration) and citations.
@@ -50,6 +50,13 @@ ALLOWED = {
                     "its 154 public checkpoints", "Olsson et al. 2022", "near 1 for an induction head",
                     "at least 10 times", "within 0.15 nats", "matched share of 1", "Exercise 4.1",
                     "[n, 1 + 2L]", "Exercise 4.2", "(0/0", "Exercise 4.3"),
+    "05_vision": ("ICLR 2025", "ViT-B/16", "depth of 9", "64x dictionary", "28x28", "7x7 grid of 4x4-pixel",
+                  "55,000 of Fashion-MNIST's 60,000", "other 5,000", "Khattak et al. 2023", "block 0",
+                  "3.4 points", "(68.25% to 64.82%)", "its 10 reference images", "Figure 3",
+                  "each latent's 10 reference images", "below 0.5 nats", "above 1.5", "at least 1% of images",
+                  "50 / 100 of 49,152", "over 20 random halvings", "Figure 6", "Table 1", "49,152 latents",
+                  "| 68.25% |", "| 64.82% |", "about 0.1%", "top 50 / 100", "Exercise 5.1", "Exercise 5.2",
+                  "at 30% of"),
 }
 
 STRIP = [

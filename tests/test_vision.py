@@ -1,8 +1,7 @@
 """Chapter 5's pieces: the image readers, the ViT's hook points, prompt adaptation with a frozen
-backbone, and the PatchSAE analyses (masking, statistics, grouping)."""
+backbone and head, and the PatchSAE analyses (masking, the official statistics, grouping, devices)."""
 
 import gzip
-import importlib.util
 import struct
 
 import numpy as np
@@ -10,8 +9,10 @@ import pytest
 import torch
 
 from saelib.core.sae import SAE, SAEConfig
+from saelib.studies import patch_analysis
 from saelib.studies.patch_analysis import (
     LatentStats,
+    chance_share,
     existing_share,
     group_latents,
     group_summary,
@@ -21,6 +22,8 @@ from saelib.studies.patch_analysis import (
     masked_reconstruction,
     masking_curves,
     patch_maps,
+    rank_scores,
+    run_plan,
     spliced_accuracy,
     split_half_noise,
     top_turnover,
@@ -28,16 +31,16 @@ from saelib.studies.patch_analysis import (
 from saelib.subjects.prompts import (
     DeepPrompts,
     PromptConfig,
+    ZeroShotHead,
     adapt,
     backbone_digest,
+    load_task,
 )
 from saelib.subjects.vision import (
     FASHION_DIR,
     HookedViT,
     IdxFormatError,
     ViTConfig,
-    linear_probe,
-    load_digits,
     load_fashion_mnist,
     read_idx,
     train_vit,
@@ -109,15 +112,6 @@ def test_fashion_mnist_test_set():
     assert torch.equal(torch.bincount(y), torch.full((10,), 1000))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn is not installed")
-def test_digits_are_upscaled_to_the_vits_size():
-    x, y = load_digits()
-    assert x.shape == (1797, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
-    assert sorted(y.unique().tolist()) == list(range(10))
-
-
-# ----------------------------------------------------------------------------- the ViT
-
 def test_vit_hook_names_and_shapes():
     model = HookedViT(TINY)
     x = images(3)
@@ -160,22 +154,32 @@ def test_vit_pretraining_resumes_exactly(tmp_path):
 
 # ----------------------------------------------------------------------------- prompts
 
-def test_prompt_adaptation_leaves_every_backbone_parameter_unchanged():
+def test_zero_shot_head_is_the_pretraining_heads_logsumexp_per_group():
+    head = torch.nn.Linear(8, 5)
+    features = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    zs = ZeroShotHead(head, ((3,), (0, 4), (1,)))
+    logits = head(features)
+    expected = torch.stack([logits[:, 3], torch.log(logits[:, 0].exp() + logits[:, 4].exp()), logits[:, 1]], -1)
+    assert torch.allclose(zs(features), expected, atol=1e-6) and zs.out_features == 3
+    with pytest.raises(ValueError, match="distinct classes"):
+        ZeroShotHead(head, ((0, 1), (1,)))
+
+
+def test_prompt_adaptation_leaves_the_backbone_and_the_head_bit_identical():
     torch.manual_seed(0)
     model = HookedViT(TINY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
     x, y = images(48), torch.arange(48) % 3
-    probe = linear_probe(model, x, y, 3, steps=20)
-    result = adapt(model, x, y, 3, PromptConfig(n_tokens=2, depth=2, epochs=3, batch_size=16, lr=1e-2),
-                   head_init=probe, cache=False, progress=False)
-    after = model.state_dict()
+    head = ZeroShotHead(model.head, ((0,), (4, 5), (9,)))
+    result = adapt(model, x, y, head, PromptConfig(n_tokens=2, depth=2, epochs=3, batch_size=16, lr=1e-2),
+                   cache=False, progress=False)
+    after = model.state_dict()  # the head is the model's own: its weights are in here too
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before
-    # ... while the prompts and the head did learn
+    # ... while the prompts did learn, and only they
     assert not torch.equal(result.prompts.tokens, DeepPrompts(16, 2, 2).tokens)
-    assert not torch.equal(result.head.weight, probe.weight)
-    assert len(result.history) == 3
+    assert len(result.history) == 3 and not result.prompts.tokens.requires_grad
 
 
 def test_prompt_adaptation_is_cached(tmp_path, monkeypatch):
@@ -183,11 +187,24 @@ def test_prompt_adaptation_is_cached(tmp_path, monkeypatch):
     model = HookedViT(TINY)
     x, y = images(32), torch.arange(32) % 2
     cfg = PromptConfig(n_tokens=2, depth=1, epochs=2, batch_size=16)
-    first = adapt(model, x, y, 2, cfg, progress=False)
-    again = adapt(model, x, y, 2, cfg, progress=False)
+    head = ZeroShotHead(model.head, ((0,), (1,)))
+    first = adapt(model, x, y, head, cfg, progress=False)
+    again = adapt(model, x, y, head, cfg, progress=False)
     assert torch.equal(first.prompts.tokens, again.prompts.tokens) and again.seconds == first.seconds
     digest = backbone_digest(model)
     assert digest == backbone_digest(HookedViT(TINY))  # same seed, same weights: same cache key
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_target_tasks_are_matched_and_the_inverted_one_shows_the_same_images():
+    near, far = (load_task(n, shots=5, test_per_class=7) for n in ("fashion-upper", "fashion-upper-inverted"))
+    assert near.classes == far.classes == ("T-shirt/top", "pullover", "coat", "shirt")
+    assert near.groups == far.groups == ((0,), (2,), (4,), (6,))
+    assert torch.equal(near.train_labels, far.train_labels) and torch.equal(near.test_labels, far.test_labels)
+    assert torch.bincount(near.train_labels).tolist() == [5] * 4
+    assert torch.bincount(near.test_labels).tolist() == [7] * 4
+    assert torch.allclose(far.test_images, 1 - near.test_images)
+    assert torch.allclose(far.train_images, 1 - near.train_images)
 
 
 # ----------------------------------------------------------------------------- PatchSAE analyses
@@ -243,21 +260,102 @@ def test_spliced_accuracy_and_masking_curves_on_a_vit():
     assert row.accuracy.item() == pytest.approx(spliced_accuracy(model, 0, acts, y, sae, ~top5[y]))
 
 
-def test_latent_stats_agree_with_a_direct_computation():
+def official_statistics(codes, labels, n_top=10, eps=1e-9):
+    """The official code's definitions (dynamical-inference/patchsae: tasks/compute_sae_feature_data.py
+    and analysis/utils.py calculate_entropy), written out by hand, latent by latent, with loops."""
+    n, _, n_latents = codes.shape
+    per_image = codes.mean(1)  # get_sae_activations: the mean over the sequence
+    frequency, mean_act, entropy, top = [], [], [], []
+    for j in range(n_latents):
+        v = [float(per_image[i, j]) for i in range(n)]
+        fired = sum(1 for a in v if a > 0)
+        frequency.append(fired / n)  # sae_sparsity / images processed
+        mean_act.append(sum(v) / fired if fired else float("nan"))  # sae_mean_acts / sae_sparsity
+        order = sorted(range(n), key=lambda i: -v[i])[:n_top]  # max_activating_image_indices
+        top.append(order)
+        mass = {}
+        for i in order:
+            mass[int(labels[i])] = mass.get(int(labels[i]), 0.0) + v[i]
+        total = sum(mass.values())
+        entropy.append(-sum(m / total * np.log(m / total + eps) for m in mass.values()) if total > 0 else float("nan"))
+    return np.array(frequency), np.array(mean_act), np.array(entropy), top
+
+
+def test_latent_stats_follow_the_official_definitions_on_a_tiny_example():
     sae = relu_sae()
-    x = torch.randn(6, 50, 16, generator=torch.Generator().manual_seed(3)) * 2
-    y = torch.tensor([0, 1, 1, 2, 0, 2])
-    st = latent_stats(sae, x, y, 3, tau=0.05, chunk=4)
-    codes = sae.encode(x.reshape(-1, 16)).reshape(6, 50, 64)
-    assert torch.allclose(st.frequency, (codes > 0).float().mean((0, 1)))
-    assert torch.allclose(st.class_counts[:, 1], (codes[1:3] > 0.05).sum((0, 1)).float())
-    assert torch.equal(st.image_counts, (codes > 0.05).sum(1).to(torch.int16))
-    assert torch.allclose(st.class_mass.sum(1), codes.sum((0, 1)), rtol=1e-4, atol=1e-4)
-    assert torch.allclose(st.image_max, codes.amax(1))
-    assert st.top_images(5, 2).tolist() == codes[:, :, 5].amax(1).argsort(descending=True)[:2].tolist()
-    maps, cls_codes = patch_maps(sae, x[:2], 5, 7)
-    assert maps.shape == (2, 7, 7) and torch.allclose(maps.reshape(2, 49), codes[:2, 1:, 5])
-    assert torch.allclose(cls_codes, codes[:2, 0, 5])
+    x = torch.randn(12, 7, 16, generator=torch.Generator().manual_seed(3)) * 2
+    y = torch.tensor([0, 1, 1, 2, 0, 2, 1, 0, 0, 2, 1, 1])
+    tau = 0.3  # in input units, as the official threshold on raw codes
+    st = latent_stats(sae, x, y, 3, tau=tau, chunk=5)
+    codes = sae.encode(x.reshape(-1, 16)).reshape(12, 7, 64) / sae.input_scale  # input units
+    frequency, mean_act, entropy, top = official_statistics(codes, y)
+    fired = frequency > 0
+    assert np.allclose(st.frequency.numpy(), frequency)
+    assert np.allclose(st.mean_activation.numpy()[fired], mean_act[fired], rtol=1e-5)
+    assert np.allclose(st.label_entropy.numpy(), entropy, atol=1e-5, equal_nan=True)
+    assert all(st.top_images(j).tolist() == top[j] for j in range(64) if fired[j])
+    # class-level counts: codes above tau, summed over tokens (prompt tokens included), then images
+    for c in range(3):
+        assert torch.allclose(st.class_counts[:, c], (codes[y == c] > tau).sum((0, 1)).float())
+    assert torch.equal(st.image_counts, (codes > tau).sum(1).to(torch.int16))
+    maps, cls_codes = patch_maps(sae, x[:2, :5], 5, 2)  # CLS + a 2x2 grid; a prompt token after them
+    assert maps.shape == (2, 2, 2) and torch.allclose(maps.reshape(2, 4), codes[:2, 1:5, 5], atol=1e-6)
+    assert torch.allclose(cls_codes, codes[:2, 0, 5], atol=1e-6)
+
+
+def test_tau_is_in_input_units_so_a_rescaled_sae_counts_alike():
+    """An SAE of the same activations at another input scale has other normalised codes, but the
+    same codes in input units, so the same counts."""
+    sae = relu_sae()
+    x = torch.randn(4, 6, 16, generator=torch.Generator().manual_seed(5)) * 2
+    y = torch.tensor([0, 1, 0, 1])
+    scaled = relu_sae()
+    with torch.no_grad():
+        scaled.input_scale.mul_(3.0)
+        scaled.b_dec.mul_(3.0)
+        scaled.b_enc.mul_(3.0)
+    a, b = latent_stats(sae, x, y, 2, tau=0.3), latent_stats(scaled, x, y, 2, tau=0.3)
+    assert torch.equal(a.class_counts, b.class_counts)
+    assert torch.allclose(a.image_means, b.image_means, atol=1e-5)
+
+
+def test_every_analysis_moves_its_data_to_the_saes_and_the_models_device(monkeypatch):
+    """SAE and model may sit on another device than the activation tables (a gpu build keeps its
+    tables in CPU memory): each analysis hands its data to saelib.core.devices.to_device_of for the
+    module that reads it. Checked here by spying on that one helper (a CPU-only machine has no
+    second device; the CUDA test of tests/test_devices.py runs the same calls on a GPU)."""
+    import saelib.core.metrics as metrics
+    from saelib.core.metrics import evaluate
+
+    moved = []
+    real = patch_analysis.to_device_of
+
+    def spy(t, module):
+        moved.append(module)
+        return real(t, module)
+
+    monkeypatch.setattr(patch_analysis, "to_device_of", spy)
+    monkeypatch.setattr(metrics, "to_device_of", spy)
+    model = HookedViT(TINY).eval()
+    x, y = images(6), torch.arange(6) % 2
+    acts = harvest_tokens(model, x, "blocks.0.hook_resid_post")
+    assert moved == [model]
+    sae = SAE(SAEConfig(16, 32, rule="relu", l1_coeff=0.1))
+    sae.init_from_sample(acts.reshape(-1, 16))
+    calls = {
+        "latent_stats": lambda: latent_stats(sae, acts, y, 2, tau=0.1),
+        "patch_maps": lambda: patch_maps(sae, acts, 3, TINY.grid),
+        "masked_reconstruction": lambda: masked_reconstruction(sae, acts, torch.ones(32, dtype=torch.bool)),
+        "spliced_accuracy": lambda: spliced_accuracy(model, 0, acts, y, sae),
+        "masking_curves": lambda: masking_curves(model, 0, sae, acts, y, torch.rand(32, 2), [1, 32]),
+        "evaluate": lambda: evaluate(sae, acts.reshape(-1, 16)),
+    }
+    for name, call in calls.items():
+        moved.clear()
+        call()
+        assert sae in moved, f"{name} reads the SAE without moving its data to the SAE's device"
+        if name in ("spliced_accuracy", "masking_curves"):
+            assert model in moved, f"{name} runs the model without moving its data to the model's device"
 
 
 def test_label_entropy_edge_cases():
@@ -285,14 +383,27 @@ def test_grouping_by_class_ranks():
     assert turnover == {"new": pytest.approx(2 / 4), "dropped": pytest.approx(2 / 4)}
     with pytest.raises(ValueError, match="0 < top <= bottom"):
         group_latents(base, adapted, top=3, bottom=2)
+    # a random pick of the 5 latents counted after adaptation hits a base top ({0, 1, 2}) 3 times in 5
+    assert chance_share(base, adapted, top=2) == pytest.approx(3 / 5)
+
+
+def test_class_specific_ranking_divides_by_the_dataset_count():
+    counts = torch.tensor([[90.0, 90], [10, 0], [0, 5], [1e-4, 0]])
+    spec = rank_scores(counts, "specific")
+    # latent 0 tops both classes by raw count but is class-blind; latent 3 is too rare to rank
+    assert torch.allclose(spec, torch.tensor([[0.5, 0.5], [1, 0], [0, 1], [0, 0]]))
+    assert existing_share(counts, counts, top=1, by="specific") == 1.0
+    assert top_turnover(counts, counts[[0, 2, 1, 3]], top=1, by="specific") == {"new": 1.0, "dropped": 1.0}
+    with pytest.raises(ValueError, match="unknown ranking"):
+        rank_scores(counts, "raw")
 
 
 def counts_only(image_counts, labels):
     """LatentStats with only the per-image and class counts set (what split_half_noise reads)."""
     n_classes = int(labels.max()) + 1
     by_class = torch.zeros(n_classes, image_counts.shape[1]).index_add_(0, labels, image_counts.float()).T
-    return LatentStats(frequency=None, mean_activation=None, class_mass=None, class_counts=by_class,
-                       image_counts=image_counts, image_max=None, tau=0.0, n_tokens=0)
+    return LatentStats(image_means=None, labels=labels, n_classes=n_classes, class_counts=by_class,
+                       image_counts=image_counts, tau=0.0)
 
 
 def test_split_half_noise_is_the_rms_difference_between_halves():
@@ -362,5 +473,16 @@ def test_clip_vision_tower_behind_the_vit_interface():
     prompts = DeepPrompts(32, n_tokens=2, depth=1)
     _, cache = model.run_with_cache(x, prompts=prompts)
     assert cache["blocks.1.hook_resid_post"].shape == (3, 52, 32)
+    # the official hook reads the whole sequence, prompt tokens included
     assert torch.equal(harvest_tokens(model, x, "blocks.0.hook_resid_post", prompts=prompts),
-                       cache["blocks.0.hook_resid_post"][:, :50])
+                       cache["blocks.0.hook_resid_post"])
+
+
+def test_run_plan_counts_the_work_of_each_stage():
+    plan = run_plan(n_params=1000, tokens_per_image=10, d_model=4, d_sae=32, harvest_images=5,
+                    prompt_images=7, sae_tokens=100, sae_images=3, utilisation=0.5)
+    assert plan.loc["harvests (forward passes)", "TFLOP"] == pytest.approx(2 * 1000 * 10 * 5 / 1e12)
+    assert plan.loc["prompt adaptation", "TFLOP"] == pytest.approx(3 * 2 * 1000 * 10 * 7 / 1e12)
+    assert plan.loc["SAE training", "TFLOP"] == pytest.approx(12 * 4 * 32 * 100 / 1e12)
+    assert plan.loc["total", "T4 hours"] == pytest.approx(plan.loc["total", "TFLOP"] * 1e12 / (8.1e12 * 0.5) / 3600)
+    assert plan.attrs["activation table GB (host)"] == pytest.approx(3 * 10 * 4 * 4 / 1e9)

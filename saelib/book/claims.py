@@ -42,6 +42,25 @@ def verdict(difference: float, noise_floor: float) -> Verdict:
     return bool(difference > 0)
 
 
+def across(differences: Sequence[float], noise_floors: Sequence[float] | None = None) -> tuple[float, float]:
+    """One (difference, noise floor) for a claim measured several times (seeds, tasks, matching
+    thresholds): the centre and half-width of the smallest interval holding every ``difference +-
+    noise_floor`` (no floors: each measurement exact). Its ``verdict`` is True only if every
+    measurement is above its floor, False only if every one is below minus its floor, and
+    ``INCONCLUSIVE`` otherwise: ``verdict(*across(margins))`` is a verdict that must not hinge on
+    the setting."""
+    differences = [float(d) for d in differences]
+    noise_floors = [0.0] * len(differences) if noise_floors is None else list(noise_floors)
+    if len(differences) != len(noise_floors) or not differences:
+        raise ValueError(f"need as many noise floors as differences, at least one: got "
+                         f"{len(differences)} and {len(noise_floors)}")
+    for d, f in zip(differences, noise_floors):
+        verdict(d, f)  # refuses NaN and negative floors
+    low = min(d - f for d, f in zip(differences, noise_floors))
+    high = max(d + f for d, f in zip(differences, noise_floors))
+    return (low + high) / 2, (high - low) / 2
+
+
 @dataclass(frozen=True)
 class Claim:
     """One claim: judged directly (``holds``) or measured (``difference`` beside ``noise_floor``)."""
@@ -73,21 +92,6 @@ class Claim:
         if self.holds is not None:
             return INCONCLUSIVE if self.holds == INCONCLUSIVE else bool(self.holds)
         return verdict(self.difference, self.noise_floor)
-
-
-def across(margins: Sequence[float]) -> Verdict:
-    """One verdict from a claim measured at several settings (e.g. matching thresholds), each as a
-    margin that is positive where the claim holds there: True if it holds at every setting, False
-    if it fails at every one, ``INCONCLUSIVE`` if the settings disagree (the verdict would hinge on
-    the setting)."""
-    values = [float(m) for m in margins]
-    if not values or any(math.isnan(v) for v in values):
-        raise ValueError(f"need margins measured at one setting or more, got {values}")
-    if all(v > 0 for v in values):
-        return True
-    if all(v < 0 for v in values):
-        return False
-    return INCONCLUSIVE
 
 
 def table(claims: Sequence[Claim]) -> pd.DataFrame:

@@ -215,8 +215,11 @@ def table(frame: pd.DataFrame, formats: Mapping[str, str] | None = None, digits:
     """A DataFrame as the book shows it: a blank where a value does not apply (NaN: the k of a ReLU
     SAE, the L1 coefficient of a TopK one), ``formats`` per column (e.g. ``{"k": "{:.0f}"}``), other
     numbers to ``digits`` decimals with thousands separated. Returns a pandas Styler."""
-    # An index name would add a second header row; the first column speaks for itself.
-    return frame.rename_axis(index=None).style.format(formats or {}, precision=digits, na_rep="",
+    # An index name would add a second header row; the first column speaks for itself (the levels
+    # of a MultiIndex keep their names: several columns do not).
+    if frame.index.nlevels == 1:
+        frame = frame.rename_axis(index=None)
+    return frame.style.format(formats or {}, precision=digits, na_rep="",
                                                       thousands=",")
 
 
@@ -382,9 +385,10 @@ def patch_highlights(rows: Sequence[tuple[str, np.ndarray, np.ndarray, Sequence[
 
 def frequency_activation(frequency: np.ndarray, mean_activation: np.ndarray, entropy: np.ndarray,
                          marked: Mapping[int, tuple[np.ndarray, np.ndarray]], max_entropy: float) -> Figure:
-    """PatchSAE's Figure 3: each live latent at (log10 frequency, log10 mean activation), coloured
-    by label entropy; the latents in ``marked`` (latent -> (reference images, patch maps)) are
-    circled and numbered, with their three reference images on the right."""
+    """PatchSAE's Figure 3 (as its official code draws it): each live latent at (log10 frequency,
+    log10 mean activation), both per image on the token mean, coloured by label entropy; the
+    latents in ``marked`` (latent -> (reference images, patch maps)) are circled and numbered,
+    with their three reference images on the right."""
     fig = plt.figure(figsize=(11, 4.6))
     grid = fig.add_gridspec(len(marked), 4, width_ratios=[3.2, 0.55, 0.55, 0.55], wspace=0.08)
     ax = fig.add_subplot(grid[:, 0])
@@ -395,8 +399,8 @@ def frequency_activation(frequency: np.ndarray, mean_activation: np.ndarray, ent
     points = ax.scatter(frame["log10 frequency"], frame["log10 mean activation"], c=frame["label entropy"],
                         cmap="viridis", vmin=0, vmax=max_entropy, s=9, alpha=0.8, linewidths=0)
     fig.colorbar(points, ax=ax, label="label entropy (nats)", pad=0.01)
-    ax.set_xlabel("log10 frequency (fraction of tokens)")
-    ax.set_ylabel("log10 mean activation")
+    ax.set_xlabel("log10 frequency (fraction of images)")
+    ax.set_ylabel("log10 mean activation (token mean)")
     for j, (latent, (images, maps)) in enumerate(marked.items()):
         x, y = np.log10(frequency[latent]), np.log10(max(mean_activation[latent], 1e-12))
         ax.scatter([x], [y], s=80, facecolors="none", edgecolors="k", lw=1.2)

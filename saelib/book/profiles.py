@@ -249,38 +249,38 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # Chapter 5: PatchSAE on the book's ViT, before and after prompt adaptation (Lim et al. 2025).
     # vit: a saelib.subjects.vision.VIT_PROFILES name (pretrained here, cached) or, online, CLIP ViT-B/16.
-    # hook: the output of the second-to-last block, as in the paper. tau is in the SAE's
-    # normalised units (the paper's 0.2 is in CLIP's). gpu: not executed on the project machine.
+    # hook: the output of the second-to-last block, as in the paper. tau is in the model's own
+    # activation units (the official code's: its SAE reads raw activations). task_test_images is
+    # per class. Both tasks adapt with the same shots, epochs and batch: the same prompt steps.
     "vision": {
         "ci": dict(vit="ci", hook="blocks.1.hook_resid_post", sae_images=1500, eval_images=600,
-                   mask_images=400, expansion=8, l1_coeff=0.05, k=8, steps=150, batch_size=1024,
-                   lr=3e-3, tau=0.01, shots=16, task_test_images=400, prompt_tokens=4, prompt_depth=2,
-                   prompt_epochs=8, prompt_lr=3e-2, mask_ks=(1, 2, 5, 10, 50, 100, 256),
-                   group_top=10, group_bottom=20,
-                   # The ci ViT and prompts barely adapt (digits +0.2 points): only these two are
-                   # stable at this size (shifted_more: -3.5 points against a 3.3-point floor).
-                   expect_claims={"remaps": True, "splice_cheap": True}),
+                   mask_images=400, expansion=8, l1_coeff=0.05, k=8, sae_aux="none", steps=150,
+                   batch_size=1024, lr=3e-3, tau=0.2, shots=16, task_test_images=100, prompt_tokens=4,
+                   prompt_depth=2, prompt_epochs=8, prompt_batch=16, prompt_lr=3e-2, prompt_seeds=(0, 1),
+                   mask_ks=(1, 2, 5, 10, 50, 100, 256), group_top=10, group_bottom=20,
+                   expect_claims={"splice_cheap": True}),
         "cpu": dict(vit="cpu", hook="blocks.2.hook_resid_post", sae_images=8000, eval_images=2000,
-                    mask_images=2000, expansion=16, l1_coeff=0.05, k=16, steps=2000, batch_size=2048,
-                    lr=2e-3, tau=0.01, shots=100, task_test_images=2000, prompt_tokens=8,
-                    prompt_depth=3, prompt_epochs=15, prompt_lr=3e-2,
-                    mask_ks=(1, 2, 5, 10, 50, 100, 500, 1024), group_top=25, group_bottom=50,
-                    # What the rendered book reports (measured 2026-11-26; cold runs 877 s and
-                    # 1111 s on a shared 2-core machine, 698 s and 817 s of it the ViT; rerun 70 s).
-                    # shifted_more's turnover difference (digits minus garments) is far beyond
-                    # its split-half noise floor (-15.2 points against 2.5, 2026-12-01) but
-                    # changes sign between pretraining runs (-15.2, -4.8, +9.0 in three builds):
-                    # the text glues each build's verdict and asserts none.
-                    expect_claims={"remaps": True, "shifted_more": "inconclusive",
+                    mask_images=2000, expansion=16, l1_coeff=0.05, k=16, sae_aux="none", steps=2000,
+                    batch_size=2048, lr=2e-3, tau=0.2, shots=100, task_test_images=1000, prompt_tokens=8,
+                    prompt_depth=3, prompt_epochs=30, prompt_batch=32, prompt_lr=3e-2,
+                    prompt_seeds=(0, 1, 2), mask_ks=(1, 2, 5, 10, 50, 100, 500, 1024), group_top=25,
+                    group_bottom=50,
+                    # What the rendered book reports (measured 2026-12-02, three prompt seeds):
+                    # asserted where every seed is beyond its floor by a margin; adapts_near
+                    # (-2.3 points, floor 2.3) and remaps (+5 points past the floor) are too close.
+                    expect_claims={"adapts_near": "inconclusive", "adapts_shifted": True,
+                                   "remaps": "inconclusive", "remaps_raw": True,
+                                   "shifted_more": True, "shifted_more_raw": True,
                                    "splice_cheap": True}),
         # gpu: activations are held in CPU memory (197 tokens x 768 per image: 4,000 images are
-        # 2.4 GB), hence the image counts; MaPLe's depth 9, 2 tokens, lr 0.0035. Untested here.
+        # 2.4 GB), hence the image counts; MaPLe's depth 9, 2 tokens, SGD-free here (AdamW) at its
+        # lr 0.0035, batch 4 and 5 epochs. Not executed on the project machine.
         "gpu": dict(vit="clip-vit-b-16", hook="blocks.10.hook_resid_post", sae_images=4000,
-                    eval_images=1000, mask_images=1000, expansion=64, l1_coeff=0.05, k=32,
-                    steps=20_000, batch_size=4096, lr=4e-4, tau=0.2, shots=16, task_test_images=1000,
-                    prompt_tokens=2, prompt_depth=9, prompt_epochs=5, prompt_lr=3.5e-3,
-                    mask_ks=(1, 2, 5, 10, 50, 100, 500, 1000, 2000, 49152), group_top=50,
-                    group_bottom=100, expect_claims=None),
+                    eval_images=1000, mask_images=1000, expansion=64, l1_coeff=0.05, k=32, sae_aux="aux_k",
+                    steps=20_000, batch_size=4096, lr=4e-4, tau=0.2, shots=16, task_test_images=250,
+                    prompt_tokens=2, prompt_depth=9, prompt_epochs=5, prompt_batch=4, prompt_lr=3.5e-3,
+                    prompt_seeds=(0, 1, 2), mask_ks=(1, 2, 5, 10, 50, 100, 500, 1000, 2000, 49152),
+                    group_top=50, group_bottom=100, expect_claims=None),
     },
 }
 
@@ -290,7 +290,7 @@ SMOKE_SIZES = frozenset({
     "dead_after_tokens", "steps", "length_steps", "big_steps", "sanity_steps", "timing_steps", "n_budgets",
     "batch_size", "context_size", "d_model", "n_features", "shelf_max_chars",
     "organism", "icl_sequences", "icl_lengths", "n_boot", "sae_images", "eval_images", "mask_images",
-    "task_test_images", "prompt_epochs", "mask_ks", "group_top", "group_bottom"})
+    "task_test_images", "prompt_epochs", "prompt_seeds", "mask_ks", "group_top", "group_bottom"})
 """The knobs ``gpu-smoke`` takes from ``ci``: amounts of data, steps and widths (and the organism,
 named by its size); every other knob, names and hyperparameters, is ``gpu``'s. Expansions stay
 ``gpu``'s: the stand-in models are narrow, and at ci's expansions gpu's k would not fit (chapter 2's

@@ -1,22 +1,30 @@
 """PatchSAE analyses (Lim et al. 2025, arXiv 2412.05276): an SAE on every token of a ViT, read
-per latent, per class and per patch.
+per latent, per class and per patch, with the statistics defined as the official code
+(dynamical-inference/patchsae) computes them.
 
-* ``harvest_tokens``: the residual stream at a hook for CLS + patch tokens ([images, tokens, d];
-  prompt tokens of an adapted model are left out, the SAE never saw any).
-* ``latent_stats``: per latent, the firing frequency over tokens, the mean activation where it
-  fires, the activation mass per class (label entropy and label std are read from it), the
-  binarised class-level counts (tokens with activation above ``tau``, summed over the images of a
-  class: a latents x classes count matrix; ``class_counts`` sums them from the per-image counts) and
-  each image's strongest activation (to pick reference images).
+* ``harvest_tokens``: the residual stream at a hook for every token ([images, tokens, d]): CLS,
+  the patches and, for a prompted model, its prompt tokens after them (the official hook reads the
+  whole sequence, so prompt tokens count in the statistics of an adapted model).
+* ``latent_stats``: per latent and image, the **token mean** of its code (the official per-image
+  activation); from it the frequency (share of images where it is positive), the mean activation
+  (over those images), the reference images (the largest token means) and the label entropy (over
+  a latent's ``top_n`` reference images, each weighted by its token mean). Class-level counts are
+  the binarised codes (tokens with a code above ``tau``) summed over the tokens and then the
+  images of a class: a latents x classes count matrix (``class_counts`` sums the per-image counts).
+* Codes are in the model's own activation units, as the official SAE (trained on raw activations)
+  reports them: saelib's SAE works on inputs scaled by ``input_scale`` (1 / the RMS norm), and a
+  code in input units is the normalised code divided by ``input_scale``. ``tau`` is in those units.
 * ``patch_maps``: one latent's activation on each patch of some images (the segmentation-like masks).
 * ``masked_reconstruction`` / ``spliced_accuracy`` / ``masking_curves``: classify with the SAE's
   reconstruction spliced in at the hook, keeping only (or removing) chosen latents.
-* ``group_latents``: high / high-to-low / low-to-high latents between a base and an adapted model,
-  by their class-level ranks; ``existing_share`` and ``top_turnover`` summarise the change.
+* ``rank_scores``: what latents are ranked by within a class, the raw count or the class-specific
+  count (count / the latent's dataset count); ``group_latents``, ``existing_share`` and
+  ``top_turnover`` compare the rankings of a base and an adapted model; ``chance_share`` is what a
+  random pick of latents would score on ``existing_share``.
 * ``split_half_noise``: how much such a summary moves between two halves of the images, the noise
   floor a comparison of two tasks' summaries is judged against.
-
-Activations and ``tau`` are in the SAE's normalised units (inputs scaled to unit mean squared norm).
+* ``run_plan``: what a run of the chapter will cost (tokens, memory, hours on a T4 and an A100),
+  printed before a large run starts.
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ from saelib.core.sae import SAE
 
 __all__ = [
     "GROUPS",
+    "RANKINGS",
     "LatentStats",
+    "chance_share",
     "class_counts",
     "class_ranks",
     "existing_share",
@@ -49,32 +59,40 @@ __all__ = [
     "masked_reconstruction",
     "masking_curves",
     "patch_maps",
+    "rank_scores",
+    "run_plan",
     "spliced_accuracy",
     "split_half_noise",
     "top_turnover",
 ]
 
 GROUPS = ("high", "high-to-low", "low-to-high")
+RANKINGS = ("count", "specific")
+"""What latents are ranked by within a class: the class-level count (the paper's), or the
+class-specific count, count / dataset count (which frequent, class-blind latents do not top)."""
+MIN_DATASET_SHARE = 1e-4
+"""A latent is ranked by its class-specific count only if its dataset count is at least this share
+of every latent's counts together (a tenth of the average for 1,024 latents): a latent counted a
+few times would otherwise be "specific" to whichever class it happened to fire on."""
 
 
 @torch.no_grad()
 def harvest_tokens(model, images: Tensor, hook: str, prompts=None, batch_size: int = 500) -> Tensor:
-    """Activations at ``hook`` for the CLS and patch tokens of ``images``: [n, 1 + grid^2, d]."""
+    """Activations at ``hook`` for every token of ``images``: [n, 1 + grid^2 (+ prompt tokens), d]."""
     layer = hook_layer(hook)
     if hook not in model.hook_dict:
         raise ValueError(f"{hook!r} is not a hook point of this model; e.g. "
                          f"{[h for h in model.hook_dict if h.endswith('resid_post')]}")
-    n_image = model.cfg.n_tokens
     out = []
     for i in range(0, len(images), batch_size):
         got: list[Tensor] = []
 
         def keep(act, hook=None, got=got):
-            got.append(act[:, :n_image].detach().to("cpu", copy=True))
+            got.append(act.detach().to("cpu", copy=True))
 
         stop = layer + 1 if layer is not None and layer >= 0 else None
-        model.run_with_hooks(to_device_of(images[i:i + batch_size], model), fwd_hooks=[(hook, keep)], prompts=prompts,
-                             stop_at_layer=stop)
+        model.run_with_hooks(to_device_of(images[i:i + batch_size], model), fwd_hooks=[(hook, keep)],
+                             prompts=prompts, stop_at_layer=stop)
         out.append(got[0])
     return torch.cat(out)
 
@@ -99,39 +117,63 @@ def label_std(class_mass: Tensor) -> Tensor:
 class LatentStats:
     """Statistics of every latent of an SAE over a set of labelled images."""
 
-    frequency: Tensor
-    """[L] fraction of tokens (CLS and patches) where the latent is positive."""
-    mean_activation: Tensor
-    """[L] mean activation over the tokens where it is positive (0 if it never is)."""
-    class_mass: Tensor
-    """[L, C] summed activation over the tokens of each class's images."""
+    image_means: Tensor
+    """[N, L] each image's token mean of each latent's code (input units): the official
+    per-image activation, from which frequency, mean activation, reference images and label
+    entropy are read."""
+    labels: Tensor
+    """[N] the images' classes."""
+    n_classes: int
     class_counts: Tensor
-    """[L, C] tokens with activation > tau, summed over each class's images (binarised,
+    """[L, C] tokens with a code above tau, summed over each class's images (binarised,
     class-level activation)."""
     image_counts: Tensor
-    """[N, L] (int16) each image's tokens with activation > tau: class counts of any subset of the
+    """[N, L] (int16) each image's tokens with a code above tau: class counts of any subset of the
     images (``class_counts``), e.g. the halves of ``split_half_noise``."""
-    image_max: Tensor
-    """[N, L] each image's largest activation of each latent."""
     tau: float
-    n_tokens: int
+    """The binarisation threshold, in input units."""
+    top_n: int = 10
+    """Reference images per latent for the label entropy (the official 10)."""
+
+    @property
+    def frequency(self) -> Tensor:
+        """[L] share of images whose token-mean code is positive."""
+        return (self.image_means > 0).float().mean(0)
+
+    @property
+    def mean_activation(self) -> Tensor:
+        """[L] mean token-mean code over the images where it is positive (0 if there are none)."""
+        fired = (self.image_means > 0).sum(0)
+        return self.image_means.sum(0) / fired.clamp(min=1)
+
+    def top_images(self, latent: int, n: int | None = None) -> Tensor:
+        """Indices of the ``n`` (default ``top_n``) images with the largest token mean of ``latent``
+        (its reference images)."""
+        return self.image_means[:, latent].argsort(descending=True, stable=True)[:n or self.top_n]
+
+    @property
+    def top_mass(self) -> Tensor:
+        """[L, C] each latent's token means over its ``top_n`` reference images, summed by their
+        class: what the label entropy weighs. Zero rows for a dataset of fewer than ``top_n`` images."""
+        if len(self.image_means) < self.top_n:
+            return torch.zeros(self.image_means.shape[1], self.n_classes)
+        values, idx = self.image_means.topk(self.top_n, dim=0)  # [top_n, L]
+        mass = torch.zeros(self.image_means.shape[1], self.n_classes)
+        return mass.scatter_add_(1, self.labels[idx].T.contiguous(), values.T.contiguous())
 
     @property
     def label_entropy(self) -> Tensor:
-        return label_entropy(self.class_mass)
+        """[L] entropy of the activation-weighted labels of the reference images (NaN: no mass)."""
+        return label_entropy(self.top_mass)
 
     @property
     def label_std(self) -> Tensor:
-        return label_std(self.class_mass)
+        return label_std(self.top_mass)
 
     @property
     def dataset_counts(self) -> Tensor:
         """[L] binarised counts summed over every class (dataset-level activation)."""
         return self.class_counts.sum(1)
-
-    def top_images(self, latent: int, n: int) -> Tensor:
-        """Indices of the ``n`` images where ``latent`` is strongest (reference images)."""
-        return self.image_max[:, latent].argsort(descending=True, stable=True)[:n]
 
 
 def _images_per_chunk(acts: Tensor, sae: SAE, most: int = 250) -> int:
@@ -142,40 +184,29 @@ def _images_per_chunk(acts: Tensor, sae: SAE, most: int = 250) -> int:
 
 @torch.no_grad()
 def _codes(sae: SAE, acts: Tensor) -> Tensor:
-    """Dense codes [n, tokens, L] of activations [n, tokens, d]."""
+    """Dense codes [n, tokens, L] of activations [n, tokens, d], in the SAE's normalised units."""
     n, t, d = acts.shape
-    return sae.encode(acts.reshape(n * t, d)).reshape(n, t, -1)
+    return sae.encode(to_device_of(acts.reshape(n * t, d), sae)).reshape(n, t, -1)
 
 
 @torch.no_grad()
 def latent_stats(sae: SAE, acts: Tensor, labels: Tensor, n_classes: int, tau: float,
-                 chunk: int | None = None) -> LatentStats:
-    """``LatentStats`` of ``sae`` on activations [n_images, tokens, d] with image ``labels``."""
+                 chunk: int | None = None, top_n: int = 10) -> LatentStats:
+    """``LatentStats`` of ``sae`` on activations [n_images, tokens, d] with image ``labels``;
+    ``tau`` in input units (see the module's docstring)."""
     if acts.ndim != 3 or len(acts) != len(labels):
         raise ValueError(f"expected activations [images, tokens, d] and one label per image, got "
                          f"{list(acts.shape)} and {len(labels)} labels")
-    n_latents = sae.cfg.d_sae
     chunk = chunk or _images_per_chunk(acts, sae)
-    fired = torch.zeros(n_latents, dtype=torch.float64)
-    mass = torch.zeros(n_latents, dtype=torch.float64)
-    class_mass = torch.zeros(n_classes, n_latents, dtype=torch.float64)
-    image_counts, image_max = [], []
+    means, counts = [], []
     for i in range(0, len(acts), chunk):
-        codes = _codes(sae, acts[i:i + chunk])
-        y = labels[i:i + chunk]
-        fired += (codes > 0).sum((0, 1)).double()
-        per_image = codes.sum(1).double()
-        mass += per_image.sum(0)
-        class_mass.index_add_(0, y, per_image)
-        image_counts.append((codes > tau).sum(1).to(torch.int16))  # at most 32,767 tokens an image
-        image_max.append(codes.amax(1))
-    n_tokens = acts.shape[0] * acts.shape[1]
-    counts = torch.cat(image_counts)
-    return LatentStats(frequency=(fired / n_tokens).float(),
-                       mean_activation=(mass / fired.clamp(min=1)).float(),
-                       class_mass=class_mass.T.float().contiguous(),
+        codes = _codes(sae, acts[i:i + chunk]) / sae.input_scale  # input units
+        means.append(codes.mean(1).cpu())
+        counts.append((codes > tau).sum(1).to(torch.int16).cpu())  # at most 32,767 tokens an image
+    counts = torch.cat(counts)
+    return LatentStats(image_means=torch.cat(means), labels=labels, n_classes=n_classes,
                        class_counts=class_counts(counts, labels, n_classes), image_counts=counts,
-                       image_max=torch.cat(image_max), tau=tau, n_tokens=n_tokens)
+                       tau=tau, top_n=top_n)
 
 
 def class_counts(image_counts: Tensor, labels: Tensor, n_classes: int) -> Tensor:
@@ -187,8 +218,8 @@ def class_counts(image_counts: Tensor, labels: Tensor, n_classes: int) -> Tensor
 @torch.no_grad()
 def patch_maps(sae: SAE, acts: Tensor, latent: int, grid: int) -> tuple[Tensor, Tensor]:
     """One latent on some images: (patch activations [n, grid, grid], CLS activations [n])."""
-    codes = _codes(sae, acts)[:, :, latent]
-    return codes[:, 1:].reshape(len(acts), grid, grid), codes[:, 0]
+    codes = (_codes(sae, acts)[:, :, latent] / sae.input_scale).cpu()  # input units; prompts dropped
+    return codes[:, 1:1 + grid ** 2].reshape(len(acts), grid, grid), codes[:, 0]
 
 
 # ============================================================================ masking
@@ -229,20 +260,12 @@ def spliced_accuracy(model, layer: int, acts: Tensor, labels: Tensor, sae: SAE |
         x = acts[i:i + batch_size]
         if sae is not None:
             if keep is None:
-                x = sae.reconstruct(x)
+                x = sae.reconstruct(to_device_of(x, sae))
             else:
                 x = masked_reconstruction(sae, x, keep if keep.ndim == 1 else keep[i:i + batch_size])
         logits = model.classify(model.run_blocks(to_device_of(x, model), layer + 1))
         correct += int((logits.argmax(-1).cpu() == labels[i:i + batch_size]).sum())
     return correct / len(acts)
-
-
-def class_ranks(counts: Tensor) -> Tensor:
-    """[L, C] rank of each latent within each class by count (0 = largest; ties by latent index)."""
-    order = torch.argsort(-counts, dim=0, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(0, order, torch.arange(len(counts))[:, None].expand_as(order).contiguous())
-    return ranks
 
 
 def masking_curves(model, layer: int, sae: SAE, acts: Tensor, labels: Tensor, rank_counts: Tensor,
@@ -287,11 +310,40 @@ def masking_curves(model, layer: int, sae: SAE, acts: Tensor, labels: Tensor, ra
 
 # ============================================================================ grouping
 
-def group_latents(base_counts: Tensor, adapted_counts: Tensor, top: int, bottom: int) -> pd.DataFrame:
+def rank_scores(counts: Tensor, by: str = "count") -> Tensor:
+    """[L, C] what latents are ranked by within each class (``RANKINGS``): ``"count"``, the
+    class-level counts themselves; ``"specific"``, count / the latent's dataset count (the share of
+    its counts that fall on the class), 0 for a latent whose dataset count is under
+    ``MIN_DATASET_SHARE`` of all counts. A score of 0 never ranks among a class's top latents."""
+    if by == "count":
+        return counts
+    if by != "specific":
+        raise ValueError(f"unknown ranking {by!r}; valid: {list(RANKINGS)}")
+    total = counts.sum(1, keepdim=True)
+    enough = total >= MIN_DATASET_SHARE * counts.sum()
+    return torch.where(enough & (total > 0), counts / total.clamp(min=1e-30), torch.zeros_like(counts))
+
+
+def class_ranks(counts: Tensor) -> Tensor:
+    """[L, C] rank of each latent within each class by count (0 = largest; ties by latent index)."""
+    order = torch.argsort(-counts, dim=0, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(0, order, torch.arange(len(counts))[:, None].expand_as(order).contiguous())
+    return ranks
+
+
+def _tops(counts: Tensor, top: int, by: str) -> Tensor:
+    """[L, C] True where a latent is among the ``top`` of a class with a positive score."""
+    scores = rank_scores(counts, by)
+    return (class_ranks(scores) < top) & (scores > 0)
+
+
+def group_latents(base_counts: Tensor, adapted_counts: Tensor, top: int, bottom: int,
+                  by: str = "count") -> pd.DataFrame:
     """(latent, class) pairs grouped by class-level rank before and after adaptation.
 
-    Within each class, latents are ranked by their class-level counts under each model (a latent
-    with no count is ranked last). "high": in the top ``top`` for both; "high-to-low": in the
+    Within each class, latents are ranked by ``rank_scores(counts, by)`` under each model (a
+    latent scoring 0 is ranked last). "high": in the top ``top`` for both; "high-to-low": in the
     base's top ``top`` but not in the adapted model's top ``bottom``; "low-to-high": the
     reverse. Returns one row per grouped pair: latent, class, base and adapted rank and count,
     group."""
@@ -303,8 +355,9 @@ def group_latents(base_counts: Tensor, adapted_counts: Tensor, top: int, bottom:
     n = len(base_counts)
     ranks = []
     for counts in (base_counts, adapted_counts):
-        r = class_ranks(counts)
-        ranks.append(torch.where(counts > 0, r, torch.full_like(r, n)))
+        scores = rank_scores(counts, by)
+        r = class_ranks(scores)
+        ranks.append(torch.where(scores > 0, r, torch.full_like(r, n)))
     rb, ra = ranks
     groups = {"high": (rb < top) & (ra < top), "high-to-low": (rb < top) & (ra >= bottom),
               "low-to-high": (rb >= bottom) & (ra < top)}
@@ -319,26 +372,27 @@ def group_latents(base_counts: Tensor, adapted_counts: Tensor, top: int, bottom:
                                        "adapted count", "group"])
 
 
-def existing_share(base_counts: Tensor, adapted_counts: Tensor, top: int) -> float:
+def existing_share(base_counts: Tensor, adapted_counts: Tensor, top: int, by: str = "count") -> float:
     """Of the latents in the adapted model's top ``top`` of any class, the fraction already in the
     base model's top ``top`` of some class of the same task: concepts re-used rather than new."""
-    def tops(counts: Tensor) -> set[int]:
-        r = class_ranks(counts)
-        return set(torch.nonzero(((r < top) & (counts > 0)).any(1)).flatten().tolist())
-
-    adapted = tops(adapted_counts)
-    return len(adapted & tops(base_counts)) / max(1, len(adapted))
+    adapted = _tops(adapted_counts, top, by).any(1)
+    return float((adapted & _tops(base_counts, top, by).any(1)).sum() / adapted.sum().clamp(min=1))
 
 
-def top_turnover(base_counts: Tensor, adapted_counts: Tensor, top: int) -> dict[str, float]:
+def chance_share(base_counts: Tensor, adapted_counts: Tensor, top: int, by: str = "count") -> float:
+    """``existing_share`` of a random pick of latents (the random control): the share of the
+    latents counted under the adapted model that are in the base model's top of some class."""
+    live = adapted_counts.sum(1) > 0
+    return float((_tops(base_counts, top, by).any(1) & live).sum() / live.sum().clamp(min=1))
+
+
+def top_turnover(base_counts: Tensor, adapted_counts: Tensor, top: int,
+                 by: str = "count") -> dict[str, float]:
     """How much each class's top ``top`` latents change with adaptation, without the gap between
     the "high" and "low" bounds of ``group_latents``: "new" is the share of the adapted model's
     top (latent, class) pairs that were not in the base model's top for that class, "dropped" the
     share of the base model's top pairs that left it."""
-    def tops(counts: Tensor) -> Tensor:
-        return (class_ranks(counts) < top) & (counts > 0)
-
-    base, adapted = tops(base_counts), tops(adapted_counts)
+    base, adapted = _tops(base_counts, top, by), _tops(adapted_counts, top, by)
     return {"new": float((adapted & ~base).sum() / adapted.sum().clamp(min=1)),
             "dropped": float((base & ~adapted).sum() / base.sum().clamp(min=1))}
 
@@ -385,3 +439,30 @@ def group_summary(groups: pd.DataFrame) -> dict[str, float]:
 
 def to_numpy(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
+
+
+GPU_FP32_FLOPS = {"T4": 8.1e12, "A100": 19.5e12}
+"""Peak float32 throughput (FLOP/s) of the GPUs a plan estimates for (NVIDIA's data sheets)."""
+
+
+def run_plan(n_params: int, tokens_per_image: int, d_model: int, d_sae: int, harvest_images: int,
+             prompt_images: int, sae_tokens: int, sae_images: int, utilisation: float = 0.3) -> pd.DataFrame:
+    """A rough budget of the chapter's run: FLOPs as 2 x parameters per token for a forward pass
+    of the vision tower (3x for a prompt step's forward and backward), 12 x d_model x d_sae per
+    SAE training token (encoder and decoder, forward and backward), at ``utilisation`` of each
+    GPU's float32 peak; memory as the SAE's training activations in host memory (float32) and the
+    SAE's weights with Adam's two moments on the device. ``harvest_images``: images run forward
+    once; ``prompt_images``: images seen by all prompt steps together."""
+    forward = 2 * n_params * tokens_per_image
+    flops = {"harvests (forward passes)": forward * harvest_images,
+             "prompt adaptation": 3 * forward * prompt_images,
+             "SAE training": 12 * d_model * d_sae * sae_tokens}
+    rows = [{"stage": k, "TFLOP": v / 1e12,
+             **{f"{gpu} hours": v / (peak * utilisation) / 3600 for gpu, peak in GPU_FP32_FLOPS.items()}}
+            for k, v in flops.items()]
+    frame = pd.DataFrame(rows).set_index("stage")
+    frame.loc["total"] = frame.sum()
+    frame.attrs["SAE training tokens"] = sae_tokens
+    frame.attrs["activation table GB (host)"] = sae_images * tokens_per_image * d_model * 4 / 1e9
+    frame.attrs["SAE + Adam GB (device)"] = 3 * 2 * d_model * d_sae * 4 / 1e9
+    return frame

@@ -5,18 +5,20 @@ the first few blocks of both encoders ("deep" prompts), the backbone frozen. The
 text encoder, so only the vision half exists here: ``DeepPrompts`` holds ``n_tokens`` learnable
 tokens per block for the first ``depth`` blocks; block 0 appends its tokens after CLS and the
 patches, each later block up to ``depth`` replaces the previous block's prompt outputs with its own
-(VPT-deep / MaPLe's vision branch), and deeper blocks carry the last ones along. In place of CLIP's
-text classifier, a new linear head reads the CLS token; it starts at the zero-shot classifier.
+(VPT-deep / MaPLe's vision branch), and deeper blocks carry the last ones along.
 
-Zero-shot accuracy, for a model trained without text, is defined here as a **linear probe on the
-frozen base features** (the final-normalised CLS vector): the best a fixed backbone does on the task
-with only a new head, trained on the same few-shot images as the prompts. ``adapt`` then trains the
-prompts and the head together, every backbone parameter untouched (asserted bit for bit).
+Zero-shot, as in the paper, is a classifier nobody trains on the task: CLIP's text classifier
+there, here the ViT's own pretraining head read through ``ZeroShotHead`` (a task class that
+gathers several pretraining classes scores the logsumexp of their logits; a class of its own, its
+logit). ``adapt`` trains the prompts only: the backbone and that head stay bit-identical (asserted),
+so every change of accuracy, and of latents, comes from the prompts.
 
-Target tasks (``load_task``): ``fashion-groups`` (Fashion-MNIST's classes regrouped into four
-kinds of garment: the pretraining domain with new classes) and ``digits`` (scikit-learn's
-handwritten digits upscaled to 28x28: a strongly shifted domain). Few-shot training images never
-come from the ViT's pretraining images; test images never from the training ones.
+Target tasks (``load_task``), matched in classes, images per class and training steps:
+``fashion-upper`` (T-shirt/top, pullover, coat and shirt: the four garments the pretrained ViT
+confuses most, in their own domain) and ``fashion-upper-inverted`` (the very same images with
+inverted grey levels, white background and dark garments: a domain the ViT never saw, with the
+same classes and the same zero-shot head). Few-shot training images never come from the ViT's
+pretraining images; test images are the official test set's.
 """
 
 from __future__ import annotations
@@ -31,13 +33,7 @@ from torch import Tensor, nn
 from saelib.core import seeding, storage
 from saelib.core.pretraining import PretrainConfig, pretrain
 from saelib.core.storage import tensor_digest
-from saelib.subjects.vision import (
-    FASHION_CLASSES,
-    HookedViT,
-    load_digits,
-    load_fashion_mnist,
-    pretraining_split,
-)
+from saelib.subjects.vision import FASHION_CLASSES, HookedViT, load_fashion_mnist, pretraining_split
 
 __all__ = [
     "TASKS",
@@ -45,14 +41,41 @@ __all__ = [
     "DeepPrompts",
     "PromptConfig",
     "TargetTask",
+    "ZeroShotHead",
     "adapt",
     "backbone_digest",
     "load_task",
 ]
 
-# Fashion-MNIST classes regrouped by the part of the body they go on.
-FASHION_GROUPS = {"upper body": (0, 2, 4, 6), "legs / full body": (1, 3), "feet": (5, 7, 9), "bag": (8,)}
-TASKS = {"fashion-groups": tuple(FASHION_GROUPS), "digits": tuple(str(d) for d in range(10))}
+# The four upper-body garments, which the pretrained ViT confuses with one another most.
+UPPER_BODY = (0, 2, 4, 6)
+TASKS = {"fashion-upper": UPPER_BODY, "fashion-upper-inverted": UPPER_BODY}
+"""Each task's classes, as the Fashion-MNIST classes each gathers (one each here)."""
+
+
+class ZeroShotHead(nn.Module):
+    """A task classifier read from a pretrained head without training: task class g scores
+    logsumexp over the logits of the pretraining classes ``groups[g]`` (the log of their summed
+    probabilities, up to a constant shared by every class), which is the logit itself for a class
+    of one. Its weights are the pretrained head's own tensors, frozen."""
+
+    def __init__(self, head: nn.Linear, groups: tuple[tuple[int, ...], ...]):
+        super().__init__()
+        if not groups or any(not g for g in groups):
+            raise ValueError(f"every task class needs at least one pretraining class, got {groups}")
+        members = sorted(c for g in groups for c in g)
+        if len(set(members)) != len(members) or members[-1] >= head.out_features or members[0] < 0:
+            raise ValueError(f"groups {groups} must name distinct classes of the head's {head.out_features}")
+        self.head = head
+        self.groups = tuple(tuple(g) for g in groups)
+
+    @property
+    def out_features(self) -> int:
+        return len(self.groups)
+
+    def forward(self, features: Tensor) -> Tensor:
+        logits = self.head(features)
+        return torch.stack([logits[:, list(g)].logsumexp(-1) for g in self.groups], dim=-1)
 
 
 class DeepPrompts(nn.Module):
@@ -97,10 +120,9 @@ class PromptConfig:
 
 @dataclass
 class Adapted:
-    """An adapted model: the frozen backbone's prompts and head, with the training record."""
+    """Learned prompts for a frozen backbone and head, with the training record."""
 
     prompts: DeepPrompts
-    head: nn.Linear
     history: list[dict]
     seconds: float
 
@@ -111,31 +133,26 @@ def backbone_digest(model: nn.Module) -> str:
     return tensor_digest(*(state[k] for k in sorted(state)))
 
 
-def adapt(model: HookedViT, images: Tensor, labels: Tensor, n_classes: int, cfg: PromptConfig,
-          head_init: nn.Linear | None = None, *, cache: bool = True, progress: bool = True) -> Adapted:
-    """Learn deep prompts and a new head on ``images`` with every backbone parameter frozen.
+def adapt(model: HookedViT, images: Tensor, labels: Tensor, head: nn.Module, cfg: PromptConfig, *,
+          cache: bool = True, progress: bool = True) -> Adapted:
+    """Learn deep prompts on ``images`` with every backbone parameter and ``head`` (the task's
+    zero-shot classifier, e.g. a ``ZeroShotHead``) frozen: only the prompt tokens learn.
 
-    ``head_init`` (e.g. the zero-shot linear probe) is where the head starts. With ``cache`` the
-    result is stored under ``$SAELIB_CACHE/vision_prompts/<hash>``, keyed by the backbone's
-    weights, the data, the head's start and ``cfg``, and reloaded on the next call."""
-    key = {"backbone": backbone_digest(model), "data": tensor_digest(images, labels), "n_classes": n_classes,
-           "head_init": tensor_digest(*head_init.state_dict().values()) if head_init is not None else None,
-           "config": asdict(cfg)}
+    Raises if the backbone or the head changed by a bit. With ``cache`` the prompts are stored
+    under ``$SAELIB_CACHE/vision_prompts/<hash>``, keyed by the backbone's and the head's weights,
+    the data and ``cfg``, and reloaded on the next call."""
+    frozen = {"backbone": backbone_digest(model), "head": backbone_digest(head)}
+    key = {**frozen, "data": tensor_digest(images, labels), "config": asdict(cfg)}
     folder = storage.artifact_dir("vision_prompts", key)
     prompts = DeepPrompts(model.cfg.d_model, cfg.n_tokens, cfg.depth, cfg.seed).to(model.device)
-    head = nn.Linear(model.cfg.d_model, n_classes).to(model.device)
-    if head_init is not None:
-        head.load_state_dict(head_init.state_dict())
     if cache and (folder / "adapted.pt").exists():
         storage.verify(folder, f"delete {folder} and rerun to adapt again")
         state = torch.load(folder / "adapted.pt", weights_only=False, map_location=model.device)
         prompts.load_state_dict(state["prompts"])
-        head.load_state_dict(state["head"])
-        return Adapted(prompts.requires_grad_(False), head.requires_grad_(False), state["history"],
-                       state["seconds"])
+        return Adapted(prompts.requires_grad_(False), state["history"], state["seconds"])
     per_epoch = max(1, len(images) // cfg.batch_size)
-    # A cosine from lr to 0 over the run, without warm-up or clipping; the cosine in float32, as
-    # the cached runs had it. Batches: a seeded permutation per epoch, the remainder left out.
+    # A cosine from lr to 0 over the run, without warm-up or clipping. Batches: a seeded
+    # permutation per epoch, the remainder left out.
     spec = PretrainConfig(steps=cfg.epochs * per_epoch, batch_size=cfg.batch_size, lr=cfg.lr,
                           stream="prompt_data_order", float32_cosine=True, seed=cfg.seed, grad_clip=0.0,
                           log_every=per_epoch)
@@ -144,38 +161,43 @@ def adapt(model: HookedViT, images: Tensor, labels: Tensor, n_classes: int, cfg:
         logits = model(images[idx], prompts=prompts, head=head)
         return F.cross_entropy(logits, labels[idx].to(logits.device))
 
-    requires = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)  # gradients flow through the backbone's activations only
-    was_training = model.training
-    model.eval()  # no dropout or batch statistics in this ViT; eval mode for clarity
+    modules = {"backbone": model, "head": head}
+    requires = {name: {n: p.requires_grad for n, p in m.named_parameters()} for name, m in modules.items()}
+    was_training = {name: m.training for name, m in modules.items()}
+    for m in modules.values():
+        m.requires_grad_(False)  # gradients flow through their activations only
+        m.eval()  # no dropout or batch statistics in this ViT; eval mode for clarity
     try:
-        run = pretrain(nn.ModuleDict({"prompts": prompts, "head": head}), batch_loss, len(images), spec,
-                       progress=progress, desc="prompts")
+        run = pretrain(prompts, batch_loss, len(images), spec, progress=progress, desc="prompts")
     finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(requires[n])
-        model.train(was_training)
+        for name, m in modules.items():
+            for n, p in m.named_parameters():
+                p.requires_grad_(requires[name][n])
+            m.train(was_training[name])
+    changed = [name for name, m in modules.items() if backbone_digest(m) != frozen[name]]
+    if changed:
+        raise RuntimeError(f"prompt adaptation changed the frozen {' and '.join(changed)}")
     history = [{"epoch": row["step"] // per_epoch, "loss": row["mean_loss"]} for row in run.history]
-    seconds = run.elapsed_s
     prompts.requires_grad_(False)
-    head.requires_grad_(False)
     if cache:
         tmp = storage.atomic_dir(folder)
-        torch.save({"prompts": prompts.state_dict(), "head": head.state_dict(), "history": history,
-                    "seconds": seconds}, tmp / "adapted.pt")
+        torch.save({"prompts": prompts.state_dict(), "history": history, "seconds": run.elapsed_s},
+                   tmp / "adapted.pt")
         (tmp / "key.json").write_text(json.dumps(key, indent=1))
         storage.commit_dir(tmp, folder)
-    return Adapted(prompts, head, history, seconds)
+    return Adapted(prompts, history, run.elapsed_s)
 
 
 # ============================================================================ target tasks
 
 @dataclass
 class TargetTask:
-    """A classification task to adapt to: few-shot training images and held-out test images."""
+    """A classification task to adapt to: few-shot training images, held-out test images, and
+    the pretraining classes each task class gathers (its zero-shot head's ``groups``)."""
 
     name: str
     classes: tuple[str, ...]
+    groups: tuple[tuple[int, ...], ...]
     train_images: Tensor
     train_labels: Tensor
     test_images: Tensor
@@ -185,48 +207,52 @@ class TargetTask:
     def n_classes(self) -> int:
         return len(self.classes)
 
+    def zero_shot_head(self, model: nn.Module) -> ZeroShotHead:
+        """The task's classifier read from ``model``'s pretraining head, untrained."""
+        return ZeroShotHead(model.head, self.groups)
 
-def _few_shot(labels: Tensor, shots: int, n_classes: int, purpose: str, seed: int) -> Tensor:
-    """``shots`` indices per class, drawn with a seeded permutation."""
+
+def _per_class(labels: Tensor, n: int, n_classes: int, purpose: str, seed: int) -> Tensor:
+    """``n`` indices per class, drawn with a seeded permutation."""
     perm = torch.randperm(len(labels), generator=seeding.generator(purpose, seed))
     picked = []
     for c in range(n_classes):
         of_class = perm[labels[perm] == c]
-        if len(of_class) < shots:
-            raise ValueError(f"class {c} has only {len(of_class)} images, fewer than shots={shots}")
-        picked.append(of_class[:shots])
+        if len(of_class) < n:
+            raise ValueError(f"class {c} has only {len(of_class)} images, fewer than {n}")
+        picked.append(of_class[:n])
     return torch.cat(picked).sort().values
 
 
-def load_task(name: str, shots: int, test_images: int | None = None, seed: int = 0,
+def load_task(name: str, shots: int, test_per_class: int | None = None, seed: int = 0,
               vit_seed: int = 0, vit_val_images: int = 5000) -> TargetTask:
-    """A target task with ``shots`` training images per class and up to ``test_images`` test images.
+    """A target task with ``shots`` training images and ``test_per_class`` test images per class
+    (None: all of the test set's, 1,000 per class).
 
-    ``fashion-groups``: training images come from the ViT's held-out validation images (the split
-    of ``saelib.subjects.vision`` for ``vit_seed`` / ``vit_val_images``), never from its pretraining images;
-    test images from the official test set. ``digits``: a seeded split of the 1,797 digits, the
-    training shots first, every other image a test image."""
-    if name == "fashion-groups":
-        group_of = torch.empty(len(FASHION_CLASSES), dtype=torch.long)
-        for g, members in enumerate(FASHION_GROUPS.values()):
-            group_of[list(members)] = g
-        x, y = load_fashion_mnist("train")
-        _, val_idx = pretraining_split(vit_seed, vit_val_images)
-        pool_x, pool_y = x[val_idx], group_of[y[val_idx]]
-        train = _few_shot(pool_y, shots, len(FASHION_GROUPS), "image_splits:fashion-groups", seed)
-        test_x, test_y = load_fashion_mnist("test")
-        test_y = group_of[test_y]
-        train_x, train_y = pool_x[train], pool_y[train]
-    elif name == "digits":
-        x, y = load_digits()
-        train = _few_shot(y, shots, 10, "image_splits:digits", seed)
-        rest = torch.ones(len(y), dtype=torch.bool)
-        rest[train] = False
-        train_x, train_y, test_x, test_y = x[train], y[train], x[rest], y[rest]
-    else:
+    Training images come from the ViT's held-out validation images (the split of
+    ``saelib.subjects.vision`` for ``vit_seed`` / ``vit_val_images``), never from its pretraining
+    images; test images from the official test set. Both tasks draw the same images; the inverted
+    one shows them as 1 - grey level."""
+    if name not in TASKS:
         raise ValueError(f"unknown target task {name!r}; valid: {list(TASKS)}")
-    if test_images is not None and test_images < len(test_y):
-        keep = torch.randperm(len(test_y), generator=seeding.generator(f"image_splits:{name}-test", seed))
-        keep = keep[:test_images].sort().values
-        test_x, test_y = test_x[keep], test_y[keep]
-    return TargetTask(name, TASKS[name], train_x, train_y, test_x, test_y)
+    members = TASKS[name]
+    task_of = torch.full((len(FASHION_CLASSES),), -1, dtype=torch.long)
+    task_of[list(members)] = torch.arange(len(members))
+    x, y = load_fashion_mnist("train")
+    _, val_idx = pretraining_split(vit_seed, vit_val_images)
+    pool_x, pool_y = x[val_idx], task_of[y[val_idx]]
+    keep = pool_y >= 0
+    pool_x, pool_y = pool_x[keep], pool_y[keep]
+    train = _per_class(pool_y, shots, len(members), "image_splits:fashion-upper", seed)
+    test_x, test_y = load_fashion_mnist("test")
+    test_y = task_of[test_y]
+    keep = test_y >= 0
+    test_x, test_y = test_x[keep], test_y[keep]
+    if test_per_class is not None:
+        test = _per_class(test_y, test_per_class, len(members), "image_splits:fashion-upper-test", seed)
+        test_x, test_y = test_x[test], test_y[test]
+    train_x, train_y = pool_x[train], pool_y[train]
+    if name.endswith("-inverted"):
+        train_x, test_x = 1 - train_x, 1 - test_x
+    return TargetTask(name, tuple(FASHION_CLASSES[c] for c in members), tuple((c,) for c in members),
+                      train_x, train_y, test_x, test_y)

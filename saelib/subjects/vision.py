@@ -1,13 +1,11 @@
-"""Images and the book's vision transformer: readers for Fashion-MNIST and the scikit-learn digits,
-and a small ViT with TransformerLens-style hook names that the book pretrains itself.
+"""Images and the book's vision transformer: a reader for Fashion-MNIST, and a small ViT with
+TransformerLens-style hook names that the book pretrains itself.
 
 No pretrained ViT or CLIP weights can be downloaded on the project's machines, so chapter 5 trains
 its own subject model, like the language-model organism of chapter 1:
 
 * ``load_fashion_mnist(split)`` parses the IDX files of the Debian package ``dataset-fashion-mnist``
   (no torchvision), refusing truncated or corrupt files with a message that says what to do;
-* ``load_digits`` reads the 8x8 handwritten digits bundled inside scikit-learn (the CSV file only:
-  scikit-learn itself is never imported) and upscales them to 28x28;
 * ``HookedViT`` is a pre-LayerNorm ViT over CLS + patch tokens with hook points named as in
   TransformerLens (``blocks.{i}.hook_resid_post``, ``blocks.{i}.attn.hook_pattern``, ...), so
   ``run_with_cache`` and ``run_with_hooks`` work on it; ``forward`` takes optional deep prompts
@@ -19,7 +17,6 @@ its own subject model, like the language-model organism of chapter 1:
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import math
 import os
 import struct
@@ -58,7 +55,6 @@ __all__ = [
     "ViTConfig",
     "accuracy",
     "linear_probe",
-    "load_digits",
     "load_fashion_mnist",
     "load_vision_model",
     "load_vit",
@@ -138,33 +134,6 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
         raise IdxFormatError(f"{files[1]} has label {labels.max()}; Fashion-MNIST has 10 classes")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
-
-
-def digits_csv() -> Path:
-    """The 8x8 digits file bundled with scikit-learn (found without importing scikit-learn)."""
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the handwritten digits come with scikit-learn: pip install scikit-learn")
-    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} missing; reinstall scikit-learn (pip install --force-reinstall "
-                                "scikit-learn)")
-    return path
-
-
-def load_digits(size: int = 28, path: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
-    """scikit-learn's 1,797 handwritten digits (8x8, grey levels 0-16, UCI optdigits), upscaled
-    bilinearly to ``size`` x ``size`` in [0, 1]: float32 [n, 1, size, size] and labels 0-9."""
-    path = Path(path) if path is not None else digits_csv()
-    try:
-        table = np.loadtxt(path, delimiter=",", dtype=np.float32)
-    except (OSError, EOFError, ValueError) as e:
-        raise IdxFormatError(f"{path} is not the digits table (65 numbers per line): {e}") from None
-    if table.ndim != 2 or table.shape[1] != 65:
-        raise IdxFormatError(f"{path}: expected 65 columns (64 pixels + label), got {table.shape}")
-    images = torch.from_numpy(table[:, :64] / 16.0).reshape(-1, 1, 8, 8)
-    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-    return images.contiguous(), torch.from_numpy(table[:, 64].astype(np.int64))
 
 
 # ============================================================================ the model
