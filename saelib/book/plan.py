@@ -110,16 +110,18 @@ def _subject(name: str) -> SubjectSpec:
 
 def _build(chapter: str, P: Mapping[str, Any], *, model: str, harvested: float, evaluated: float,
            saes: list[tuple[float, int, bool]], extra_flops: float = 0.0, caches: int = 1,
-           d_in: int | None = None, held_bytes: float = 0.0, backward_bytes: float = 0.0) -> Plan:
+           d_in: int | None = None, held_bytes: float = 0.0, backward_bytes: float = 0.0,
+           together: int = 1) -> Plan:
     """``saes``: (training tokens, dictionary width, dense) per SAE; ``harvested`` tokens fill
     ``caches`` caches; ``held_bytes`` of evaluation state stay in CPU memory; ``backward_bytes`` of
-    the subject model's activations stay on the GPU for a backward pass (e2e)."""
+    the subject model's activations stay on the GPU for a backward pass (e2e); ``together`` SAEs
+    train in one step (and share the GPU)."""
     spec = _subject(model)
     d_in = d_in or spec.d_model
     subject_tokens = harvested + evaluated
     cache = 2.0 * d_in * harvested / caches
     widest = max((w for _, w, _ in saes), default=0)
-    sae_state = 16.0 * 2 * d_in * widest  # weights, gradients and two Adam moments, fp32, both matrices
+    sae_state = 16.0 * 2 * d_in * widest * together  # weights, gradients, two Adam moments, fp32, both matrices
     batch = 4.0 * int(P.get("batch_size", 0)) * (widest + 4 * d_in)
     flops = 2 * spec.params * subject_tokens + extra_flops
     flops += sum((12 if dense else 6) * d_in * width * tokens for tokens, width, dense in saes)
@@ -169,8 +171,8 @@ def _e2e(P: Mapping[str, Any]) -> Plan:
     spec = _subject(P["model"])
     width = int(P["expansion"]) * spec.d_model
     tokens = float(P["steps"]) * int(P["batch_size"]) * int(P["context_size"])
-    n_local = len(P["l1_local"]) + len(P["k_sweep"])
-    n_e2e = len(P["l1_e2e"]) + len(P["l1_ds"]) + len(P["k_sweep"])
+    n_local = len(P["l1_local"]) + len(P["official_l1_local"]) + len(P["k_sweep"])
+    n_e2e = len(P["l1_e2e"]) + len(P["official_l1_e2e"]) + len(P["l1_ds"]) + len(P["k_sweep"])
     saes = [(tokens, width, True)] * (n_local + n_e2e)
     # an e2e step runs the model clean and spliced, and back-propagates through the spliced run
     e2e_model = n_e2e * tokens * 2 * spec.params * 4
@@ -179,7 +181,8 @@ def _e2e(P: Mapping[str, Any]) -> Plan:
     # in half precision (Korthikanti et al. 2022, without the attention-score term)
     window_tokens = int(P["batch_size"]) * int(P["context_size"])
     return _build("e2e", P, model=P["model"], harvested=float(P["n_tokens"]), evaluated=evaluated,
-                  saes=saes, extra_flops=e2e_model, backward_bytes=34.0 * spec.d_model * window_tokens * spec.n_layers)
+                  saes=saes, extra_flops=e2e_model, backward_bytes=34.0 * spec.d_model * window_tokens * spec.n_layers,
+                  together=len(saes))  # chapter 3 trains its sweep in one run, all SAEs on one device
 
 
 def _dynamics(P: Mapping[str, Any]) -> Plan:
@@ -187,7 +190,7 @@ def _dynamics(P: Mapping[str, Any]) -> Plan:
     n_ckpt = len(P["checkpoints"])
     saes = [(tokens, width, False)] * (2 * n_ckpt)  # independent and tracked per checkpoint
     probed = len(P["probe_checkpoints"]) * (int(P["loss_windows"]) * int(P["context_size"])
-                                            + 2 * int(P["icl_sequences"]) * int(P["icl_length"]))
+                                            + 2 * int(P["icl_sequences"]) * sum(map(int, P["icl_lengths"])))
     firing = float(P["eval_tokens"]) * width  # one held-out firing matrix (booleans) per SAE compared
     return _build("dynamics", P, model=P["model"], harvested=n_ckpt * float(P["n_tokens"]),
                   evaluated=probed + n_ckpt * float(P["eval_tokens"]), saes=saes, caches=n_ckpt,
@@ -200,8 +203,10 @@ def _vision(P: Mapping[str, Any]) -> Plan:
     width = int(P["expansion"]) * spec.d_model
     tokens = float(P["steps"]) * int(P["batch_size"])
     images = float(P["sae_images"]) + float(P["eval_images"]) + float(P["mask_images"]) * len(P["mask_ks"])
-    # prompt adaptation: forward and backward (3 forwards) per shot image and epoch, two tasks
-    prompt_flops = 2 * 3 * 2 * spec.params * per_image * float(P["shots"]) * 10 * int(P["prompt_epochs"])
+    # prompt adaptation: forward and backward (3 forwards) per shot image and epoch, two tasks of
+    # four classes, each seed
+    prompt_flops = (2 * 3 * 2 * spec.params * per_image * float(P["shots"]) * 4 * int(P["prompt_epochs"])
+                    * len(P["prompt_seeds"]))
     return _build("vision", P, model=P["vit"], harvested=float(P["sae_images"]) * per_image,
                   evaluated=(images - float(P["sae_images"])) * per_image, saes=[(tokens, width, True)],
                   extra_flops=prompt_flops)
