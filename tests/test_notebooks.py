@@ -4,7 +4,6 @@ Each chapter asserts its own key numbers (like d2l's notebooks), so executing it
 of the results the book states, not just a check that the code runs."""
 
 import html as html_module
-import json
 import os
 import re
 import subprocess
