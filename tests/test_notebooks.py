@@ -37,6 +37,14 @@ def test_committed_notebook_has_no_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_code_fits_the_books_column(path):
+    """The rendered check (check_reader_view) in seconds, before any chapter runs."""
+    wide = [line for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"
+            for line in c.source.splitlines() if len(line) > CODE_WIDTH]
+    assert not wide, f"{path.name}: code lines wider than {CODE_WIDTH} characters: {wide}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_parameters_cell_declares_profile_and_every_knob(path):
     params = book.notebook_parameters(path)
     assert params["profile"] is None, "profile = None: $SAELIB_PROFILE if set, else the book's cpu profile"
