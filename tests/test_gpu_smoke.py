@@ -30,10 +30,12 @@ def hub(tmp_path_factory):
     return hub_standin.build(tmp_path_factory.mktemp("hf_home"))
 
 
-def _run_chapter(only: str, hub, tmp_path) -> subprocess.CompletedProcess:
+def _run_chapter(only: str, hub, tmp_path, *params: str) -> subprocess.CompletedProcess:
+    """The runner on gpu-smoke for one chapter, against the stand-in hub (``params``: ``-p KEY=VALUE``)."""
+    flags = [arg for p in params for arg in ("-p", p)]
     return subprocess.run([sys.executable, "-m", "saelib.book", "--profile", "gpu-smoke", "--only", only,
-                           "--no-html", "--build-dir", str(tmp_path)], cwd=ROOT, env=hub_standin.environment(hub),
-                          capture_output=True, text=True, timeout=900)
+                           "--no-html", "--build-dir", str(tmp_path), *flags], cwd=ROOT,
+                          env=hub_standin.environment(hub), capture_output=True, text=True, timeout=900)
 
 
 def test_chapter_0_runs_on_gpu_smoke(hub, tmp_path):
@@ -60,9 +62,7 @@ def test_chapter_2b_runs_on_gpu_smoke(hub, tmp_path):
 
 
 def test_a_wrong_hub_name_stops_the_chapter_naming_it(hub, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "saelib.book", "--profile", "gpu-smoke", "--only", "01_subject",
-                           "--no-html", "--build-dir", str(tmp_path), "-p", "pretrained=gpt2-smal"], cwd=ROOT,
-                          env=hub_standin.environment(hub), capture_output=True, text=True, timeout=900)
+    proc = _run_chapter("01_subject", hub, tmp_path, "pretrained=gpt2-smal")
     assert proc.returncode == 1
     assert "01_subject_models.ipynb failed in cell" in proc.stderr and "unknown subject model 'gpt2-smal'" in proc.stderr
 
