@@ -39,7 +39,7 @@ def test_assignment_is_one_to_one_where_nearest_neighbours_collide():
 def test_a_feature_matched_to_itself_has_cosine_and_jaccard_one():
     sae = SAE(SAEConfig(16, 64, rule="topk", k=4))
     x = torch.randn(2000, 16)
-    fired = matching.firing_matrix(sae, x)
+    fired = matching.firing_matrix(sae, x).dense()
     assert fired.sum(1).max() <= 4 and fired.any()
     _, cos = matching.max_cosine_match(sae.decoder, sae.decoder)
     assert torch.allclose(cos, torch.ones(64))
@@ -103,3 +103,33 @@ def test_directions_of_other_widths_or_zero_norm_are_refused():
         matching.cosines(dictionary(4, 8), dictionary(4, 9))
     with pytest.raises(ValueError, match="zero norm"):
         matching.assign(torch.zeros(2, 4), dictionary(4, 4))
+
+
+def test_sparse_firing_gives_the_dense_matrix_back_and_the_same_statistics():
+    sae = SAE(SAEConfig(16, 64, rule="topk", k=4))
+    x = torch.randn(1500, 16)
+    fired = matching.firing_matrix(sae, x, batch_size=256)
+    assert isinstance(fired, matching.Firing) and len(fired.rows) <= 4 * len(x)
+    dense = fired.dense()
+    assert dense.shape == (1500, 64) and dense.sum(1).max() <= 4
+    with torch.no_grad():
+        codes = sae.eval()(x).codes
+    by_hand = torch.zeros(1500, 64, dtype=torch.bool)
+    by_hand[codes.rows, codes.cols] = codes.values > 0
+    assert torch.equal(dense, by_hand)
+    assert torch.equal(fired.counts(), by_hand.sum(0)) and torch.allclose(fired.rate(), by_hand.float().mean(0))
+    cols = torch.tensor([5, -1, 5, 0, 63])  # repeated, missing and edge columns
+    expect = torch.zeros(1500, 5, dtype=torch.bool)
+    for j, c in enumerate(cols.tolist()):
+        if c >= 0:
+            expect[:, j] = by_hand[:, c]
+    assert torch.equal(fired.dense(cols), expect)
+    assert torch.equal(fired.take(cols).dense(), expect)
+    other = matching.firing_matrix(SAE(SAEConfig(16, 64, rule="topk", k=4, seed=1)), x)
+    index_b = torch.randint(-1, 64, (64,), generator=torch.Generator().manual_seed(0))
+    sparse_j = matching.jaccard(fired, other, torch.arange(64), index_b, chunk=7)
+    dense_j = matching.jaccard(by_hand, other.dense(), torch.arange(64), index_b)
+    assert torch.allclose(sparse_j, dense_j, equal_nan=True) and (~sparse_j.isnan()).sum() > 10
+    tokens = torch.randint(0, 9, (1500,), generator=torch.Generator().manual_seed(1))
+    for got, want in zip(matching.dominant_token(fired, tokens), matching.dominant_token(by_hand, tokens)):
+        assert torch.equal(got.nan_to_num(-2), want.nan_to_num(-2))

@@ -191,7 +191,8 @@ def _dynamics(P: Mapping[str, Any]) -> Plan:
     saes = [(tokens, width, False)] * (2 * n_ckpt)  # independent and tracked per checkpoint
     probed = len(P["probe_checkpoints"]) * (int(P["loss_windows"]) * int(P["context_size"])
                                             + 2 * int(P["icl_sequences"]) * sum(map(int, P["icl_lengths"])))
-    firing = float(P["eval_tokens"]) * width  # one held-out firing matrix (booleans) per SAE compared
+    # one held-out matching.Firing per SAE compared: k (row, feature) int64 pairs per token
+    firing = float(P["eval_tokens"]) * int(P["k"]) * 16
     return _build("dynamics", P, model=P["model"], harvested=n_ckpt * float(P["n_tokens"]),
                   evaluated=probed + n_ckpt * float(P["eval_tokens"]), saes=saes, caches=n_ckpt,
                   held_bytes=2 * firing)

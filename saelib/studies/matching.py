@@ -14,13 +14,14 @@ are matched by their decoder directions (what a feature writes into the activati
 * ``births``: the first step from which a feature stays matched above a threshold;
 * ``firing_matrix`` / ``jaccard``: whether matched features also fire on the same tokens (the
   directions could agree while the features read different inputs), on the same text at every
-  checkpoint;
+  checkpoint; a ``Firing`` keeps only the (token, feature) pairs where a feature fires;
 * ``dominant_token``: how much of a feature's firing is on a single token id (token-level features
   versus context-level ones).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -32,7 +33,7 @@ from saelib.core.devices import to_device_of
 from saelib.core.sae import SAE
 
 __all__ = ["cosines", "max_cosine_match", "max_cosine_within", "assign", "track_back", "births",
-           "firing_matrix", "jaccard", "dominant_token", "bootstrap_difference"]
+           "Firing", "firing_matrix", "jaccard", "dominant_token", "bootstrap_difference"]
 
 
 def _unit(rows: Tensor) -> Tensor:
@@ -126,51 +127,124 @@ def births(similarity: Tensor | np.ndarray, steps: Sequence[int], threshold: flo
     return out
 
 
+@dataclass(frozen=True)
+class Firing:
+    """Where each feature fires on a set of rows, stored as its (row, feature) pairs.
+
+    A TopK SAE fires at most k of its F features per row, so the pairs take k/F of a dense
+    [rows, F] boolean matrix: for Pythia's 131,072 held-out tokens and 8,192 features, 34 MB
+    against 1.07 GB. ``dense()`` gives the matrix back where it is small."""
+
+    rows: Tensor
+    """int64 [n]: the row of each firing."""
+    cols: Tensor
+    """int64 [n]: the feature of each firing."""
+    n_rows: int
+    n_features: int
+
+    @staticmethod
+    def from_dense(fired: Tensor) -> "Firing":
+        """The pairs of a boolean [rows, features] matrix."""
+        if fired.ndim != 2:
+            raise ValueError(f"a firing matrix is [rows, features], got shape {tuple(fired.shape)}")
+        rows, cols = fired.bool().nonzero(as_tuple=True)
+        return Firing(rows, cols, fired.shape[0], fired.shape[1])
+
+    def counts(self) -> Tensor:
+        """int64 [features]: rows on which each feature fires."""
+        return torch.bincount(self.cols, minlength=self.n_features)
+
+    def rate(self) -> Tensor:
+        """float [features]: the share of rows on which each feature fires."""
+        return self.counts().float() / max(self.n_rows, 1)
+
+    def _select(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """(firing, column): every firing of a feature in ``features``, once per position it is asked
+        for, and that position. An index of -1 selects nothing."""
+        order = torch.argsort(features, stable=True)
+        lo = torch.searchsorted(features[order], self.cols)
+        repeats = torch.searchsorted(features[order], self.cols, right=True) - lo
+        firing = torch.repeat_interleave(torch.arange(len(self.cols)), repeats)
+        block_start = torch.repeat_interleave(torch.cumsum(repeats, 0) - repeats, repeats)
+        return firing, order[lo[firing] + torch.arange(len(firing)) - block_start]
+
+    def dense(self, features: Tensor | None = None) -> Tensor:
+        """bool [rows, len(features)]: the columns ``features`` (default: all) as a matrix; an index of
+        -1 gives a column that never fires."""
+        features = torch.arange(self.n_features) if features is None else torch.as_tensor(features)
+        firing, column = self._select(features)
+        out = torch.zeros(self.n_rows, len(features), dtype=torch.bool)
+        out[self.rows[firing], column] = True
+        return out
+
+    def take(self, features: Sequence[int] | Tensor) -> "Firing":
+        """The firings of ``features`` only, renumbered 0..len(features)-1 in that order."""
+        features = torch.as_tensor(features, dtype=torch.long)
+        firing, column = self._select(features)
+        return Firing(self.rows[firing], column, self.n_rows, len(features))
+
+
 @torch.no_grad()
-def firing_matrix(sae: SAE, x: Tensor, batch_size: int = 4096) -> Tensor:
-    """bool [tokens, features]: where each feature fires on the rows of ``x`` (inference mode)."""
+def firing_matrix(sae: SAE, x: Tensor, batch_size: int = 4096) -> Firing:
+    """Where each feature fires on the rows of ``x`` (inference mode), encoded on the SAE's device
+    batch by batch; only the (row, feature) pairs come back to the CPU."""
     was_training = sae.training
     sae.eval()
     try:
-        out = torch.zeros(len(x), sae.cfg.d_sae, dtype=torch.bool)
+        rows, cols = [], []
         for lo in range(0, len(x), batch_size):
             codes = sae(to_device_of(x[lo:lo + batch_size], sae).float()).codes
-            out[lo + codes.rows.cpu(), codes.cols.cpu()] = (codes.values > 0).cpu()
-        return out
+            on = codes.values > 0
+            rows.append(lo + codes.rows[on].cpu())
+            cols.append(codes.cols[on].cpu())
+        empty = torch.zeros(0, dtype=torch.long)
+        return Firing(torch.cat(rows) if rows else empty, torch.cat(cols) if cols else empty,
+                      len(x), sae.cfg.d_sae)
     finally:
         sae.train(was_training)
 
 
-def jaccard(fired_a: Tensor, fired_b: Tensor, index_a: Tensor | None = None,
-            index_b: Tensor | None = None) -> Tensor:
+def _as_firing(fired: Firing | Tensor) -> Firing:
+    return fired if isinstance(fired, Firing) else Firing.from_dense(fired)
+
+
+def jaccard(fired_a: Firing | Tensor, fired_b: Firing | Tensor, index_a: Tensor | None = None,
+            index_b: Tensor | None = None, chunk: int = 1024) -> Tensor:
     """Jaccard similarity |A and B| / |A or B| of the firing sets of feature pairs on the same
-    tokens: column ``index_a[i]`` of ``fired_a`` against column ``index_b[i]`` of ``fired_b`` (default:
-    column i against column i). NaN where neither feature fires (nothing to compare) or an index
-    is -1 (no match)."""
-    if fired_a.shape[0] != fired_b.shape[0]:
-        raise ValueError(f"firing matrices over different tokens: {fired_a.shape[0]} and {fired_b.shape[0]} rows")
-    index_a = torch.arange(fired_a.shape[1]) if index_a is None else torch.as_tensor(index_a)
-    index_b = torch.arange(fired_b.shape[1]) if index_b is None else torch.as_tensor(index_b)
+    tokens: feature ``index_a[i]`` of ``fired_a`` against feature ``index_b[i]`` of ``fired_b`` (default:
+    i against i). NaN where neither feature fires (nothing to compare) or an index is -1 (no
+    match). Either argument may be a ``Firing`` or a boolean [tokens, features] matrix; pairs are
+    compared ``chunk`` at a time, so memory stays at tokens x chunk booleans."""
+    a, b = _as_firing(fired_a), _as_firing(fired_b)
+    if a.n_rows != b.n_rows:
+        raise ValueError(f"firing matrices over different tokens: {a.n_rows} and {b.n_rows} rows")
+    index_a = torch.arange(a.n_features) if index_a is None else torch.as_tensor(index_a)
+    index_b = torch.arange(b.n_features) if index_b is None else torch.as_tensor(index_b)
     if index_a.shape != index_b.shape:
         raise ValueError(f"index_a and index_b must pair features one to one: {index_a.shape} vs {index_b.shape}")
     valid = (index_a >= 0) & (index_b >= 0)
-    a, b = fired_a[:, index_a.clamp(min=0)], fired_b[:, index_b.clamp(min=0)]
-    inter = (a & b).sum(0).double()
-    union = (a | b).sum(0).double()
+    inter = torch.zeros(len(index_a), dtype=torch.float64)
+    for lo in range(0, len(index_a), chunk):
+        part = slice(lo, lo + chunk)
+        inter[part] = (a.dense(index_a[part]) & b.dense(index_b[part])).sum(0).double()
+    size_a = torch.where(index_a >= 0, a.counts()[index_a.clamp(min=0)], 0).double()
+    size_b = torch.where(index_b >= 0, b.counts()[index_b.clamp(min=0)], 0).double()
+    union = size_a + size_b - inter
     out = inter / union
     out[~valid | (union == 0)] = float("nan")
     return out.float()
 
 
-def dominant_token(fired: Tensor, token_ids: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
-    """(token, share): for each feature (column of ``fired``), the token id it fires on most often and
-    the fraction of its firings on that token (NaN share and token -1 for a feature that never
-    fires). A share near 1 marks a token-level feature; a low share, one that reads context."""
+def dominant_token(fired: Firing | Tensor, token_ids: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+    """(token, share): for each feature, the token id it fires on most often and the fraction of its
+    firings on that token (NaN share and token -1 for a feature that never fires). A share near 1
+    marks a token-level feature; a low share, one that reads context."""
+    fired = _as_firing(fired)
     token_ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long)
-    if len(token_ids) != fired.shape[0]:
-        raise ValueError(f"{len(token_ids)} token ids for {fired.shape[0]} rows")
-    rows, cols = fired.nonzero(as_tuple=True)
-    n_features, n_vocab = fired.shape[1], int(token_ids.max()) + 1 if len(token_ids) else 1
+    if len(token_ids) != fired.n_rows:
+        raise ValueError(f"{len(token_ids)} token ids for {fired.n_rows} rows")
+    rows, cols = fired.rows, fired.cols
+    n_features, n_vocab = fired.n_features, int(token_ids.max()) + 1 if len(token_ids) else 1
     # (feature, token) pairs counted sparsely: a dense [features, vocab] table would not fit for
     # a 50k-token vocabulary and a wide SAE.
     pairs, counts = torch.unique(cols * n_vocab + token_ids[rows], return_counts=True)
