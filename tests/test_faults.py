@@ -22,6 +22,7 @@ and every damage message ends with the remedy quoted in its row.
 | organism: its last checkpoint truncated / flipped / zeroed [organism] | `.../checkpoints/step_N.pt is damaged: ...; delete FOLDER and rerun train_organism('NAME') to train it again` |
 | ViT: model.pt flipped, vit.json truncated [vit] | `.../model.pt is damaged: ...; delete FOLDER and rerun train_vit to pretrain it again` |
 | SAELens export: weights truncated [saelens-truncate] | `.../sae_weights.safetensors is damaged: ...; delete FOLDER and export it again` |
+| a writer killed between `atomic_dir` and `commit_dir`, or inside an atomic file write [swept] | nothing: its `.NAME.tmpPID` is removed by the next writer of NAME (a running writer's is kept) |
 | `TrainConfig(min_lr_frac=-5.0)` [cfg-min_lr_frac] | `TrainConfig.min_lr_frac = -5.0 is invalid: must be a fraction of lr in [0, 1]` |
 | `TrainConfig(lr=-0.001)`, `lr=nan`, `lr=inf` [cfg-lr*] | `TrainConfig.lr = -0.001 is invalid: must be a finite number > 0` |
 | `TrainConfig(decay_start=1.5)` [cfg-decay_start] | `TrainConfig.decay_start = 1.5 is invalid: must be a fraction of training in [0, 1]` |
@@ -518,6 +519,29 @@ def test_commit_over_an_existing_folder_swaps_it_in_one_step(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
     storage.verify(final)
 
+
+def test_half_written_siblings_of_killed_writers_are_swept_and_a_live_writers_kept(tmp_path):
+    """A writer killed between atomic_dir and commit_dir (or inside an atomic file write) leaves
+    .NAME.tmpPID behind; the next writer of NAME removes it, but not the one of a running process."""
+    import signal
+    import subprocess
+    import sys
+
+    final = tmp_path / "entry"
+    script = ("import sys, time; from pathlib import Path; from saelib.core import storage; "
+              "t = storage.atomic_dir(Path(sys.argv[1])); (t / 'half').write_text('x'); "
+              "Path(sys.argv[1]).with_name('.entry.json.tmp%d' % __import__('os').getpid()).write_text('{'); "
+              "print(t, flush=True); time.sleep(600)")
+    writer = subprocess.Popen([sys.executable, "-c", script, str(final)], stdout=subprocess.PIPE, text=True)
+    left = Path(writer.stdout.readline().strip())
+    assert left.is_dir() and left.name == f".entry.tmp{writer.pid}"
+    assert storage.sweep_stale(final) == [] and left.exists(), "a running writer's folder is kept"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    storage.atomic_json({"a": 1}, tmp_path / "entry.json")
+    tmp = storage.atomic_dir(final)
+    storage.commit_dir(tmp, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry", "entry.json"]
 
 # ---------------------------------------------------------------------------- models the book trains itself
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from saelib.core import seeding
 
 __all__ = ["cache_root", "content_key", "tensor_digest", "artifact_dir", "atomic_dir", "commit_dir",
-           "atomic_save", "atomic_json", "atomic_text", "DamagedError", "write_checksums", "verify", "read_json",
+           "sweep_stale",           "atomic_save", "atomic_json", "atomic_text", "DamagedError", "write_checksums", "verify", "read_json",
            "locked", "CHECKSUMS"]
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -91,8 +91,38 @@ def _tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp{os.getpid()}")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale(final: Path) -> list[Path]:
+    """Remove the half-written siblings of ``final`` (``.NAME.tmpPID``, ``.NAME.oldPID``) that
+    processes killed mid-write left behind; those of a running process are kept. Returns what was
+    removed."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for sibling in final.parent.glob(f".{final.name}.{kind}*"):
+            pid = sibling.name[len(f".{final.name}.{kind}"):]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                sibling.unlink(missing_ok=True)
+            removed.append(sibling)
+    return removed
+
+
 def atomic_dir(final: Path) -> Path:
-    """A fresh temporary sibling of ``final``; pass it to ``commit_dir`` when fully written."""
+    """A fresh temporary sibling of ``final``; pass it to ``commit_dir`` when fully written. Stale
+    siblings of killed writers are swept first."""
+    sweep_stale(final)
     tmp = _tmp_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -125,6 +155,7 @@ def _fsync(path: Path) -> None:
 
 def _atomic_file(path: Path, write: Callable[[Path], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
