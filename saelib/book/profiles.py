@@ -230,11 +230,19 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     expansion=8, k=8, steps=600, batch_size=2048, lr=2e-3, dead_after_tokens=200_000,
                     icl_sequences=64, icl_lengths=(8, 24), jump_window=1500,
                     thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), match_threshold=0.5, token_level_share=0.5,
-                    # The organism, probed at its checkpoints on 2026-12-02 (the full cpu build of the
-                    # rewired chapter has not finished yet, so no claim is expected): ICL on held-out
-                    # text 0.46 / 0.81 nats (L = 8 / 24) at step 5700, 2.26 / 2.87 at 7500, 2.53 /
-                    # 3.19 at 8100; layer 1 head 2's prefix matching 0.061 -> 0.303 (chance 0.022).
-                    n_boot=2000, expect_claims=None),
+                    # The cpu build of 2026-12-02 (42 min cold, beside another build): ICL jumps
+                    # 1.54-2.07 nats within 1500 steps (floor 0.5) while L1H3's prefix matching rises
+                    # 0.21 (steps 6000-7500; 5x chance is 0.10); random- vs fixed-offset ICL 4.06 vs
+                    # 4.01 nats; the control jumps 0.07. Tracked vs independent agree with 6-10
+                    # points to spare at every cosine 0.3-0.8 (about 3 standard errors). The birth
+                    # claims change with the threshold and the dead shares (5.1% vs 0.0%) sit on
+                    # the 5-point margin: recorded as inconclusive, not asserted.
+                    n_boot=2000,
+                    expect_claims={"icl_jump": True, "with_induction_head": True,
+                                   "not_positional": True, "control_flat": True,
+                                   "tracked_agree": True, "early_features": "inconclusive",
+                                   "early_chained": "inconclusive", "token_first": "inconclusive",
+                                   "tracked_dead_alike": "inconclusive"}),
         "gpu": dict(model="pythia-70m-deduped", control_model=None, hook="blocks.2.hook_resid_post",
                     corpus="hf:Elriggs/openwebtext-100k",
                     checkpoints=(0, 4, 32, 256, 1000, 4000, 16000, 64000, 143000),
