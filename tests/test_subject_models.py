@@ -1,3 +1,4 @@
+import json
 import importlib.util
 import os
 
@@ -134,3 +135,25 @@ def test_chapter_4_organism_repeats_spans_and_never_sees_its_heldout_documents(o
     assert not (grams[None] == held[:, None]).all(-1).any(), "a held-out window's text was trained on"
     # Fields added for chapter 4 stay out of the records of the organisms trained before them.
     assert "repeat_frac" not in _record(ORGANISM_PROFILES["cpu"]) and _record(p)["repeat_frac"] == 1.0
+
+
+def test_organisms_trained_side_by_side_equal_one_trained_alone_on_their_share_of_cores(tmp_path):
+    from saelib.subjects.language_models import train_organisms
+
+    tiny = dict(n_steps=12, tokenizer_chars=100_000, d_vocab=512, val_windows=2)
+    outs = train_organisms(["ci", "induction-ci"], tmp_path / "together", **tiny)
+    assert [o.name for o in outs] == ["ci", "induction-ci"]
+    for out in outs:
+        assert json.loads((out / "organism.json").read_text())["finished"]
+        load_subject_model(out)  # checksums verified
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        alone = train_organism("induction-ci", tmp_path / "alone" / "induction-ci", progress=False, **tiny)
+    finally:
+        torch.set_num_threads(threads)
+    last = f"step_{tiny['n_steps']:06d}.pt"
+    together = torch.load(outs[1] / "checkpoints" / last)
+    for name, weight in torch.load(alone / "checkpoints" / last).items():
+        assert torch.equal(weight, together[name]), name
+    assert train_organisms(["ci", "induction-ci"], tmp_path / "together", **tiny) == outs  # finished
