@@ -286,9 +286,9 @@ def _cache_spec_of(data: dict) -> Any:
 
 def write_core_evals(cfg: RunConfig, saes: dict, out: Path, progress: bool = True) -> dict[str, Path]:
     """SAEBench's core evaluation of each SAE of the run in ``out`` on held-out windows of its model
-    and corpus, into ``saes/NAME`` (and ``saelens/NAME`` where exported). An evaluation already there
-    for the same weights is kept; a synthetic run writes none."""
-    from saelib.studies.saebench import CORE_FILENAME, core_eval_sweep, read_core_eval
+    and corpus, into ``saes/NAME`` (and ``saelens/NAME`` where exported); a synthetic run writes none.
+    Every run rewrites ``saes/NAME`` whole, so an evaluation never outlives the weights it measured."""
+    from saelib.studies.saebench import CORE_FILENAME, core_eval_sweep
     from saelib.studies.saebench import write_core_evals as write
     from saelib.subjects.activations import at_precision, token_windows
     from saelib.subjects.language_models import load_subject_model
@@ -296,30 +296,20 @@ def write_core_evals(cfg: RunConfig, saes: dict, out: Path, progress: bool = Tru
     spec = _cache_spec_of(cfg.data)
     if spec is None:
         return {}
-    folders = {name: out / "saes" / name for name in saes}
-
-    def current(name: str) -> bool:
-        try:
-            return bool(read_core_eval(folders[name], saes[name]))
-        except DamagedError:  # missing, damaged or for other weights: evaluate again
-            return False
-
-    todo = {name: sae for name, sae in saes.items() if not current(name)}
-    if todo:
-        try:
-            model = at_precision(load_subject_model(spec.model, checkpoint=spec.checkpoint), spec.model_dtype)
-        except (ValueError, OSError, RuntimeError, ModuleNotFoundError) as e:  # e.g. a cache from elsewhere
-            print(f"no SAEBench core evaluation: cannot load the model {spec.model!r} ({e}); set "
-                  "export.saebench = false to skip it", file=sys.stderr)
-            return {}
-        windows = token_windows(model.tokenizer, spec.corpus, cfg.export.saebench_windows, spec.context_size,
-                                seed=spec.seed, split="heldout")
-        metadata = run_metadata_of(cfg)
-        write(core_eval_sweep(todo, model, windows, spec, progress=progress, metadata=metadata), out / "saes")
+    try:
+        model = at_precision(load_subject_model(spec.model, checkpoint=spec.checkpoint), spec.model_dtype)
+    except (ValueError, OSError, RuntimeError, ModuleNotFoundError) as e:  # e.g. a cache from elsewhere
+        print(f"no SAEBench core evaluation: cannot load the model {spec.model!r} ({e}); set "
+              "export.saebench = false to skip it", file=sys.stderr)
+        return {}
+    windows = token_windows(model.tokenizer, spec.corpus, cfg.export.saebench_windows, spec.context_size,
+                            seed=spec.seed, split="heldout")
+    envelopes = core_eval_sweep(saes, model, windows, spec, progress=progress, metadata=run_metadata_of(cfg))
+    written = write(envelopes, out / "saes")
     if cfg.export.saelens:
-        for name in saes:
-            atomic_text((folders[name] / CORE_FILENAME).read_text(), out / "saelens" / name / CORE_FILENAME)
-    return {name: folder / CORE_FILENAME for name, folder in folders.items()}
+        for name, path in written.items():
+            atomic_text(path.read_text(), out / "saelens" / name / CORE_FILENAME)
+    return written
 
 
 def run_metadata_of(cfg: RunConfig) -> dict:

@@ -58,7 +58,7 @@ from saelib.studies.splice import SpliceResult, splice_sweep
 from saelib.subjects.activations import harvest
 
 __all__ = ["CORE_SCHEMA", "SchemaError", "core_eval", "core_eval_sweep", "core_envelope", "core_envelopes",
-           "check_core_envelope", "write_core_eval", "write_core_evals", "read_core_eval", "CORE_FILENAME"]
+           "check_core_envelope", "core_summary", "write_core_eval", "write_core_evals", "read_core_eval", "CORE_FILENAME"]
 
 CORE_FILENAME = "saebench_core.json"
 NOT_SAEBENCH = "none: computed by saelib, not by SAEBench's runner"
@@ -354,6 +354,18 @@ def core_eval(sae: SAE, model, hook: str, windows: Tensor, *, batch_size: int = 
     data = {"model": model_name, "hook": hook, "corpus": dataset, "exclude_bos": exclude_bos}
     return core_eval_sweep({"sae": sae}, model, windows, data, batch_size=batch_size, progress=progress,
                            metadata={} if metadata is None else metadata)["sae"]
+
+
+SUMMARY = {"l0": "sparsity", "explained_variance": "reconstruction_quality",
+           "ce_loss_score": "model_performance_preservation", "kl_div_score": "model_behavior_preservation",
+           "frac_alive": "misc_metrics", "cossim": "reconstruction_quality", "l2_ratio": "shrinkage"}
+"""The headline metrics of a core envelope and the group each sits in."""
+
+
+def core_summary(envelope: Mapping[str, Any]) -> dict[str, float]:
+    """The envelope's headline metrics by their SAEBench names (``SUMMARY``), one flat row."""
+    metrics = envelope["eval_result_metrics"]
+    return {name: metrics[group][name] for name, group in SUMMARY.items()}
 
 
 # ============================================================================ on disk
