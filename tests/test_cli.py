@@ -91,6 +91,9 @@ def test_run_writes_checkpoints_history_and_saelens_export(single):
         exported = load_saelens(single / "saelens" / name)
         assert json.loads((single / "saelens" / name / "cfg.json").read_text())["metadata"]["model_name"] == "synthetic"
         assert torch.allclose(exported.reconstruct(x), load_sae(single / "saes" / name).reconstruct(x), atol=1e-5)
+        # Synthetic data has no model to splice into: no SAEBench core evaluation (tests/test_ecosystem.py
+        # has a run on a model that writes one).
+        assert not (single / "saes" / name / "saebench_core.json").exists()
 
 
 def test_rerun_resumes_without_extra_steps(single, tmp_path):
@@ -138,6 +141,8 @@ def test_set_overrides(tmp_path, capsys):
     ("train.min_lr_frac=-5.0", "train.min_lr_frac: TrainConfig.min_lr_frac = -5.0 is invalid: must be a fraction of lr"),
     ("sae.mc.aux=auxk", "sae.mc.aux: SAEConfig.aux = 'auxk' is invalid: unknown aux loss"),
     ("data.model=smollm2-135m", "data: give exactly one of"),
+    ("export.saebench_windows=0", "export.saebench_windows: ExportConfig.saebench_windows = 0 is invalid: must be an "
+                                  "integer >= 1"),
 ])
 def test_config_errors_name_the_key(tmp_path, capsys, override, message):
     assert message in _error(capsys, [_config(tmp_path), "--print-config", "--set", override])
@@ -156,6 +161,7 @@ def test_help_config_lists_documented_fields(capsys):
     assert "lr: float (default 0.0004)\n      Peak Adam learning rate." in out
     assert "steps: int (required)" in out and "d_in: int (default: the data's width)" in out
     assert "hook: str (required)" in out and "k_aux: int" in out and "saelens: bool (default false)" in out
+    assert "saebench: bool (default true)" in out and "saebench_windows: int (default 64)" in out
 
 
 def test_torchrun_two_ranks_match_one_process(single, tmp_path):

@@ -266,3 +266,148 @@ def test_export_command_bad_input(world, tmp_path, capsys):
         saelib_main(["export", "--neuronpedia", str(folder), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert "has no hook_name" in err and "pass --hook" in err
+
+
+# ============================================================================ chapter 2's table, SAEBench's names
+
+def test_chapter_2_envelope_is_its_table_under_saebench_names(world, tmp_path):
+    """A chapter-2-style run at ci scale (norm outliers dropped by the training threshold, TopK, FC and
+    MC side by side, the splice leaving outlier rows as they are): the envelopes written beside the
+    SAEs and read back carry the table's L0, 1 - NMSE, CE recovered and alive share."""
+    from saelib.core.checkpoints import load_sae
+    from saelib.studies.saebench import core_envelopes, core_summary, read_core_eval, write_core_evals
+    from saelib.studies.splice import splice_sweep
+    from saelib.subjects.activations import CacheSpec, drop_norm_outliers, get_or_build_cache
+
+    root, model, _, _, data = world
+    where = dict(model=data["model"], hook=HOOK, corpus="mixed", context_size=CONTEXT)
+    train_acts = get_or_build_cache(CacheSpec(n_tokens=3000, **where), root=root / "acts", model=model,
+                                    progress=False)
+    heldout_acts = get_or_build_cache(CacheSpec(n_tokens=620, split="heldout", **where), root=root / "acts",
+                                      model=model, progress=False)
+    train_rows = drop_norm_outliers(train_acts, max_ratio=10.0)
+    heldout_rows = drop_norm_outliers(heldout_acts, threshold=train_rows.threshold)
+    heldout = heldout_rows[:]
+    d = model.cfg.d_model
+    configs = {f"{rule}_k8": SAEConfig(d, 256, rule=rule, k=8)
+               for rule in ("topk", "feature_choice", "mutual_choice")}
+    run = train_saes(configs, train_rows, TrainConfig(steps=40, batch_size=256, lr=2e-3, warmup_steps=4,
+                                                      init_tokens=2048), out_dir=tmp_path / "run", progress=False)
+    saes = run.saes
+    # The chapter's table (section 6): evaluate on the held-out rows, splice_sweep on held-out windows.
+    evals = {n: evaluate(s, heldout) for n, s in saes.items()}
+    windows = torch.from_numpy(heldout_acts.tokens[:8].astype("int64"))
+    spliced = splice_sweep(model, HOOK, saes, windows, max_norm=train_rows.threshold)
+    table = {n: {"L0": evals[n].l0, "NMSE": evals[n].nmse, "CE recovered": spliced[n].fraction_recovered,
+                 "alive": 1 - evals[n].dead_frac} for n in saes}
+    # The envelopes: the evaluation computed again inside (no evals passed), written, read back verified.
+    files = write_core_evals(core_envelopes(saes, heldout_rows, spliced, heldout_acts.spec), tmp_path / "run" / "saes")
+    assert set(files) == set(saes) and all(f == tmp_path / "run" / "saes" / n / CORE_FILENAME for n, f in files.items())
+    for name, path in files.items():
+        env = read_core_eval(path.parent, load_sae(path.parent))
+        m, row = core_summary(env), table[name]
+        print(name, {"l0": (m["l0"], row["L0"]), "explained_variance / 1 - NMSE": (m["explained_variance"],
+              1 - row["NMSE"]), "ce_loss_score / CE recovered": (m["ce_loss_score"], row["CE recovered"]),
+              "frac_alive": (m["frac_alive"], row["alive"])})
+        assert m["l0"] == pytest.approx(row["L0"], rel=1e-9)
+        assert m["explained_variance"] == pytest.approx(1 - row["NMSE"], rel=1e-9)
+        assert m["ce_loss_score"] == pytest.approx(row["CE recovered"], rel=1e-9)
+        assert m["frac_alive"] == pytest.approx(row["alive"], rel=1e-9)
+        assert env["eval_result_unstructured"]["saelib"]["nmse"] == pytest.approx(row["NMSE"], rel=1e-9)
+        tokens = env["eval_result_metrics"]["token_stats"]
+        assert tokens == {"total_tokens_eval_reconstruction": 8 * (CONTEXT - 1),
+                          "total_tokens_eval_sparsity_variance": len(heldout_rows)}
+        assert env["eval_result_unstructured"]["saelib"]["max_norm"] == train_rows.threshold
+        assert env["sae_cfg_dict"]["metadata"]["hook_name"] == HOOK
+        assert env["eval_config"]["context_size"] == CONTEXT and env["eval_config"]["dataset"] == "mixed"
+        assert 0 < m["explained_variance"] < 1 and 0 < m["ce_loss_score"] < 1 and 0 < m["frac_alive"] <= 1
+    assert core_summary(read_core_eval(files["topk_k8"].parent))["l0"] == pytest.approx(8.0)
+    # Given the chapter's own evaluations, the envelope is that evaluation, to the bit.
+    given = core_envelopes(saes, heldout_rows, spliced, heldout_acts.spec, evals=evals)
+    assert all(core_summary(given[n])["l0"] == evals[n].l0 and
+               core_summary(given[n])["explained_variance"] == 1 - evals[n].nmse for n in saes)
+    with pytest.raises(ValueError, match=r"evals\['topk_k8'\] measured 5 rows"):
+        core_envelopes(saes, heldout_rows, spliced, heldout_acts.spec,
+                       evals={"topk_k8": evaluate(saes["topk_k8"], heldout[:5])})
+
+
+def test_a_saved_envelope_is_verified_at_load(envelope, world, tmp_path):
+    from saelib.core.storage import DamagedError
+    from saelib.studies.saebench import read_core_eval
+
+    _, _, sae, _, _ = world
+    path = write_core_eval(envelope, tmp_path / "topk")
+    assert read_core_eval(tmp_path / "topk", sae)["eval_id"] == envelope["eval_id"]
+    text = path.read_text()
+    doc = json.loads(text)
+    doc["eval_result_metrics"]["sparsity"]["l0"] += 1  # altered after it was written
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DamagedError, match="is damaged: its contents differ from what saelib wrote"):
+        read_core_eval(tmp_path / "topk")
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(DamagedError, match="is damaged: not valid JSON"):
+        read_core_eval(tmp_path / "topk")
+    path.write_text(text)
+    other = SAEConfig(sae.cfg.d_in, 256, rule="topk", k=8)
+    from saelib.core.sae import SAE
+
+    with pytest.raises(DamagedError, match="is stale: it evaluates other weights") as e:
+        read_core_eval(tmp_path / "topk", SAE(other))
+    assert "\n" not in str(e.value)
+    with pytest.raises(DamagedError, match="the file is missing"):
+        read_core_eval(tmp_path / "nothing")
+
+
+def test_saelib_train_writes_the_envelope_beside_every_sae(world, tmp_path, capsys):
+    from saelib.core.checkpoints import load_sae
+    from saelib.studies.saebench import core_eval_sweep, core_summary, read_core_eval
+
+    _, model, _, _, data = world
+    config = tmp_path / "run.toml"
+    config.write_text(f"""
+[data]
+model = "{data['model']}"
+hook = "{HOOK}"
+corpus = "mixed"
+n_tokens = 3000
+context_size = {CONTEXT}
+cache_root = "{tmp_path / 'acts'}"
+
+[train]
+steps = 30
+batch_size = 256
+lr = 2e-3
+warmup_steps = 3
+init_tokens = 2048
+
+[sae.topk]
+d_sae = 256
+rule = "topk"
+k = 8
+
+[sae.mc]
+d_sae = 256
+rule = "mutual_choice"
+k = 8
+
+[export]
+saelens = true
+saebench_windows = 6
+""")
+    out = tmp_path / "out"
+    assert saelib_main(["train", str(config), "--out", str(out), "--no-progress"]) in (0, None)
+    windows = token_windows(model.tokenizer, "mixed", 6, CONTEXT, split="heldout")
+    saes = {n: load_sae(out / "saes" / n) for n in ("topk", "mc")}
+    again = core_eval_sweep(saes, model, windows, {"model": data["model"], "hook": HOOK, "corpus": "mixed"})
+    for name, sae in saes.items():
+        env = read_core_eval(out / "saes" / name, sae)
+        assert json.loads((out / "saelens" / name / CORE_FILENAME).read_text()) == env
+        assert env["eval_result_metrics"]["token_stats"]["total_tokens_eval_sparsity_variance"] == 6 * (CONTEXT - 1)
+        assert env["sae_cfg_dict"]["metadata"]["model_name"] == data["model"]
+        assert core_summary(env) == pytest.approx(core_summary(again[name]), rel=1e-6, abs=1e-9)
+    # A rerun of the finished run rewrites its SAEs, and their evaluation with them: the same numbers.
+    first = read_core_eval(out / "saes" / "topk")
+    assert saelib_main(["train", str(config), "--out", str(out), "--no-progress"]) in (0, None)
+    rerun = read_core_eval(out / "saes" / "topk", saes["topk"])
+    assert rerun["eval_id"] != first["eval_id"] and core_summary(rerun) == core_summary(first)
+    capsys.readouterr()

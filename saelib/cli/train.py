@@ -8,10 +8,13 @@ Sections (``--help-config`` lists every field with its type, default and documen
 * ``[train]``: ``TrainConfig`` fields;
 * ``[sae.NAME]``: ``SAEConfig`` fields, one table per SAE trained side by side (``d_in`` defaults to
   the data's width);
-* ``[export]``: ``ExportConfig`` fields (SAELens-format copies of the final SAEs).
+* ``[export]``: ``ExportConfig`` fields (SAELens-format copies of the final SAEs, their SAEBench core
+  evaluations).
 
 The output folder gets ``config.json`` (the resolved config), ``checkpoints/``, ``history.csv``,
-``history.jsonl``, ``saes/NAME`` and, when enabled, ``saelens/NAME``. Running the same command again
+``history.jsonl``, ``saes/NAME`` and, when enabled, ``saelens/NAME``; for a run on a model (not
+synthetic data) each ``saes/NAME`` (and ``saelens/NAME``) also gets ``saebench_core.json``, SAEBench's
+core evaluation on held-out windows (``[export] saebench``). Running the same command again
 resumes from the newest checkpoint; a folder made with a different config is refused.
 
 Data-parallel: ``torchrun --nproc_per_node N -m saelib train CONFIG.toml`` (each rank reads its slice
@@ -40,6 +43,7 @@ from saelib.core.fields import ConfigError, build, check_table, field_docs, fiel
 from saelib.core.sae import SAEConfig
 from saelib.core.storage import DamagedError, atomic_json, atomic_text, read_json
 from saelib.core.training import TrainConfig, train_config_dict
+from saelib.core.validate import check, integer
 
 
 @dataclass
@@ -57,7 +61,7 @@ class DataConfig:
 
 @dataclass
 class ExportConfig:
-    """Copies of the final SAEs in other formats."""
+    """Copies of the final SAEs in other formats, and their SAEBench core evaluations."""
 
     saelens: bool = False
     """Also write each final SAE in SAELens's layout to OUT/saelens/NAME."""
@@ -65,6 +69,15 @@ class ExportConfig:
     """Model name recorded in the SAELens cfg.json (default: data.model)."""
     hook_name: str = ""
     """Hook name recorded in the SAELens cfg.json (default: data.hook)."""
+    saebench: bool = True
+    """Write SAEBench's core evaluation of each final SAE, on held-out windows of the run's model and
+    corpus, to OUT/saes/NAME/saebench_core.json (and beside its SAELens copy). Needs a model: data.model
+    + data.hook, or a cache that names them; synthetic runs have none and write no evaluation."""
+    saebench_windows: int = 64
+    """Held-out windows of data.context_size tokens the core evaluation reads."""
+
+    def __post_init__(self) -> None:
+        check(self, "saebench_windows", integer(1), "must be an integer >= 1")
 
 
 @dataclass
@@ -262,9 +275,56 @@ def _check_out_dir(out: Path, cfg: dict) -> None:
     check_same_config(wanted, found, what=f"the run in {out} (see {saved})")
 
 
+def _cache_spec_of(data: dict) -> Any:
+    """The CacheSpec of a run's activations (None for synthetic data, which has no model)."""
+    if "synthetic" in data:
+        return None
+    if "cache" in data:
+        return _open_cache(data["cache"]).spec
+    return _cache_spec_class()(**{k: v for k, v in data.items() if k not in fields_of(DataConfig)})
+
+
+def write_core_evals(cfg: RunConfig, saes: dict, out: Path, progress: bool = True) -> dict[str, Path]:
+    """SAEBench's core evaluation of each SAE of the run in ``out`` on held-out windows of its model
+    and corpus, into ``saes/NAME`` (and ``saelens/NAME`` where exported); a synthetic run writes none.
+    Every run rewrites ``saes/NAME`` whole, so an evaluation never outlives the weights it measured."""
+    from saelib.studies.saebench import CORE_FILENAME, core_eval_sweep
+    from saelib.studies.saebench import write_core_evals as write
+    from saelib.subjects.activations import at_precision, token_windows
+    from saelib.subjects.language_models import load_subject_model
+
+    spec = _cache_spec_of(cfg.data)
+    if spec is None:
+        return {}
+    try:
+        model = at_precision(load_subject_model(spec.model, checkpoint=spec.checkpoint), spec.model_dtype)
+    except (ValueError, OSError, RuntimeError, ModuleNotFoundError) as e:  # e.g. a cache from elsewhere
+        print(f"no SAEBench core evaluation: cannot load the model {spec.model!r} ({e}); set "
+              "export.saebench = false to skip it", file=sys.stderr)
+        return {}
+    windows = token_windows(model.tokenizer, spec.corpus, cfg.export.saebench_windows, spec.context_size,
+                            seed=spec.seed, split="heldout")
+    envelopes = core_eval_sweep(saes, model, windows, spec, progress=progress, metadata=run_metadata_of(cfg))
+    written = write(envelopes, out / "saes")
+    if cfg.export.saelens:
+        for name, path in written.items():
+            atomic_text(path.read_text(), out / "saelens" / name / CORE_FILENAME)
+    return written
+
+
+def run_metadata_of(cfg: RunConfig) -> dict:
+    """The SAELens metadata of a run's SAEs: its data table's, with [export]'s model and hook names."""
+    from saelib.core.saelens_io import run_metadata
+
+    metadata = run_metadata(cfg.data)
+    metadata.update({k: v for k, v in (("model_name", cfg.export.model_name),
+                                        ("hook_name", cfg.export.hook_name)) if v})
+    return metadata
+
+
 def run(cfg: RunConfig, out: Path, progress: bool = True) -> Any:
     """Train the configured SAEs into ``out`` (resuming a run already there); returns the TrainResult."""
-    from saelib.core.saelens_io import export_saelens, run_metadata
+    from saelib.core.saelens_io import export_saelens
     from saelib.core.training import train_saes
 
     rank0 = distributed.rank() == 0
@@ -290,11 +350,11 @@ def run(cfg: RunConfig, out: Path, progress: bool = True) -> Any:
     if rank0:
         atomic_text(result.history.to_json(orient="records", lines=True), out / "history.jsonl")
         if cfg.export.saelens:
-            metadata = run_metadata(cfg.data)
-            metadata.update({k: v for k, v in (("model_name", cfg.export.model_name),
-                                                ("hook_name", cfg.export.hook_name)) if v})
+            metadata = run_metadata_of(cfg)
             for name, sae in result.saes.items():
                 export_saelens(sae, out / "saelens" / name, metadata)
+        if cfg.export.saebench:
+            write_core_evals(cfg, result.saes, out, progress)
         if len(result.history):
             last = result.history.groupby("sae").tail(1)
             print(last[["sae", "step", "nmse", "l0", "dead_frac"]].to_string(index=False))

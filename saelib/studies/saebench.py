@@ -1,10 +1,13 @@
 """saelib's core evaluation under SAEBench's metric names and JSON envelope (its "core" eval).
 
-``core_eval`` measures an SAE on held-out token windows: the activations of the windows at the
-SAE's hook for the reconstruction and sparsity metrics (``saelib.core.metrics.evaluate``), and the
-model's next-token predictions with the SAE spliced in for the CE and KL scores
-(``saelib.studies.splice.splice_metrics``). ``write_core_eval`` checks the envelope against
-SAEBench's core schema and writes ``saebench_core.json`` beside a saved SAE.
+One computation, two presentations: ``core_envelopes`` writes saelib's own measurements of an SAE on
+held-out data (``saelib.core.metrics.evaluate`` for the reconstruction and sparsity metrics,
+``saelib.studies.splice.splice_sweep`` for the CE and KL scores, both as a chapter's table has them)
+under SAEBench's names; ``core_eval_sweep`` (``core_eval`` for one SAE) makes those measurements on
+held-out windows of a model. ``write_core_eval`` checks the envelope against SAEBench's core schema
+and writes ``saebench_core.json`` beside a saved SAE, sealed with its sha256 and naming the weights it
+evaluates (``saelib.core.checkpoints.sae_digest``); ``read_core_eval`` verifies both at load.
+``saelib train`` writes one for every SAE of a run on a model, and chapter 2 for its main SAEs.
 
 The schema checked here (``CORE_SCHEMA``) is written from the definitions of SAEBench 0.6.0
 (``sae_bench/evals/core/eval_output.py``, ``eval_config.py``, ``base_eval_output.py`` and the
@@ -31,25 +34,31 @@ its weights); the per-feature encoder norms and biases are those of the export t
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import math
 import time
 import uuid
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from saelib.core.checkpoints import sae_digest
 from saelib.core.devices import to_device_of
 from saelib.core.metrics import Evaluation, evaluate
 from saelib.core.sae import SAE
-from saelib.core.saelens_io import saelens_config
-from saelib.core.storage import atomic_json
-from saelib.studies.splice import SpliceResult, splice_metrics
+from saelib.core.saelens_io import run_metadata, saelens_config
+from saelib.core.storage import DamagedError, atomic_json, read_json
+from saelib.studies.splice import SpliceResult, splice_sweep
 from saelib.subjects.activations import harvest
 
-__all__ = ["CORE_SCHEMA", "SchemaError", "core_eval", "core_envelope", "check_core_envelope", "write_core_eval",
-           "CORE_FILENAME"]
+__all__ = ["CORE_SCHEMA", "SchemaError", "core_eval", "core_eval_sweep", "core_envelope", "core_envelopes",
+           "check_core_envelope", "core_summary", "write_core_eval", "write_core_evals", "read_core_eval", "CORE_FILENAME"]
 
 CORE_FILENAME = "saebench_core.json"
 NOT_SAEBENCH = "none: computed by saelib, not by SAEBench's runner"
@@ -196,8 +205,13 @@ def _reconstruction_stats(sae: SAE, x: Tensor, window: Tensor, n_windows: int, b
 
 def core_envelope(sae: SAE, ev: Evaluation, splice: SpliceResult, stats: Mapping[str, Any], *,
                   model_name: str, dataset: str, context_size: int, batch_size: int, n_batches: int,
-                  exclude_bos: bool, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """SAEBench's core envelope from saelib's measurements of one SAE (``core_eval`` makes them)."""
+                  exclude_bos: bool, metadata: Mapping[str, Any] | None = None, n_variance_batches: int | None = None,
+                  llm_dtype: str = "float32", notes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """SAEBench's core envelope from saelib's measurements of one SAE (``core_envelopes`` makes them).
+
+    ``n_batches``: batches of ``batch_size`` windows the splice read; ``n_variance_batches`` those of
+    the reconstruction rows (default ``n_batches``). ``notes`` join saelib's own record
+    (``eval_result_unstructured.saelib``)."""
     n = ev.n_tokens
     density = ev.density.double()
     total = float(density.sum())
@@ -239,8 +253,9 @@ def core_envelope(sae: SAE, ev: Evaluation, splice: SpliceResult, stats: Mapping
             "average_max_encoder_cosine_sim": float(max_enc.mean()),
             "average_max_decoder_cosine_sim": float(max_dec.mean()), "frac_alive": ev.alive / sae.cfg.d_sae},
     }
-    config = {"model_name": model_name, "llm_dtype": "float32", "batch_size_prompts": batch_size,
-              "n_eval_reconstruction_batches": n_batches, "n_eval_sparsity_variance_batches": n_batches,
+    config = {"model_name": model_name, "llm_dtype": llm_dtype, "batch_size_prompts": batch_size,
+              "n_eval_reconstruction_batches": n_batches,
+              "n_eval_sparsity_variance_batches": n_batches if n_variance_batches is None else n_variance_batches,
               "dataset": dataset, "context_size": context_size, "compute_kl": True, "compute_ce_loss": True,
               "compute_l2_norms": True, "compute_sparsity_metrics": True, "compute_variance_metrics": True,
               "compute_featurewise_density_statistics": True, "compute_featurewise_weight_based_metrics": True,
@@ -252,35 +267,149 @@ def core_envelope(sae: SAE, ev: Evaluation, splice: SpliceResult, stats: Mapping
         "sae_lens_release_id": None, "sae_lens_version": None, "sae_cfg_dict": saelens_config(sae, metadata),
         "eval_result_unstructured": {"saelib": {
             "nmse": ev.nmse, "ce_increase": splice.ce_increase, "fraction_recovered": splice.fraction_recovered,
-            "explained_variance_centred_residual": ev.explained_variance, "dead_features": ev.dead}},
+            "explained_variance_centred_residual": ev.explained_variance, "dead_features": ev.dead,
+            "sae_digest": sae_digest(sae), **dict(notes or {})}},
     }
+
+
+def _data_fields(data: Any) -> dict[str, Any]:
+    """The CacheSpec fields of ``data`` (a CacheSpec, or a `saelib train` run's data table)."""
+    fields = asdict(data) if is_dataclass(data) else dict(data)
+    if not fields.get("hook"):
+        raise ValueError("core evaluation: data names no hook; give the CacheSpec (or its fields model, hook, "
+                         "corpus, context_size, exclude_bos) the rows were harvested with")
+    return {"model": "", "corpus": "mixed", "context_size": 128, "exclude_bos": True,
+            "model_dtype": "float32"} | fields
+
+
+def core_envelopes(saes: Mapping[str, SAE], rows: Any, splices: Mapping[str, SpliceResult], data: Any, *,
+                   evals: Mapping[str, Evaluation] | None = None, window: Tensor | None = None,
+                   batch_size: int = 8, llm_dtype: str = "float32", max_norm: float | None = None,
+                   metadata: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """SAEBench's core envelope of each SAE from saelib's own measurements on held-out data.
+
+    ``rows``: the held-out activations at the hook, a tensor [n, d_in] or a table with ``locate`` (an
+    activation cache, or ``drop_norm_outliers``'s rows, whose windows and norm threshold it reads).
+    ``splices``: each SAE's ``splice_sweep`` result (CE and KL) on held-out windows of ``batch_size``.
+    ``evals``: ``evaluate(sae, rows)`` where the caller has it (a chapter's table), else computed, so
+    the envelope's ``l0``, ``explained_variance`` (1 - NMSE) and ``frac_alive`` are that evaluation's.
+    ``data``: the CacheSpec (or its fields) the rows were harvested with; it fills ``eval_config`` and
+    ``sae_cfg_dict`` (``metadata`` overrides the SAELens metadata). ``window``: each row's window
+    (default: rows in harvest order, ``context_size - exclude_bos`` per window)."""
+    data = _data_fields(data)
+    rows_per_window = data["context_size"] - int(data["exclude_bos"])
+    if hasattr(rows, "locate"):
+        window = torch.as_tensor(rows.locate(np.arange(len(rows)))[0]) if window is None else window
+        max_norm = getattr(rows, "threshold", None) if max_norm is None else max_norm
+        rows = rows[:]
+    window = torch.arange(len(rows)) // rows_per_window if window is None else torch.as_tensor(window).long()
+    if len(window) != len(rows):
+        raise ValueError(f"window names {len(window)} rows' windows, rows has {len(rows)}")
+    _, window = torch.unique(window, return_inverse=True)  # 0..windows-1, for the per-window counts
+    n_windows = int(window.max()) + 1 if len(window) else 0
+    metadata = run_metadata(data) if metadata is None else metadata
+    out = {}
+    for name, sae in saes.items():
+        if name not in splices:
+            raise ValueError(f"no splice result for SAE {name!r}: splices has {sorted(splices)}")
+        ev = evals[name] if evals is not None and name in evals else evaluate(sae, rows)
+        if ev.n_tokens != len(rows):
+            raise ValueError(f"evals[{name!r}] measured {ev.n_tokens} rows, rows has {len(rows)}: pass the "
+                             "evaluation of these rows")
+        splice = splices[name]
+        stats = _reconstruction_stats(sae, rows, window, n_windows, 4096)
+        spliced_windows = splice.n_tokens // (data["context_size"] - 1)  # every position but the last predicts
+        out[name] = core_envelope(
+            sae, ev, splice, stats, model_name=str(data["model"]), dataset=str(data["corpus"]),
+            context_size=int(data["context_size"]), batch_size=batch_size,
+            n_batches=math.ceil(spliced_windows / batch_size), n_variance_batches=math.ceil(n_windows / batch_size),
+            exclude_bos=bool(data["exclude_bos"]), metadata=metadata, llm_dtype=llm_dtype,
+            notes={"hook": data["hook"], "activations_dtype": data["model_dtype"], "max_norm": max_norm})
+    return out
+
+
+def core_eval_sweep(saes: Mapping[str, SAE], model, windows: Tensor, data: Any, *, batch_size: int = 8,
+                    progress: bool = False, metadata: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """SAEBench's core envelope of each SAE at ``data``'s hook of ``model`` on ``windows`` [n, ctx]
+    (held-out): one harvest and one clean and zero-ablated run shared by every SAE.
+
+    The reconstruction metrics read the windows' activations at the hook (positions 1.. with
+    ``exclude_bos``, the rows SAEs are trained on); the CE and KL scores splice each SAE in on the
+    same windows (position 0 left as it is with ``exclude_bos``)."""
+    data = _data_fields(data) | {"context_size": windows.shape[1]}
+    hook, exclude_bos = data["hook"], data["exclude_bos"]
+    rows = harvest(model, [hook], windows, batch_size=batch_size, exclude_bos=exclude_bos, progress=progress)[hook]
+    splices = splice_sweep(model, hook, saes, windows, batch_size=batch_size, exclude_bos=exclude_bos,
+                           progress=progress)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return core_envelopes(saes, rows, splices, data, batch_size=batch_size, llm_dtype=dtype, metadata=metadata)
 
 
 def core_eval(sae: SAE, model, hook: str, windows: Tensor, *, batch_size: int = 8, exclude_bos: bool = True,
               dataset: str = "", model_name: str = "", metadata: Mapping[str, Any] | None = None,
               progress: bool = False) -> dict[str, Any]:
-    """SAEBench's core envelope for ``sae`` at ``hook`` of ``model`` on ``windows`` [n, ctx] (held-out).
+    """SAEBench's core envelope for one ``sae`` at ``hook`` of ``model`` on ``windows`` [n, ctx] (held-out):
+    ``core_eval_sweep`` of one SAE. ``metadata``: SAELens metadata for ``sae_cfg_dict``
+    (``saelib.core.saelens_io.run_metadata``)."""
+    data = {"model": model_name, "hook": hook, "corpus": dataset, "exclude_bos": exclude_bos}
+    return core_eval_sweep({"sae": sae}, model, windows, data, batch_size=batch_size, progress=progress,
+                           metadata={} if metadata is None else metadata)["sae"]
 
-    The reconstruction metrics read the windows' activations at the hook (positions 1.. with
-    ``exclude_bos``, the rows SAEs are trained on); the CE and KL scores splice the SAE in on the same
-    windows (``splice_metrics``, position 0 left as it is with ``exclude_bos``). ``metadata``: SAELens
-    metadata for ``sae_cfg_dict`` (``saelib.core.saelens_io.run_metadata``)."""
-    rows = harvest(model, [hook], windows, batch_size=batch_size, exclude_bos=exclude_bos, progress=progress)[hook]
-    rows_per_window = windows.shape[1] - int(exclude_bos)
-    window = torch.arange(len(rows)) // rows_per_window
-    ev = evaluate(sae, rows)
-    splice = splice_metrics(model, hook, sae, windows, batch_size=batch_size, exclude_bos=exclude_bos,
-                            progress=progress)
-    stats = _reconstruction_stats(sae, rows, window, len(windows), 4096)
-    return core_envelope(sae, ev, splice, stats, model_name=model_name, dataset=dataset,
-                         context_size=windows.shape[1], batch_size=batch_size,
-                         n_batches=math.ceil(len(windows) / batch_size), exclude_bos=exclude_bos, metadata=metadata)
+
+SUMMARY = {"l0": "sparsity", "explained_variance": "reconstruction_quality",
+           "ce_loss_score": "model_performance_preservation", "kl_div_score": "model_behavior_preservation",
+           "frac_alive": "misc_metrics", "cossim": "reconstruction_quality", "l2_ratio": "shrinkage"}
+"""The headline metrics of a core envelope and the group each sits in."""
+
+
+def core_summary(envelope: Mapping[str, Any]) -> dict[str, float]:
+    """The envelope's headline metrics by their SAEBench names (``SUMMARY``), one flat row."""
+    metrics = envelope["eval_result_metrics"]
+    return {name: metrics[group][name] for name, group in SUMMARY.items()}
+
+
+# ============================================================================ on disk
+
+def _seal(envelope: Mapping[str, Any]) -> str:
+    """sha256 of the envelope's JSON, without the seal itself."""
+    doc = copy.deepcopy(dict(envelope))
+    doc.get("eval_result_unstructured", {}).get("saelib", {}).pop("envelope_sha256", None)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def write_core_eval(envelope: Mapping[str, Any], folder: str | Path) -> Path:
-    """Check ``envelope`` against the schema and write it to ``folder/saebench_core.json`` (atomically)."""
+    """Check ``envelope`` against the schema and write it to ``folder/saebench_core.json`` (atomically),
+    sealed with its own sha256 (``read_core_eval`` checks it)."""
     check_core_envelope(envelope)
+    doc = copy.deepcopy(dict(envelope))
+    doc.setdefault("eval_result_unstructured", {}).setdefault("saelib", {})["envelope_sha256"] = _seal(doc)
     path = Path(folder) / CORE_FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_json(dict(envelope), path)
+    atomic_json(doc, path)
     return path
+
+
+def write_core_evals(envelopes: Mapping[str, Mapping[str, Any]], root: str | Path) -> dict[str, Path]:
+    """``write_core_eval`` of each envelope into ``root/NAME`` (the saved SAE of that name)."""
+    return {name: write_core_eval(env, Path(root) / name) for name, env in envelopes.items()}
+
+
+def read_core_eval(folder: str | Path, sae: SAE | None = None) -> dict[str, Any]:
+    """The envelope saved in ``folder``, verified: valid JSON, SAEBench's schema, its seal and, with
+    ``sae``, that it evaluates these weights; otherwise ``DamagedError`` naming the file and the remedy."""
+    path = Path(folder) / CORE_FILENAME
+    advice = (f"delete {path} and rerun what wrote it (`saelib train`, the chapter, or "
+              f"`saelib export --saebench {Path(folder)}`)")
+    doc = read_json(path, advice)
+    try:
+        check_core_envelope(doc)
+    except SchemaError as e:
+        raise DamagedError(f"{path} is damaged: {e}; {advice}") from None
+    own = (doc.get("eval_result_unstructured") or {}).get("saelib") or {}
+    if own.get("envelope_sha256") != _seal(doc):
+        raise DamagedError(f"{path} is damaged: its contents differ from what saelib wrote (seal mismatch or "
+                           f"none); {advice}")
+    if sae is not None and own.get("sae_digest") != sae_digest(sae):
+        raise DamagedError(f"{path} is stale: it evaluates other weights (digest {own.get('sae_digest')}) than "
+                           f"this SAE's ({sae_digest(sae)}); {advice}")
+    return doc
