@@ -9,7 +9,8 @@
   entry runs its ``cpu`` values (``BASE``), so ``--profile cpu-long`` builds the whole book.
 * ``gpu``: the papers' own settings for Colab or a GPU: online models (gpt2-small) and datasets.
 * ``gpu-smoke``: ``gpu``'s model, hook, dataset and revision names and code path at ``ci``'s sizes
-  (``smoke_values``), for running the gpu path in seconds against the tests' stand-in hub.
+  (shorter training where ``SMOKE_SMALLER`` says; ``smoke_values``), for running the gpu path in
+  seconds against the tests' stand-in hub.
 
 A notebook's ``parameters`` cell names ``profile`` and every knob of its chapter (``None`` = take
 the profile's value), then calls ``resolve(chapter, profile, knob=value, ...)``. Every profile of a
@@ -104,7 +105,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
     # 300-step probe gave L0 116 at 0.1, 7 at 0.4 and a collapsed SAE (L0 0.3) at 1.6.
     "allocation": {
         "ci": dict(**HARVEST["ci"], splice_windows=4, expansion=2, k=16, k_sweep=(8, 32),
-                   l1_sweep=(0.01, 0.04), steps=120, batch_size=512, lr=2e-3, dead_after_tokens=16_384,
+                   l1_sweep=(0.01, 0.04), steps=80, batch_size=512, lr=2e-3, dead_after_tokens=16_384,
                    zipf_exponent=1.0, max_budget_gap=0.01, max_inference_gap=0.4, check_trends=True,
                    expect_claims={"fc_no_dead": True, "adaptive": True}),
         "cpu": dict(**HARVEST["cpu"], splice_windows=16, expansion=8, k=32,
@@ -135,9 +136,9 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
     # 3M tokens (1472 steps) to pay for the larger dictionary; cpu-long runs it to 12M.
     "allocation_scale": {
         "ci": dict(**HARVEST["ci"], splice_windows=4, expansion=2, k=16, batch_size=512, lr=2e-3,
-                   dead_after_tokens=16_384, zipf_exponent=1.0, length_steps=120, n_budgets=3,
+                   dead_after_tokens=16_384, zipf_exponent=1.0, length_steps=60, n_budgets=3,
                    big_expansion=4, big_steps=60, sanity_hook="blocks.5.hook_resid_post",
-                   sanity_tokens=12_288, sanity_steps=60, max_overfit=1.5,
+                   sanity_tokens=12_288, sanity_steps=30, max_overfit=1.5,
                    # A minute of training at toy sizes: only the dead-feature premise and aux_k's
                    # effect are recorded (2304 features die fast at batch 512).
                    expect_claims={"topk_dies": True, "fc_no_dead_big": True, "fc_uniform_no_dead_big": True,
@@ -175,9 +176,10 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                    eval_tokens=8192, eval_windows=16, context_size=64, expansion=4, normalize_input=True,
                    l1_local=(1.0, 2.0, 4.0, 8.0, 16.0), l1_e2e=(0.05, 0.1, 0.2, 0.4, 0.8),
                    l1_ds=(1.0, 2.0, 4.0, 8.0, 16.0), official_l1_local=(2.0, 8.0),
-                   official_l1_e2e=(0.1, 0.4), kl_coeff_ds=0.5, ds_coeff=2.5, k_sweep=(8,), steps=80,
+                   official_l1_e2e=(0.1, 0.4), kl_coeff_ds=0.5, ds_coeff=2.5, k_sweep=(8,), steps=40,
                    n_budgets=4, batch_size=8, lr=2e-3, schedule="linear", precision="bfloat16",
-                   # at ci only the 10x downstream gap is robust (measured: e2e 5.6, e2e+ds 0.53)
+                   # at ci only the downstream gap is robust (measured at 80 steps: e2e 5.6, e2e+ds
+                   # 0.53; at these 40 steps, 2026-12-02: e2e 6.51, e2e+ds 2.03, 3.2x where the claim needs 2x)
                    timing_steps=4, expect_claims={"ds_downstream": True}),
         "cpu": _E2E_CPU,
         # cpu-long: 4x cpu's training length (the issue asks for the nearest local/e2e pair at 4x on
@@ -314,13 +316,30 @@ SMOKE_BOUNDS: dict[str, dict[str, Any]] = {
     "allocation": {"max_budget_gap": 0.2, "max_inference_gap": 1.0, "check_trends": False},
 }
 """Asserted bounds (``min_``/``max_``) and result checks (``check_``) ``gpu-smoke`` relaxes, per chapter."""
+SMOKE_SMALLER: dict[str, dict[str, Any]] = {
+    # Training lengths (only SMOKE_SIZES) where gpu-smoke runs shorter than ci: a smoke run checks the
+    # gpu path (names, loaders, hooks) with its bounds relaxed above, so no result needs ci's steps;
+    # ci's steps were most of each smoke run's time. Each stays long enough for every branch a
+    # longer run takes: chapter 2's 48 x 512 tokens pass dead_after_tokens (16,384), so features
+    # can die; chapter 2b's doubling budgets (3 of 40 steps) keep one at or under sanity_steps.
+    "synthetic": {"steps": 300},
+    "allocation": {"steps": 48},
+    "allocation_scale": {"length_steps": 40, "big_steps": 40, "sanity_steps": 20},
+    # not chapter 4: at 40 steps one of the checks it makes on every profile failed (2026-12-02; a
+    # message-less assert of its final cell: the last step's self-match, or a second seed beating
+    # random directions or chance Jaccard), so its smoke run keeps ci's 100 steps
+    "vision": {"steps": 50, "prompt_epochs": 2},
+}
 
 
 def smoke_values(chapter: str) -> dict[str, Any]:
-    """``gpu-smoke``: ``gpu``'s values with the ``SMOKE_SIZES`` of ``ci`` and the ``SMOKE_BOUNDS``."""
+    """``gpu-smoke``: ``gpu``'s values with the ``SMOKE_SIZES`` of ``ci`` (shorter where ``SMOKE_SMALLER``
+    says) and the ``SMOKE_BOUNDS``."""
     table = CHAPTERS[chapter]
+    smaller = SMOKE_SMALLER.get(chapter, {})
+    assert set(smaller) <= SMOKE_SIZES, f"{chapter}: gpu-smoke may shorten only sizes, not {set(smaller) - SMOKE_SIZES}"
     sizes = {k: v for k, v in table["ci"].items() if k in SMOKE_SIZES}
-    return {**table["gpu"], **sizes, **SMOKE_BOUNDS.get(chapter, {})}
+    return {**table["gpu"], **sizes, **smaller, **SMOKE_BOUNDS.get(chapter, {})}
 
 
 for _chapter_name in CHAPTERS:
