@@ -77,3 +77,10 @@ def test_chapter_5_runs_on_gpu_smoke(hub, tmp_path):
     """The CLIP vision tower from transformers behind the chapter's hooks, prompts and probes."""
     proc = _run_chapter("05_vision", hub, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_chapter_3_runs_on_gpu_smoke(hub, tmp_path):
+    """gpt2-small's layer 6 with the gpu profile's every objective and sweep (39 SAEs of 60 x d_model)
+    at SMOKE_SMALLER's sizes; its figures say what their log axes leave out."""
+    proc = _run_chapter("03_e2e", hub, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -305,6 +305,14 @@ SMOKE_SIZES = frozenset({
 named by its size); every other knob, names and hyperparameters, is ``gpu``'s. Expansions stay
 ``gpu``'s: the stand-in models are narrow, and at ci's expansions gpu's k would not fit (chapter 2's
 k 128) or Feature Choice's Zipf capacities would exceed the batch."""
+SMOKE_SMALLER: dict[str, dict[str, Any]] = {
+    # chapter 3 trains 39 SAEs of gpu's 60 x d_model latents (3,840 on the stand-in gpt2) and
+    # evaluates each at every snapshot: at ci's sizes its smoke run took 445 s
+    "e2e": {"steps": 8, "batch_size": 4, "n_tokens": 4096, "eval_tokens": 512, "eval_windows": 2,
+            "n_budgets": 2, "timing_steps": 2},
+}
+"""``SMOKE_SIZES`` that ``gpu-smoke`` shrinks below ``ci``'s, per chapter, where gpu's dictionaries
+make ci's sizes slow."""
 SMOKE_BOUNDS: dict[str, dict[str, Any]] = {
     # the stand-in models are random: a loss near log(vocabulary), no trained structure
     "subject_models": {"max_pretrained_ce": 8.0},
@@ -320,10 +328,14 @@ SMOKE_BOUNDS: dict[str, dict[str, Any]] = {
 
 
 def smoke_values(chapter: str) -> dict[str, Any]:
-    """``gpu-smoke``: ``gpu``'s values with the ``SMOKE_SIZES`` of ``ci`` and the ``SMOKE_BOUNDS``."""
+    """``gpu-smoke``: ``gpu``'s values with the ``SMOKE_SIZES`` of ``ci`` (or ``SMOKE_SMALLER``) and
+    the ``SMOKE_BOUNDS``."""
     table = CHAPTERS[chapter]
     sizes = {k: v for k, v in table["ci"].items() if k in SMOKE_SIZES}
-    return {**table["gpu"], **sizes, **SMOKE_BOUNDS.get(chapter, {})}
+    smaller = SMOKE_SMALLER.get(chapter, {})
+    if not set(smaller) <= SMOKE_SIZES & set(sizes):
+        raise ValueError(f"SMOKE_SMALLER[{chapter!r}] names knobs that are not sizes: {set(smaller) - SMOKE_SIZES}")
+    return {**table["gpu"], **sizes, **smaller, **SMOKE_BOUNDS.get(chapter, {})}
 
 
 for _chapter_name in CHAPTERS:
