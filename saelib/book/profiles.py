@@ -70,7 +70,7 @@ _E2E_CPU = dict(model="organism-cpu", hook="blocks.2.hook_resid_pre", corpus="mi
                 l1_ds=(1.0, 2.0, 4.0, 8.0, 16.0), official_l1_local=(2.0, 4.0, 8.0),
                 official_l1_e2e=(0.1, 0.2, 0.4), kl_coeff_ds=0.5, ds_coeff=2.5, k_sweep=(32,),
                 steps=320, n_budgets=5, batch_size=16, lr=1e-3, schedule="linear",
-                precision="bfloat16", timing_steps=10, expect_claims=None)
+                precision="bfloat16", timing_steps=10, check_trends=True, expect_claims=None)
 """Chapter 3's cpu values, which its cpu-long profile extends."""
 
 CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
@@ -178,7 +178,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                    official_l1_e2e=(0.1, 0.4), kl_coeff_ds=0.5, ds_coeff=2.5, k_sweep=(8,), steps=80,
                    n_budgets=4, batch_size=8, lr=2e-3, schedule="linear", precision="bfloat16",
                    # at ci only the 10x downstream gap is robust (measured: e2e 5.6, e2e+ds 0.53)
-                   timing_steps=4, expect_claims={"ds_downstream": True}),
+                   timing_steps=4, check_trends=True, expect_claims={"ds_downstream": True}),
         "cpu": _E2E_CPU,
         # cpu-long: 4x cpu's training length (the issue asks for the nearest local/e2e pair at 4x on
         # cpu and 16x here); every SAE of the cpu run continues, so about 4x its time. Not built yet.
@@ -198,7 +198,8 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     official_l1_local=(1.0, 3.0, 6.0, 10.0, 15.0, 20.0, 30.0),
                     official_l1_e2e=(0.08, 0.2, 0.8, 1.5, 2.0, 5.0), kl_coeff_ds=0.5, ds_coeff=2.5,
                     k_sweep=(16, 32, 64), steps=25_000, n_budgets=6, batch_size=16, lr=5e-4,
-                    schedule="cosine", precision="float32", timing_steps=20, expect_claims=None),
+                    schedule="cosine", precision="float32", timing_steps=20, check_trends=True,
+                    expect_claims=None),
     },
     # Chapter 4: one SAE per training checkpoint of a model, trained from scratch and SAE-Track style.
     # model: chapter 4's own organism (saelib.subjects.language_models, "induction-*": two
@@ -323,6 +324,9 @@ SMOKE_BOUNDS: dict[str, dict[str, Any]] = {
     # in training; its inference threshold keeps 2.6), and at gpu's lr a few steps leave TopK's NMSE
     # rising with k: bounds and trends that only a trained run meets
     "allocation": {"max_budget_gap": 0.2, "max_inference_gap": 1.0, "check_trends": False},
+    # at 8 steps on a random model the e2e sweep's L0 is flat to a feature (1651.3, 1651.5 at
+    # lambda 2 and 5 in a 16-step run): the trends only a trained run shows
+    "e2e": {"check_trends": False},
 }
 """Asserted bounds (``min_``/``max_``) and result checks (``check_``) ``gpu-smoke`` relaxes, per chapter."""
 
