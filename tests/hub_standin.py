@@ -9,6 +9,10 @@
   weights) and ``openai/clip-vit-base-patch16`` (a 12-layer CLIPVisionModel of width 32), all sharing one
   small byte-level BPE tokenizer trained here; and each dataset of ``DATASETS`` as the parquet files
   of its repository (``datasets--ORG--NAME/snapshots/COMMIT/data/train-00000-of-00001.parquet``).
+  The image dataset ``FASHION_MNIST`` (``zalando-datasets/fashion_mnist``) is written in its hub
+  layout: config ``fashion_mnist``, ``fashion_mnist/{train,test}-00000-of-00001.parquet`` with an
+  ``image`` column (PNG bytes) and a ``label`` class column, ``FASHION_SIZES`` images per split
+  (smaller than the real 60,000 / 10,000).
 * ``datasets/``: those parquet files prepared by ``datasets``' own parquet builder under the
   dataset's hub name, which is what ``load_dataset(NAME)`` leaves behind after one online load and
   the only thing it reads offline (datasets 5 never resolves a hub dataset from ``hub/`` offline).
@@ -37,6 +41,10 @@ is also ``main``)."""
 CLIP = "openai/clip-vit-base-patch16"
 DATASETS = {"Elriggs/openwebtext-100k": "text"}
 """Parquet-backed datasets the gpu profiles read, with their text column."""
+FASHION_MNIST = "zalando-datasets/fashion_mnist"
+FASHION_SIZES = {"train": 7000, "test": 2000}
+"""Images per split of the stand-in Fashion-MNIST: the ViT's 5,000 held-out images and enough
+of each class for gpu-smoke's tasks, far fewer than the real 60,000 / 10,000."""
 _WORDS = ("the model reads a token and writes the next one while sparse features fire on words "
           "that matter in context such as names numbers dates places and code").split()
 
@@ -67,8 +75,6 @@ def build(root: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
-    from datasets.data_files import DataFilesDict, DataFilesList
-    from datasets.packaged_modules.parquet.parquet import Parquet
     from transformers import (
         CLIPVisionConfig,
         CLIPVisionModel,
@@ -121,25 +127,65 @@ def build(root: Path) -> Path:
         data.mkdir(exist_ok=True)
         parquet = data / "train-00000-of-00001.parquet"
         pq.write_table(pa.table({column: _documents(4000, 1 + i)}), parquet)
-        # What the first online load_dataset(name) prepares, where load_dataset(name) looks for it
-        # offline: NAMESPACE___NAME/default/0.0.0/COMMIT/{dataset_info.json, NAME-train.arrow}. The
-        # parquet builder writes it under its own names (repo_id= would demand hf:// data files), so
-        # the files are moved to the hub-loaded dataset's names.
-        scratch = root / "scratch"
-        Parquet(cache_dir=str(scratch), dataset_name="standin",
-                data_files=DataFilesDict({"train": DataFilesList([str(parquet)], [None])})
-                ).download_and_prepare()
-        (prepared,) = scratch.glob("standin/*/0.0.0")
-        namespace, short = name.split("/")
-        final = root / "datasets" / f"{namespace}___{short}" / "default" / "0.0.0" / _commit("dataset", name)
-        final.mkdir(parents=True)
-        (prepared / "standin-train.arrow").rename(final / f"{short}-train.arrow")
-        info = json.loads((prepared / "dataset_info.json").read_text())
-        info.update(config_name="default", dataset_name=short)
-        (final / "dataset_info.json").write_text(json.dumps(info))
-        shutil.rmtree(scratch)
+        _prepare(root, name, "default", {"train": parquet})
+    folder = _snapshot(hub, "dataset", FASHION_MNIST) / "fashion_mnist"
+    folder.mkdir(exist_ok=True)
+    files = {}
+    for split, n in FASHION_SIZES.items():
+        files[split] = folder / f"{split}-00000-of-00001.parquet"
+        _fashion_images(n, seed=len(files)).to_parquet(str(files[split]))
+    _prepare(root, FASHION_MNIST, "fashion_mnist", files)
     (root / "complete").write_text("")
     return root
+
+
+def _fashion_images(n: int, seed: int):
+    """A ``datasets.Dataset`` of ``n`` 28 x 28 greyscale images as the hub's Fashion-MNIST has
+    them: ``image`` (an Image feature: PNG bytes) and ``label`` (a ClassLabel of the ten garments).
+    Each image is its class's blocky random prototype (the same in both splits) plus noise, so a
+    linear probe on a random vision tower can learn the classes, as chapter 5 asserts of the
+    real images; a third of them show another class's prototype, so no task is solved outright
+    (chapter 5 divides by what zero-shot leaves to learn)."""
+    import numpy as np
+    from datasets import ClassLabel, Dataset, Features, Image
+    from PIL import Image as PILImage
+
+    from saelib.subjects.vision import FASHION_CLASSES
+
+    prototypes = np.random.default_rng(0).integers(0, 256, size=(len(FASHION_CLASSES), 7, 7))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(FASHION_CLASSES), size=n)
+    shown = np.where(rng.random(n) < 1 / 3, rng.integers(0, len(FASHION_CLASSES), size=n), labels)
+    blocks = np.clip(prototypes[shown] + rng.normal(0, 30, size=(n, 7, 7)), 0, 255).astype(np.uint8)
+    pixels = blocks.repeat(4, axis=1).repeat(4, axis=2)
+    features = Features({"image": Image(), "label": ClassLabel(names=list(FASHION_CLASSES))})
+    return Dataset.from_dict({"image": [PILImage.fromarray(p, mode="L") for p in pixels],
+                              "label": labels.tolist()}, features=features)
+
+
+def _prepare(root: Path, name: str, config: str, files: dict[str, Path]) -> None:
+    """What the first online ``load_dataset(name)`` prepares from the parquet ``files`` (split ->
+    file), where ``load_dataset(name)`` looks for it offline:
+    NAMESPACE___NAME/CONFIG/0.0.0/COMMIT/{dataset_info.json, NAME-SPLIT.arrow}. The parquet builder
+    writes it under its own names (repo_id= would demand hf:// data files), so the files are moved
+    to the hub-loaded dataset's names."""
+    from datasets.data_files import DataFilesDict, DataFilesList
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    scratch = root / "scratch"
+    Parquet(cache_dir=str(scratch), dataset_name="standin",
+            data_files=DataFilesDict({split: DataFilesList([str(f)], [None]) for split, f in files.items()})
+            ).download_and_prepare()
+    (prepared,) = scratch.glob("standin/*/0.0.0")
+    namespace, short = name.split("/")
+    final = root / "datasets" / f"{namespace}___{short}" / config / "0.0.0" / _commit("dataset", name)
+    final.mkdir(parents=True)
+    for split in files:
+        (prepared / f"standin-{split}.arrow").rename(final / f"{short}-{split}.arrow")
+    info = json.loads((prepared / "dataset_info.json").read_text())
+    info.update(config_name=config, dataset_name=short)
+    (final / "dataset_info.json").write_text(json.dumps(info))
+    shutil.rmtree(scratch)
 
 
 def environment(root: Path) -> dict[str, str]:

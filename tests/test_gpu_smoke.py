@@ -61,8 +61,11 @@ SMOKE_CHAPTERS = {
     "02_allocation": "gpt2-small through TransformerLens, the OpenWebText mirror streamed by `datasets`, "
                      "every rule",
     "02b_allocation": "chapter 2's harvest reused (one cache key), the length study, the large dictionary, layer 4",
+    "03_e2e": "gpt2-small's layer 6 with every objective and sweep of the gpu profile (39 SAEs of 60 x d_model) "
+              "at SMOKE_SMALLER's sizes; log axes that say what they leave out",
     "04_dynamics": "Pythia through TransformerLens at every checkpoint of the gpu profile (its stepN revisions)",
-    "05_vision": "the CLIP vision tower from transformers behind the chapter's hooks, prompts and probes",
+    "05_vision": "the CLIP vision tower from transformers behind the chapter's hooks, prompts and probes; "
+                 "Fashion-MNIST from the hub's parquet files",
 }
 """The chapters run on gpu-smoke, with what each one's run exercises of the gpu path."""
 

@@ -1,6 +1,10 @@
 """The plan printed before a gpu chapter starts: numbers counted from the knobs, refusals with numbers."""
 
+from types import SimpleNamespace
+
+import nbformat
 import pytest
+import torch
 
 from saelib.book import build, plan, profiles
 
@@ -57,3 +61,41 @@ def test_runner_prints_every_chapters_plan(capsys):
     assert out.count("plan for ") == len(build.chapters())
     e2e = plan.plan("e2e", profiles.values("e2e", "gpu"))
     assert "03_e2e: plan for e2e" in out and f"activation cache on disk {e2e.cache_bytes / 1e9:.2f} GB" in out
+
+
+class _Loaded(torch.nn.Module):
+    """A stand-in for a loaded subject model: parameters and a TransformerLens-style cfg."""
+
+    def __init__(self, d_model: int, n_layers: int, **cfg):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(n_layers, d_model, d_model))
+        self.cfg = SimpleNamespace(d_model=d_model, n_layers=n_layers, **cfg)
+
+
+def test_a_loaded_models_counts_replace_the_published_sizes():
+    """The chapters' plans: the one estimator, with the model they loaded."""
+    assert plan.counts(_Loaded(8, 2)) == plan.SubjectSpec(128.0, 8, 2)
+    assert plan.counts(_Loaded(4, 3, n_tokens=5)).tokens_per_item == 5  # a ViT: CLS + patches
+    P = {**profiles.values("e2e", "gpu"), "steps": 10, "batch_size": 2, "context_size": 4}
+    published, loaded = plan.plan("e2e", P), plan.plan("e2e", P, model=_Loaded(8, 2))
+    assert published.sae_tokens == loaded.sae_tokens == 39 * 10 * 2 * 4  # the chapter's 39 SAEs
+    assert published.cache_bytes == 2 * 768 * P["n_tokens"] and loaded.cache_bytes == 2 * 8 * P["n_tokens"]
+    assert loaded.flops < published.flops
+    V = {**profiles.values("vision", "gpu"), "sae_images": 3, "eval_images": 2, "mask_images": 1,
+         "mask_ks": (1, 2), "task_test_images": 1, "prompt_seeds": (0,), "shots": 1, "prompt_epochs": 1,
+         "steps": 5, "batch_size": 7, "expansion": 2}
+    vit = plan.plan("vision", V, model=_Loaded(4, 1, n_tokens=5))
+    params, per_image, images = 16, 5, 3 + 2 + 1 * 2 + 2 * 4 * 1 * 2
+    assert vit.subject_tokens == images * per_image
+    prompt = 2 * 3 * 2 * params * per_image * 1 * 4 * 1 * 1
+    assert vit.flops == pytest.approx(2 * params * images * per_image + prompt + 12 * 4 * 8 * 35)
+    assert vit.cpu_bytes == pytest.approx(4 * params + 4 * 4 * 5 * (3 + 2 + 1) + 4 * 7 * (8 + 16))
+
+
+@pytest.mark.parametrize("notebook", ["03_e2e", "05_vision"])
+def test_chapters_show_the_plan_of_the_one_estimator(notebook):
+    """No chapter keeps an estimator of its own (FLOP rates, utilisations): they call plan.plan."""
+    source = "\n".join(c.source for c in nbformat.read(build.ROOT / "notebooks" / f"{notebook}.ipynb",
+                                                        as_version=4).cells if c.cell_type == "code")
+    assert "from saelib.book.plan import plan" in source and "plan(" in source and ", model=" in source
+    assert not any(word in source for word in ("run_plan", "peak = {", "8.1e12", "19.5e12")), notebook

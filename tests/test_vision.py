@@ -23,7 +23,6 @@ from saelib.studies.patch_analysis import (
     masking_curves,
     patch_maps,
     rank_scores,
-    run_plan,
     spliced_accuracy,
     split_half_noise,
     top_turnover,
@@ -476,13 +475,3 @@ def test_clip_vision_tower_behind_the_vit_interface():
     # the official hook reads the whole sequence, prompt tokens included
     assert torch.equal(harvest_tokens(model, x, "blocks.0.hook_resid_post", prompts=prompts),
                        cache["blocks.0.hook_resid_post"])
-
-
-def test_run_plan_counts_the_work_of_each_stage():
-    plan = run_plan(n_params=1000, tokens_per_image=10, d_model=4, d_sae=32, harvest_images=5,
-                    prompt_images=7, sae_tokens=100, sae_images=3, utilisation=0.5)
-    assert plan.loc["harvests (forward passes)", "TFLOP"] == pytest.approx(2 * 1000 * 10 * 5 / 1e12)
-    assert plan.loc["prompt adaptation", "TFLOP"] == pytest.approx(3 * 2 * 1000 * 10 * 7 / 1e12)
-    assert plan.loc["SAE training", "TFLOP"] == pytest.approx(12 * 4 * 32 * 100 / 1e12)
-    assert plan.loc["total", "T4 hours"] == pytest.approx(plan.loc["total", "TFLOP"] * 1e12 / (8.1e12 * 0.5) / 3600)
-    assert plan.attrs["activation table GB (host)"] == pytest.approx(3 * 10 * 4 * 4 / 1e9)

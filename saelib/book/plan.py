@@ -2,7 +2,10 @@
 
 ``plan(chapter, P)`` counts from a chapter's knobs: the tokens the subject model reads, the activation
 cache on disk, the SAE training tokens, peak GPU and CPU memory, and the compute in FLOPs; ``hours``
-divides the compute by an assumed sustained throughput of a Colab T4 and an A100. These are
+divides the compute by an assumed sustained throughput of a Colab T4 and an A100. The model's sizes
+are its published ones (``SUBJECTS``) or, with ``model=`` a loaded subject model, its own counts
+(``counts``): the one estimator, which the pre-flight check prints before a gpu chapter starts and
+chapters 3 and 5 show again for the model they loaded. These are
 estimates (no gpu profile has run on a GPU yet): FLOPs are 2 per multiply-add, a subject model's
 forward pass is 2 x its parameters per token, an SAE step 6 x d_in x d_sae per token for a TopK-style
 rule (encoder forward and backward; the sparse decoder is small) and 12 x for a dense ReLU SAE.
@@ -18,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-__all__ = ["SubjectSpec", "SUBJECTS", "GPUS", "Plan", "PlanError", "plan", "announce", "machine"]
+__all__ = ["SubjectSpec", "SUBJECTS", "GPUS", "Plan", "PlanError", "counts", "plan", "announce", "machine"]
 
 GB = 1e9
 
@@ -108,7 +111,16 @@ def _subject(name: str) -> SubjectSpec:
     return SUBJECTS.get(name) or SubjectSpec(0.0, 0, 0)
 
 
-def _build(chapter: str, P: Mapping[str, Any], *, model: str, harvested: float, evaluated: float,
+def counts(model: Any) -> SubjectSpec:
+    """The sizes of a loaded subject model (a TransformerLens model, the book's ViT or a CLIP
+    tower): its parameters, ``cfg.d_model``, ``cfg.n_layers`` and, for a vision model, its tokens
+    per image (``cfg.n_tokens``: CLS + patches)."""
+    cfg = model.cfg
+    return SubjectSpec(float(sum(p.numel() for p in model.parameters())), int(cfg.d_model), int(cfg.n_layers),
+                       tokens_per_item=int(getattr(cfg, "n_tokens", 1)))
+
+
+def _build(chapter: str, P: Mapping[str, Any], *, spec: SubjectSpec, harvested: float, evaluated: float,
            saes: list[tuple[float, int, bool]], extra_flops: float = 0.0, caches: int = 1,
            d_in: int | None = None, held_bytes: float = 0.0, backward_bytes: float = 0.0,
            together: int = 1) -> Plan:
@@ -116,7 +128,6 @@ def _build(chapter: str, P: Mapping[str, Any], *, model: str, harvested: float, 
     ``caches`` caches; ``held_bytes`` of evaluation state stay in CPU memory; ``backward_bytes`` of
     the subject model's activations stay on the GPU for a backward pass (e2e); ``together`` SAEs
     train in one step (and share the GPU)."""
-    spec = _subject(model)
     d_in = d_in or spec.d_model
     subject_tokens = harvested + evaluated
     cache = 2.0 * d_in * harvested / caches
@@ -130,49 +141,50 @@ def _build(chapter: str, P: Mapping[str, Any], *, model: str, harvested: float, 
                 cpu_bytes=4.0 * spec.params + held_bytes + batch, flops=flops)
 
 
-def _synthetic(P: Mapping[str, Any]) -> Plan:
+def _synthetic(P: Mapping[str, Any], spec: SubjectSpec) -> Plan:
     width = int(P["expansion"]) * int(P["n_features"])
     tokens = float(P["steps"]) * int(P["batch_size"])
     saes = [(tokens, width, name == "relu") for name in ("topk", "relu", "fc", "fc_zipf", "mc")]
-    return _build("synthetic", P, model="", harvested=0.0, evaluated=0.0, saes=saes, d_in=int(P["d_model"]))
+    return _build("synthetic", P, spec=spec, harvested=0.0, evaluated=0.0, saes=saes, d_in=int(P["d_model"]))
 
 
-def _subject_models(P: Mapping[str, Any]) -> Plan:
+def _subject_models(P: Mapping[str, Any], spec: SubjectSpec) -> Plan:
     evaluated = float(P["eval_windows"]) * int(P["context_size"])
-    return _build("subject_models", P, model=P["pretrained"], harvested=0.0, evaluated=evaluated, saes=[])
+    return _build("subject_models", P, spec=spec, harvested=0.0, evaluated=evaluated, saes=[])
 
 
-def _language_sae(P: Mapping[str, Any]) -> tuple[int, float]:
+def _language_sae(P: Mapping[str, Any], spec: SubjectSpec) -> tuple[int, float]:
     """Dictionary width and training tokens of one SAE of a language-model chapter."""
-    return int(P["expansion"]) * _subject(P["model"]).d_model, float(P["steps"]) * int(P["batch_size"])
+    return int(P["expansion"]) * spec.d_model, float(P["steps"]) * int(P["batch_size"])
 
 
-def _allocation(P: Mapping[str, Any]) -> Plan:
-    width, tokens = _language_sae(P)
+def _allocation(P: Mapping[str, Any], spec: SubjectSpec) -> Plan:
+    width, tokens = _language_sae(P, spec)
     n_sparse = 3 + 3 * len(P["k_sweep"])  # TopK, FC, MC at k and at each swept k
     saes = [(tokens, width, False)] * n_sparse + [(tokens, width, True)] * len(P["l1_sweep"])
     evaluated = float(P["eval_tokens"]) + 2 * len(saes) * int(P["splice_windows"]) * int(P["context_size"])
-    return _build("allocation", P, model=P["model"], harvested=float(P["n_tokens"]), evaluated=evaluated,
+    return _build("allocation", P, spec=spec, harvested=float(P["n_tokens"]), evaluated=evaluated,
                   saes=saes)
 
 
-def _allocation_scale(P: Mapping[str, Any]) -> Plan:
-    d = _subject(P["model"]).d_model
+def _allocation_scale(P: Mapping[str, Any], spec: SubjectSpec) -> Plan:
+    d = spec.d_model
     batch = int(P["batch_size"])
     length = [(float(P["length_steps"]) * batch, int(P["expansion"]) * d, False)] * 4  # TopK, FC, MC, MC+zipf
     big = [(float(P["big_steps"]) * batch, int(P["big_expansion"]) * d, False)] * 4
     sanity = [(float(P["sanity_steps"]) * batch, int(P["expansion"]) * d, False)] * 2
     harvested = float(P["n_tokens"]) + float(P["sanity_tokens"])
-    return _build("allocation_scale", P, model=P["model"], harvested=harvested,
+    return _build("allocation_scale", P, spec=spec, harvested=harvested,
                   evaluated=float(P["eval_tokens"]) * 2, saes=length + big + sanity, caches=2)
 
 
-def _e2e(P: Mapping[str, Any]) -> Plan:
-    spec = _subject(P["model"])
+def _e2e(P: Mapping[str, Any], spec: SubjectSpec) -> Plan:
     width = int(P["expansion"]) * spec.d_model
     tokens = float(P["steps"]) * int(P["batch_size"]) * int(P["context_size"])
-    n_local = len(P["l1_local"]) + len(P["official_l1_local"]) + len(P["k_sweep"])
-    n_e2e = len(P["l1_e2e"]) + len(P["official_l1_e2e"]) + len(P["l1_ds"]) + len(P["k_sweep"])
+    # the chapter's sweeps, each with a second seed at its middle lambda, the official SAE's two
+    # sweeps and TopK local and e2e at each k
+    n_local = len(P["l1_local"]) + 1 + len(P["official_l1_local"]) + len(P["k_sweep"])
+    n_e2e = len(P["l1_e2e"]) + 1 + len(P["l1_ds"]) + 1 + len(P["official_l1_e2e"]) + len(P["k_sweep"])
     saes = [(tokens, width, True)] * (n_local + n_e2e)
     # an e2e step runs the model clean and spliced, and back-propagates through the spliced run
     e2e_model = n_e2e * tokens * 2 * spec.params * 4
@@ -180,50 +192,59 @@ def _e2e(P: Mapping[str, Any]) -> Plan:
     # what a backward pass through the spliced run keeps: about 34 x d_model bytes per token and layer
     # in half precision (Korthikanti et al. 2022, without the attention-score term)
     window_tokens = int(P["batch_size"]) * int(P["context_size"])
-    return _build("e2e", P, model=P["model"], harvested=float(P["n_tokens"]), evaluated=evaluated,
+    return _build("e2e", P, spec=spec, harvested=float(P["n_tokens"]), evaluated=evaluated,
                   saes=saes, extra_flops=e2e_model, backward_bytes=34.0 * spec.d_model * window_tokens * spec.n_layers,
                   together=len(saes))  # chapter 3 trains its sweep in one run, all SAEs on one device
 
 
-def _dynamics(P: Mapping[str, Any]) -> Plan:
-    width, tokens = _language_sae(P)
+def _dynamics(P: Mapping[str, Any], spec: SubjectSpec) -> Plan:
+    width, tokens = _language_sae(P, spec)
     n_ckpt = len(P["checkpoints"])
     saes = [(tokens, width, False)] * (2 * n_ckpt)  # independent and tracked per checkpoint
     probed = len(P["probe_checkpoints"]) * (int(P["loss_windows"]) * int(P["context_size"])
                                             + 2 * int(P["icl_sequences"]) * sum(map(int, P["icl_lengths"])))
     # one held-out matching.Firing per SAE compared: k (row, feature) int64 pairs per token
     firing = float(P["eval_tokens"]) * int(P["k"]) * 16
-    return _build("dynamics", P, model=P["model"], harvested=n_ckpt * float(P["n_tokens"]),
+    return _build("dynamics", P, spec=spec, harvested=n_ckpt * float(P["n_tokens"]),
                   evaluated=probed + n_ckpt * float(P["eval_tokens"]), saes=saes, caches=n_ckpt,
                   held_bytes=2 * firing)
 
 
-def _vision(P: Mapping[str, Any]) -> Plan:
-    spec = _subject(P["vit"])
+def _vision(P: Mapping[str, Any], spec: SubjectSpec) -> Plan:
     per_image = spec.tokens_per_item
     width = int(P["expansion"]) * spec.d_model
     tokens = float(P["steps"]) * int(P["batch_size"])
     images = float(P["sae_images"]) + float(P["eval_images"]) + float(P["mask_images"]) * len(P["mask_ks"])
+    # each task's test images (two tasks of four classes) read by the base model and every adapted one
+    images += 2 * 4 * float(P["task_test_images"]) * (1 + len(P["prompt_seeds"]))
     # prompt adaptation: forward and backward (3 forwards) per shot image and epoch, two tasks of
     # four classes, each seed
     prompt_flops = (2 * 3 * 2 * spec.params * per_image * float(P["shots"]) * 4 * int(P["prompt_epochs"])
                     * len(P["prompt_seeds"]))
-    return _build("vision", P, model=P["vit"], harvested=float(P["sae_images"]) * per_image,
+    # the SAE's training, statistics and masking activations stay in CPU memory (float32)
+    held = 4.0 * spec.d_model * per_image * (float(P["sae_images"]) + float(P["eval_images"])
+                                             + float(P["mask_images"]))
+    return _build("vision", P, spec=spec, harvested=float(P["sae_images"]) * per_image,
                   evaluated=(images - float(P["sae_images"])) * per_image, saes=[(tokens, width, True)],
-                  extra_flops=prompt_flops)
+                  extra_flops=prompt_flops, held_bytes=held)
 
 
-PLANNERS: dict[str, Callable[[Mapping[str, Any]], Plan]] = {
+PLANNERS: dict[str, Callable[[Mapping[str, Any], SubjectSpec], Plan]] = {
     "synthetic": _synthetic, "subject_models": _subject_models, "allocation": _allocation,
     "allocation_scale": _allocation_scale, "e2e": _e2e, "dynamics": _dynamics, "vision": _vision,
 }
+MODEL_KNOB = {"subject_models": "pretrained", "vision": "vit"}
+"""The knob naming a chapter's subject model where it is not ``model`` (chapter 0 has none)."""
 
 
-def plan(chapter: str, P: Mapping[str, Any]) -> Plan:
-    """The plan of ``chapter`` at the resolved parameters ``P``."""
+def plan(chapter: str, P: Mapping[str, Any], model: Any = None) -> Plan:
+    """The plan of ``chapter`` at the resolved parameters ``P``, with the subject model's
+    published sizes (``SUBJECTS``, by its knob's name) or, given ``model`` (a loaded subject
+    model), its own ``counts``."""
     if chapter not in PLANNERS:
         raise ValueError(f"no plan for chapter {chapter!r}; chapters: {sorted(PLANNERS)}")
-    return PLANNERS[chapter](P)
+    spec = counts(model) if model is not None else _subject(str(P.get(MODEL_KNOB.get(chapter, "model"), "")))
+    return PLANNERS[chapter](P, spec)
 
 
 def machine() -> tuple[float, float | None, float]:

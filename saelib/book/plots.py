@@ -159,39 +159,83 @@ def plain_log_labels(axis) -> None:
     axis.set_minor_formatter(FuncFormatter(_label_2_3_5))
 
 
+def loggable(frame: pd.DataFrame, columns: Sequence[str], label: str = "sae") -> tuple[pd.DataFrame, str]:
+    """The rows of ``frame`` a log axis can show (every one of ``columns`` finite and > 0) and a
+    sentence naming what is left out (empty when nothing is): a CE increase below zero or an L0 of 0
+    is a result, and a log axis must not silently drop it."""
+    values = frame[list(columns)].apply(pd.to_numeric, errors="coerce")
+    keep = (np.isfinite(values) & (values > 0)).all(axis=1)
+    if keep.all():
+        return frame, ""
+    dropped = frame[~keep]
+    names = ", ".join(str(n) for n in (dropped[label] if label in dropped else dropped.index)[:6])
+    more = f" and {len(dropped) - 6} more" if len(dropped) > 6 else ""
+    return frame[keep], (f"not shown on the log scale ({' or '.join(columns)} <= 0 or undefined): "
+                         f"{len(dropped)} of {len(frame)} points ({names}{more})")
+
+
+def _note(fig: Figure, notes: Sequence[str]) -> None:
+    """Print ``notes`` under a figure's panels (what its log axes leave out)."""
+    notes = list(dict.fromkeys(n for n in notes if n))
+    if notes:
+        fig.tight_layout(rect=(0, 0.06 * len(notes), 1, 1))
+        fig.text(0.01, 0.01, "\n".join(notes), fontsize=8, ha="left", va="bottom", wrap=True)
+
+
 def frontiers(table: pd.DataFrame, ys: Sequence[str], x: str = "L0", family: str = "family") -> Figure:
-    """One panel per metric in ``ys`` against ``x`` (log-log), a line through each family's points."""
+    """One panel per metric in ``ys`` against ``x`` (log-log), a line through each family's points;
+    points a log axis cannot show (values <= 0) are left out and counted under the panels."""
     fig, axes = plt.subplots(1, len(ys), figsize=(5 * len(ys), 3.8), squeeze=False)
     names = list(table[family].unique())
+    notes = []
     for i, (ax, y) in enumerate(zip(axes[0], ys)):
-        sns.lineplot(data=table, x=x, y=y, hue=family, hue_order=names, palette=palette(names), marker="o",
-                     markersize=6, markeredgewidth=0, estimator=None, errorbar=None, sort=True, legend=i == 0, ax=ax)
+        shown, note = loggable(table, [x, y])
+        notes.append(note and f"{y} panel: {note}")
+        if shown.empty:
+            ax.text(0.5, 0.5, "no point to show on log axes", transform=ax.transAxes, ha="center", fontsize=9)
+        else:
+            sns.lineplot(data=shown, x=x, y=y, hue=family, hue_order=names, palette=palette(names), marker="o",
+                         markersize=6, markeredgewidth=0, estimator=None, errorbar=None, sort=True,
+                         legend=i == 0, ax=ax)
         ax.set_xscale("log")
         ax.set_yscale("log")
         plain_log_labels(ax.xaxis)
         plain_log_labels(ax.yaxis)
         ax.set_xlabel(x)
         ax.set_ylabel(y)
-    sns.move_legend(axes[0][0], "best", fontsize=8, title=None)
+    if axes[0][0].get_legend() is not None:  # none when the first panel has no point to show
+        sns.move_legend(axes[0][0], "best", fontsize=8, title=None)
     fig.tight_layout()
+    _note(fig, notes)
     return fig
 
 
 def per_layer(frame: pd.DataFrame, ys: Mapping[str, str], x: str = "layer", hue: str = "sae",
               log_y: Sequence[str] = ()) -> Figure:
     """One panel per column in ``ys`` (column -> axis label) against the later layers ``x`` (in the
-    frame's order), one line per ``hue``: e.g. downstream reconstruction error per layer."""
+    frame's order), one line per ``hue``: e.g. downstream reconstruction error per layer. On the
+    ``log_y`` panels, values <= 0 are left out and counted under the panels."""
     fig, axes = plt.subplots(1, len(ys), figsize=(4.6 * len(ys), 3.4), squeeze=False)
     names = list(frame[hue].unique())
+    notes = []
     for i, (ax, (y, label)) in enumerate(zip(axes[0], ys.items())):
-        sns.lineplot(data=frame, x=x, y=y, hue=hue, hue_order=names, palette=palette(names), marker="o",
-                     estimator=None, errorbar=None, sort=False, legend=i == 0, ax=ax)
+        shown, note = loggable(frame, [y], label=hue) if y in log_y else (frame, "")
+        notes.append(note and f"{label}: {note}")
+        # the layers keep the whole frame's order when some of their points are left out
+        shown = shown.assign(**{x: pd.Categorical(shown[x], categories=list(dict.fromkeys(frame[x])))})
+        if shown.empty:
+            ax.text(0.5, 0.5, "no value to show on a log axis", transform=ax.transAxes, ha="center", fontsize=9)
+        else:
+            sns.lineplot(data=shown, x=x, y=y, hue=hue, hue_order=names, palette=palette(names), marker="o",
+                         estimator=None, errorbar=None, sort=False, legend=i == 0, ax=ax)
         if y in log_y:
             ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.tick_params(axis="x", labelrotation=15)
-    sns.move_legend(axes[0][0], "best", fontsize=8, title=None)
+    if axes[0][0].get_legend() is not None:  # none when the first panel has no point to show
+        sns.move_legend(axes[0][0], "best", fontsize=8, title=None)
     fig.tight_layout()
+    _note(fig, notes)
     return fig
 
 
@@ -506,10 +550,19 @@ def ratio_trend(ratios: pd.DataFrame, agreement: pd.DataFrame, reference: float 
     min, max, one line per ``sae``), the median as a line and its range over the shared x range as a
     band, with a dashed line at 1 and a dotted one at ``reference`` (the paper's claim). Right:
     cross-seed agreement (``agreement``: tokens, objective, cosine, chance), one line per objective,
-    each beside its chance level (dashed, the same colour)."""
+    each beside its chance level (dashed, the same colour). Budgets with no ratio (the frontiers
+    share no x range there) are named under the panels."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.4))
+    missing = []
     for name, part in ratios.groupby("sae", sort=False):
         c = color(name)
+        gone = part[~np.isfinite(part["median"].astype(float))]
+        if len(gone):
+            missing.append(f"{name}: no ratio at {len(gone)} of {len(part)} budgets "
+                           f"({', '.join(f'{t:,.0f}' for t in gone.tokens)} tokens): the frontiers share no range")
+        part = part[np.isfinite(part["median"].astype(float))]
+        if part.empty:
+            continue
         left.fill_between(part.tokens, part["min"], part["max"], color=c, alpha=0.15, lw=0)
         left.plot(part.tokens, part["median"], "o-", ms=4, lw=1.5, color=c, label=name)
     left.axhline(1, color="0.3", lw=1, ls="--")
@@ -519,12 +572,15 @@ def ratio_trend(ratios: pd.DataFrame, agreement: pd.DataFrame, reference: float 
         right.plot(part.tokens, part.cosine, "o-", ms=4, lw=1.5, color=color(name), label=name)
         right.plot(part.tokens, part.chance, "--", lw=1, color=color(name))
     right.set_ylabel("median cross-seed max cosine\n(dashed: untrained, alive features)")
+    budgets = sorted(ratios.tokens.unique())
     for ax in (left, right):
         ax.set_xscale("log")
-        ax.set_xticks(sorted(ratios.tokens.unique()))
+        ax.set_xlim(budgets[0] / 1.3, budgets[-1] * 1.3)  # the budgets, also where no ratio is drawn
+        ax.set_xticks(budgets)
         ax.xaxis.set_major_formatter(EngFormatter(sep="", places=0))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training tokens per SAE")
         ax.legend(fontsize=8)
     fig.tight_layout()
+    _note(fig, missing)
     return fig

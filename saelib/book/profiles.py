@@ -82,7 +82,7 @@ _E2E_CPU = dict(model="organism-cpu", hook="blocks.2.hook_resid_pre", corpus="mi
                 l1_ds=(1.0, 2.0, 4.0, 8.0, 16.0), official_l1_local=(2.0, 4.0, 8.0),
                 official_l1_e2e=(0.1, 0.2, 0.4), kl_coeff_ds=0.5, ds_coeff=2.5, k_sweep=(32,),
                 steps=320, n_budgets=5, batch_size=16, lr=1e-3, schedule="linear",
-                precision="bfloat16", timing_steps=10, expect_claims=None)
+                precision="bfloat16", timing_steps=10, check_trends=True, expect_claims=None)
 """Chapter 3's cpu values, which its cpu-long profile extends."""
 
 CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
@@ -191,7 +191,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                    n_budgets=4, batch_size=8, lr=2e-3, schedule="linear", precision="bfloat16",
                    # at ci only the downstream gap is robust (measured at 80 steps: e2e 5.6, e2e+ds
                    # 0.53; at these 40 steps, 2026-12-02: e2e 6.51, e2e+ds 2.03, 3.2x where the claim needs 2x)
-                   timing_steps=4, expect_claims={"ds_downstream": True}),
+                   timing_steps=4, check_trends=True, expect_claims={"ds_downstream": True}),
         "cpu": _E2E_CPU,
         # cpu-long: 4x cpu's training length (the issue asks for the nearest local/e2e pair at 4x on
         # cpu and 16x here); every SAE of the cpu run continues, so about 4x its time. Not built yet.
@@ -211,7 +211,8 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     official_l1_local=(1.0, 3.0, 6.0, 10.0, 15.0, 20.0, 30.0),
                     official_l1_e2e=(0.08, 0.2, 0.8, 1.5, 2.0, 5.0), kl_coeff_ds=0.5, ds_coeff=2.5,
                     k_sweep=(16, 32, 64), steps=25_000, n_budgets=6, batch_size=16, lr=5e-4,
-                    schedule="cosine", precision="float32", timing_steps=20, expect_claims=None),
+                    schedule="cosine", precision="float32", timing_steps=20, check_trends=True,
+                    expect_claims=None),
     },
     # Chapter 4: one SAE per training checkpoint of a model, trained from scratch and SAE-Track style.
     # model: chapter 4's own organism (saelib.subjects.language_models, "induction-*": two
@@ -272,14 +273,15 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
     # hook: the output of the second-to-last block, as in the paper. tau is in the model's own
     # activation units (the official code's: its SAE reads raw activations). task_test_images is
     # per class. Both tasks adapt with the same shots, epochs and batch: the same prompt steps.
+    # images: Fashion-MNIST from the Debian package ("debian") or a hub dataset ("hf:<name>").
     "vision": {
-        "ci": dict(vit="ci", hook="blocks.1.hook_resid_post", sae_images=1500, eval_images=600,
+        "ci": dict(vit="ci", images="debian", hook="blocks.1.hook_resid_post", sae_images=1500, eval_images=600,
                    mask_images=400, expansion=8, l1_coeff=0.05, k=8, sae_aux="none", steps=150,
                    batch_size=1024, lr=3e-3, tau=0.2, shots=16, task_test_images=100, prompt_tokens=4,
                    prompt_depth=2, prompt_epochs=8, prompt_batch=16, prompt_lr=3e-2, prompt_seeds=(0, 1),
                    mask_ks=(1, 2, 5, 10, 50, 100, 256), group_top=10, group_bottom=20,
                    expect_claims={"splice_cheap": True}),
-        "cpu": dict(vit="cpu", hook="blocks.2.hook_resid_post", sae_images=8000, eval_images=2000,
+        "cpu": dict(vit="cpu", images="debian", hook="blocks.2.hook_resid_post", sae_images=8000, eval_images=2000,
                     mask_images=2000, expansion=16, l1_coeff=0.05, k=16, sae_aux="none", steps=2000,
                     batch_size=2048, lr=2e-3, tau=0.2, shots=100, task_test_images=1000, prompt_tokens=8,
                     prompt_depth=3, prompt_epochs=30, prompt_batch=32, prompt_lr=3e-2,
@@ -294,8 +296,10 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                                    "splice_cheap": True}),
         # gpu: activations are held in CPU memory (197 tokens x 768 per image: 4,000 images are
         # 2.4 GB), hence the image counts; MaPLe's depth 9, 2 tokens, SGD-free here (AdamW) at its
-        # lr 0.0035, batch 4 and 5 epochs. Not executed on the project machine.
-        "gpu": dict(vit="clip-vit-b-16", hook="blocks.10.hook_resid_post", sae_images=4000,
+        # lr 0.0035, batch 4 and 5 epochs; the hub's Fashion-MNIST (Colab has no Debian package).
+        # Not executed on the project machine.
+        "gpu": dict(vit="clip-vit-b-16", images="hf:zalando-datasets/fashion_mnist",
+                    hook="blocks.10.hook_resid_post", sae_images=4000,
                     eval_images=1000, mask_images=1000, expansion=64, l1_coeff=0.05, k=32, sae_aux="aux_k",
                     steps=20_000, batch_size=4096, lr=4e-4, tau=0.2, shots=16, task_test_images=250,
                     prompt_tokens=2, prompt_depth=9, prompt_epochs=5, prompt_batch=4, prompt_lr=3.5e-3,
@@ -325,6 +329,9 @@ SMOKE_BOUNDS: dict[str, dict[str, Any]] = {
     # in training; its inference threshold keeps 2.6), and at gpu's lr a few steps leave TopK's NMSE
     # rising with k: bounds and trends that only a trained run meets
     "allocation": {"max_budget_gap": 0.2, "max_inference_gap": 1.0, "check_trends": False},
+    # at 8 steps on a random model the e2e sweep's L0 is flat to a feature (1651.3, 1651.5 at
+    # lambda 2 and 5 in a 16-step run): the trends only a trained run shows
+    "e2e": {"check_trends": False},
 }
 """Asserted bounds (``min_``/``max_``) and result checks (``check_``) ``gpu-smoke`` relaxes, per chapter."""
 SMOKE_SMALLER: dict[str, dict[str, Any]] = {
@@ -340,16 +347,22 @@ SMOKE_SMALLER: dict[str, dict[str, Any]] = {
     # message-less assert of its final cell: the last step's self-match, or a second seed beating
     # random directions or chance Jaccard), so its smoke run keeps ci's 100 steps
     "vision": {"steps": 50, "prompt_epochs": 2},
+    # chapter 3 trains 39 SAEs of gpu's 60 x d_model latents (3,840 on the stand-in gpt2) and
+    # evaluates each at every snapshot: at ci's sizes its smoke run took 445 s
+    "e2e": {"steps": 8, "batch_size": 4, "n_tokens": 4096, "eval_tokens": 512, "eval_windows": 2,
+            "n_budgets": 2, "timing_steps": 2},
 }
+"""``SMOKE_SIZES`` that ``gpu-smoke`` shrinks below ``ci``'s, per chapter."""
 
 
 def smoke_values(chapter: str) -> dict[str, Any]:
     """``gpu-smoke``: ``gpu``'s values with the ``SMOKE_SIZES`` of ``ci`` (shorter where ``SMOKE_SMALLER``
     says) and the ``SMOKE_BOUNDS``."""
     table = CHAPTERS[chapter]
-    smaller = SMOKE_SMALLER.get(chapter, {})
-    assert set(smaller) <= SMOKE_SIZES, f"{chapter}: gpu-smoke may shorten only sizes, not {set(smaller) - SMOKE_SIZES}"
     sizes = {k: v for k, v in table["ci"].items() if k in SMOKE_SIZES}
+    smaller = SMOKE_SMALLER.get(chapter, {})
+    if not set(smaller) <= SMOKE_SIZES & set(sizes):
+        raise ValueError(f"SMOKE_SMALLER[{chapter!r}] names knobs that are not sizes: {set(smaller) - SMOKE_SIZES}")
     return {**table["gpu"], **sizes, **smaller, **SMOKE_BOUNDS.get(chapter, {})}
 
 

@@ -23,8 +23,6 @@ per latent, per class and per patch, with the statistics defined as the official
   random pick of latents would score on ``existing_share``.
 * ``split_half_noise``: how much such a summary moves between two halves of the images, the noise
   floor a comparison of two tasks' summaries is judged against.
-* ``run_plan``: what a run of the chapter will cost (tokens, memory, hours on a T4 and an A100),
-  printed before a large run starts.
 """
 
 from __future__ import annotations
@@ -60,7 +58,6 @@ __all__ = [
     "masking_curves",
     "patch_maps",
     "rank_scores",
-    "run_plan",
     "spliced_accuracy",
     "split_half_noise",
     "top_turnover",
@@ -439,30 +436,3 @@ def group_summary(groups: pd.DataFrame) -> dict[str, float]:
 
 def to_numpy(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
-
-
-GPU_FP32_FLOPS = {"T4": 8.1e12, "A100": 19.5e12}
-"""Peak float32 throughput (FLOP/s) of the GPUs a plan estimates for (NVIDIA's data sheets)."""
-
-
-def run_plan(n_params: int, tokens_per_image: int, d_model: int, d_sae: int, harvest_images: int,
-             prompt_images: int, sae_tokens: int, sae_images: int, utilisation: float = 0.3) -> pd.DataFrame:
-    """A rough budget of the chapter's run: FLOPs as 2 x parameters per token for a forward pass
-    of the vision tower (3x for a prompt step's forward and backward), 12 x d_model x d_sae per
-    SAE training token (encoder and decoder, forward and backward), at ``utilisation`` of each
-    GPU's float32 peak; memory as the SAE's training activations in host memory (float32) and the
-    SAE's weights with Adam's two moments on the device. ``harvest_images``: images run forward
-    once; ``prompt_images``: images seen by all prompt steps together."""
-    forward = 2 * n_params * tokens_per_image
-    flops = {"harvests (forward passes)": forward * harvest_images,
-             "prompt adaptation": 3 * forward * prompt_images,
-             "SAE training": 12 * d_model * d_sae * sae_tokens}
-    rows = [{"stage": k, "TFLOP": v / 1e12,
-             **{f"{gpu} hours": v / (peak * utilisation) / 3600 for gpu, peak in GPU_FP32_FLOPS.items()}}
-            for k, v in flops.items()]
-    frame = pd.DataFrame(rows).set_index("stage")
-    frame.loc["total"] = frame.sum()
-    frame.attrs["SAE training tokens"] = sae_tokens
-    frame.attrs["activation table GB (host)"] = sae_images * tokens_per_image * d_model * 4 / 1e9
-    frame.attrs["SAE + Adam GB (device)"] = 3 * 2 * d_model * d_sae * 4 / 1e9
-    return frame

@@ -225,26 +225,26 @@ def _per_class(labels: Tensor, n: int, n_classes: int, purpose: str, seed: int) 
 
 
 def load_task(name: str, shots: int, test_per_class: int | None = None, seed: int = 0,
-              vit_seed: int = 0, vit_val_images: int = 5000) -> TargetTask:
+              vit_seed: int = 0, vit_val_images: int = 5000, images: str = "debian") -> TargetTask:
     """A target task with ``shots`` training images and ``test_per_class`` test images per class
     (None: all of the test set's, 1,000 per class).
 
     Training images come from the ViT's held-out validation images (the split of
     ``saelib.subjects.vision`` for ``vit_seed`` / ``vit_val_images``), never from its pretraining
     images; test images from the official test set. Both tasks draw the same images; the inverted
-    one shows them as 1 - grey level."""
+    one shows them as 1 - grey level. ``images``: the ``load_fashion_mnist`` source."""
     if name not in TASKS:
         raise ValueError(f"unknown target task {name!r}; valid: {list(TASKS)}")
     members = TASKS[name]
     task_of = torch.full((len(FASHION_CLASSES),), -1, dtype=torch.long)
     task_of[list(members)] = torch.arange(len(members))
-    x, y = load_fashion_mnist("train")
-    _, val_idx = pretraining_split(vit_seed, vit_val_images)
+    x, y = load_fashion_mnist("train", source=images)
+    _, val_idx = pretraining_split(vit_seed, vit_val_images, len(x))
     pool_x, pool_y = x[val_idx], task_of[y[val_idx]]
     keep = pool_y >= 0
     pool_x, pool_y = pool_x[keep], pool_y[keep]
     train = _per_class(pool_y, shots, len(members), "image_splits:fashion-upper", seed)
-    test_x, test_y = load_fashion_mnist("test")
+    test_x, test_y = load_fashion_mnist("test", source=images)
     test_y = task_of[test_y]
     keep = test_y >= 0
     test_x, test_y = test_x[keep], test_y[keep]

@@ -5,7 +5,9 @@ No pretrained ViT or CLIP weights can be downloaded on the project's machines, s
 its own subject model, like the language-model organism of chapter 1:
 
 * ``load_fashion_mnist(split)`` parses the IDX files of the Debian package ``dataset-fashion-mnist``
-  (no torchvision), refusing truncated or corrupt files with a message that says what to do;
+  (no torchvision), refusing truncated or corrupt files with a message that says what to do; with
+  ``source="hf:zalando-datasets/fashion_mnist"`` (the gpu profile's: Colab has no Debian package)
+  it reads the hub's parquet copy (``image`` PNG bytes, ``label``) through ``datasets.load_dataset``;
 * ``HookedViT`` is a pre-LayerNorm ViT over CLS + patch tokens with hook points named as in
   TransformerLens (``blocks.{i}.hook_resid_post``, ``blocks.{i}.attn.hook_pattern``, ...), so
   ``run_with_cache`` and ``run_with_hooks`` work on it; ``forward`` takes optional deep prompts
@@ -16,6 +18,7 @@ its own subject model, like the language-model organism of chapter 1:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 import os
@@ -48,6 +51,7 @@ __all__ = [
     "CLIP_MODELS",
     "FASHION_CLASSES",
     "FASHION_DIR",
+    "FASHION_HUB",
     "VIT_PROFILES",
     "HookedCLIPVision",
     "HookedViT",
@@ -66,6 +70,8 @@ __all__ = [
 ]
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_HUB = "hf:zalando-datasets/fashion_mnist"
+"""The hub's Fashion-MNIST (parquet: ``image`` as PNG bytes, ``label``; splits train and test)."""
 FASHION_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                    "bag", "ankle boot")
 FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -114,12 +120,21 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None
-                       ) -> tuple[Tensor, Tensor]:
+def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None,
+                       source: str = "debian") -> tuple[Tensor, Tensor]:
     """Fashion-MNIST images as float32 [n, 1, 28, 28] in [0, 1] and labels (int64, 0-9;
-    ``FASHION_CLASSES`` names them). ``split``: "train" (60,000) or "test" (10,000)."""
+    ``FASHION_CLASSES`` names them). ``split``: "train" (60,000) or "test" (10,000).
+
+    ``source``: "debian" reads the IDX files under ``root`` (default ``FASHION_DIR``);
+    "hf:<dataset>" (e.g. ``FASHION_HUB``) a hub dataset with ``image`` and ``label`` columns."""
     if split not in FASHION_FILES:
         raise ValueError(f"unknown split {split!r}; valid: {list(FASHION_FILES)}")
+    if source.startswith("hf:"):
+        images, labels = _hub_fashion_mnist(source[3:], split)
+        return torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1), torch.from_numpy(labels.copy())
+    if source != "debian":
+        raise ValueError(f"unknown Fashion-MNIST source {source!r}; valid: 'debian' or 'hf:<dataset>' "
+                         f"(e.g. {FASHION_HUB!r})")
     root = Path(root) if root is not None else FASHION_DIR
     files = [root / f for f in FASHION_FILES[split]]
     missing = [str(f) for f in files if not f.is_file()]
@@ -134,6 +149,34 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
         raise IdxFormatError(f"{files[1]} has label {labels.max()}; Fashion-MNIST has 10 classes")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_fashion_mnist(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [n, 28, 28] and int64 labels of a hub split, decoded once per process (a
+    chapter reads each split several times)."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # the hub's errors are long; the one line a reader needs
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise RuntimeError(f"could not load the Fashion-MNIST dataset {name!r} ({type(e).__name__}: "
+                           f"{first}); the gpu profile reads {FASHION_HUB[3:]!r}") from None
+    missing = {"image", "label"} - set(ds.column_names)
+    if missing:
+        raise KeyError(f"dataset {name!r} has no column {sorted(missing)}; its columns are "
+                       f"{ds.column_names} (Fashion-MNIST needs 'image' and 'label')")
+    ds = ds.cast_column("image", datasets.Image(decode=False))  # PNG bytes, decoded here
+    images = np.stack([np.asarray(Image.open(io.BytesIO(im["bytes"])).convert("L")) for im in ds["image"]])
+    labels = np.asarray(ds["label"], dtype=np.int64)
+    if images.shape[1:] != (28, 28) or labels.min() < 0 or labels.max() >= len(FASHION_CLASSES):
+        raise ValueError(f"dataset {name!r} ({split}) is not Fashion-MNIST: images of shape "
+                         f"{list(images.shape[1:])}, labels {labels.min()}-{labels.max()}")
+    return images, labels
 
 
 # ============================================================================ the model
@@ -346,10 +389,14 @@ def vit_dir(profile: str | ViTConfig, root: str | os.PathLike | None = None) -> 
     return cache_root() / "vision" / f"vit-{name}-streams{seeding.VERSION}-{content_key(asdict(cfg), 10)}"
 
 
-def pretraining_split(seed: int = 0, val_images: int = 5000) -> tuple[Tensor, Tensor]:
-    """Indices into Fashion-MNIST's training set of the ViT's pretraining images and of the
-    ``val_images`` it never trains on (a seeded split; the official test set stays untouched)."""
-    perm = torch.randperm(60_000, generator=seeding.generator("image_splits:vit_val", seed))
+def pretraining_split(seed: int = 0, val_images: int = 5000, n_images: int = 60_000
+                      ) -> tuple[Tensor, Tensor]:
+    """Indices into Fashion-MNIST's training set (``n_images`` of them: 60,000; fewer in the test
+    suite's stand-in copy) of the ViT's pretraining images and of the ``val_images`` it never
+    trains on (a seeded split; the official test set stays untouched)."""
+    if not 0 < val_images < n_images:
+        raise ValueError(f"val_images={val_images} must be between 0 and the {n_images:,} training images")
+    perm = torch.randperm(n_images, generator=seeding.generator("image_splits:vit_val", seed))
     return perm[val_images:].sort().values, perm[:val_images].sort().values
 
 
@@ -578,11 +625,13 @@ def fit_base_head(model: nn.Module, images: Tensor, labels: Tensor, steps: int =
     return model.head
 
 
-def load_vision_model(name: str, device: str = "cpu", probe_images: int = 10_000) -> tuple[nn.Module, dict]:
+def load_vision_model(name: str, device: str = "cpu", probe_images: int = 10_000,
+                      images: str = "debian") -> tuple[nn.Module, dict]:
     """The chapter's subject model and its record: a ``VIT_PROFILES`` name or a ``train_vit``
     folder (``load_vit``), or a CLIP vision tower (``CLIP_MODELS`` key, a hub id, or a local
     folder saved with ``save_pretrained``) with a linear Fashion-MNIST head fitted on
-    ``probe_images`` of the pretraining split. CLIP needs the hub (or a local copy)."""
+    ``probe_images`` of the pretraining split (Fashion-MNIST from ``images``, a
+    ``load_fashion_mnist`` source). CLIP needs the hub (or a local copy)."""
     if name in VIT_PROFILES or (Path(name) / "vit.json").exists():
         model, record = load_vit(name)
         return model.to(device), record
@@ -598,10 +647,10 @@ def load_vision_model(name: str, device: str = "cpu", probe_images: int = 10_000
     model = HookedCLIPVision(tower).to(device).eval()
     model.requires_grad_(False)
     t0 = time.perf_counter()
-    x, y = load_fashion_mnist("train")
-    train_idx, val_idx = pretraining_split(model.cfg.seed, model.cfg.val_images)
+    x, y = load_fashion_mnist("train", source=images)
+    train_idx, val_idx = pretraining_split(model.cfg.seed, model.cfg.val_images, len(x))
     fit_base_head(model, x[train_idx[:probe_images]], y[train_idx[:probe_images]])
-    test_x, test_y = load_fashion_mnist("test")
+    test_x, test_y = load_fashion_mnist("test", source=images)
     record = {"profile": name, "steps": 0, "train_seconds": time.perf_counter() - t0,
               "n_params": sum(p.numel() for p in model.parameters()),
               "val_accuracy": accuracy(model, x[val_idx], y[val_idx], batch_size=250),
