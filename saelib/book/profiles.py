@@ -244,7 +244,8 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     expansion=8, k=8, steps=600, batch_size=2048, lr=2e-3, dead_after_tokens=200_000,
                     icl_sequences=64, icl_lengths=(8, 24), jump_window=1500,
                     thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), match_threshold=0.5, token_level_share=0.5,
-                    # The cpu build of 2026-12-02 (42 min cold, beside another build): ICL jumps
+                    # The cpu builds of 2026-12-02 (42 min cold beside another build; 12.8 min
+                    # quiet, the organisms side by side: same verdicts): ICL jumps
                     # 1.54-2.07 nats within 1500 steps (floor 0.5) while L1H3's prefix matching rises
                     # 0.21 (steps 6000-7500; 5x chance is 0.10); random- vs fixed-offset ICL 4.06 vs
                     # 4.01 nats; the control jumps 0.07. Tracked vs independent agree with 6-10
