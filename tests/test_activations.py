@@ -117,7 +117,10 @@ def test_mismatched_manifest_is_refused(env, cache):
 
 def test_build_caches_one_pass_several_hooks_and_dtypes(env, cache, tmp_path):
     specs = [spec(env, dtype="float32"), spec(env, hook=H1, dtype="bfloat16"), spec(env, hook=H1, dtype="float32")]
+    stale = tmp_path / f".{specs[0].key()}.tmp999999999"  # a harvest killed mid-way (no such process)
+    stale.mkdir()
     f32, bf16, f32_h1 = build_caches(specs, root=tmp_path, model=env[0], progress=False)
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(s.key() for s in specs)
     idx = torch.arange(500)
     assert f32.manifest["hooks_in_pass"] == [H0, H1, H1]
     torch.testing.assert_close(cache[idx], f32[idx], rtol=1e-3, atol=1e-3)

@@ -41,7 +41,8 @@ from saelib.core.devices import to_device_of
 from saelib.core.hooks import check_hook_point, stop_layer
 from saelib.core.progress import bar as progress_bar
 from saelib.core.sae import PRECISIONS
-from saelib.core.storage import DamagedError, cache_root, content_key, locked, read_json, verify, write_checksums
+from saelib.core.storage import (DamagedError, atomic_dir, cache_root, content_key, locked, read_json, verify,
+                                 write_checksums)
 from saelib.subjects.corpora import HELDOUT_EVERY, load_corpus, split_documents
 from saelib.subjects.language_models import load_subject_model
 
@@ -447,9 +448,7 @@ def _build(todo: list[tuple[CacheSpec, Path]], model, progress: bool) -> None:
     model = at_precision(model, spec.model_dtype)
     tmps = []
     for _, d in todo:
-        d.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tmps(d)
-        tmps.append(d.with_name(f"{d.name}.tmp{os.getpid()}"))
+        tmps.append(atomic_dir(d))  # also removes the half-written folders of killed harvests
     try:
         seconds, widths = _harvest_to_disk(model, [s for s, _ in todo], tmps, windows, progress)
     except BaseException:
@@ -488,7 +487,6 @@ def _harvest_to_disk(model, specs: list[CacheSpec], tmps: list[Path], windows: T
     """Stream activations batch by batch into each tmp dir's memmap; return (seconds, widths)."""
     spec = specs[0]
     for tmp in tmps:
-        tmp.mkdir()
         np.save(tmp / "tokens.npy", windows.numpy().astype(np.int32))
     mmaps: list[np.memmap] = []
     row, t0 = 0, time.perf_counter()
@@ -504,24 +502,6 @@ def _harvest_to_disk(model, specs: list[CacheSpec], tmps: list[Path], windows: T
     for mm in mmaps:
         mm.flush()
     return time.perf_counter() - t0, [mm.shape[1] for mm in mmaps]
-
-
-def _remove_stale_tmps(d: Path) -> None:
-    # Builds killed mid-way leave <key>.tmp<pid>; remove those whose process is gone (and our own).
-    for tmp in d.parent.glob(f"{d.name}.tmp*"):
-        pid = tmp.name.rsplit(".tmp", 1)[1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        pass
-    return True
 
 
 def _to_storage(act: Tensor, spec: CacheSpec) -> np.ndarray:

@@ -423,8 +423,8 @@ def train_organisms(names: Sequence[str], root: str | os.PathLike | None = None,
 
     Where more than one still needs training and ``parallel`` is set, they train at the same time in
     separate processes, each with an equal share of the cores: a small organism's step is mostly
-    Python overhead and keeps about one core busy (chapter 4's control trained in 953 s beside
-    another build on 2 cores, its sibling in 927 s), so two take about the time of one. A run's
+    Python overhead and keeps about one core busy, so two take about the time of one (chapter 4's
+    organism and control, side by side on 2 quiet cores: 444 s and 448 s). A run's
     floats depend on its thread count, so an organism trained here equals one trained alone with
     the same number of threads (a test checks), not necessarily one trained with all cores."""
     outs = [organism_dir(n) if root is None else Path(root) / n for n in names]
