@@ -99,3 +99,19 @@ def test_chapters_show_the_plan_of_the_one_estimator(notebook):
                                                         as_version=4).cells if c.cell_type == "code")
     assert "from saelib.book.plan import plan" in source and "plan(" in source and ", model=" in source
     assert not any(word in source for word in ("run_plan", "peak = {", "8.1e12", "19.5e12")), notebook
+
+
+def test_a_model_without_published_sizes_is_refused_not_planned_at_zero(capsys):
+    """The book's own organisms and ViTs have no published sizes: a plan of zero FLOPs would be
+    silently wrong, so plan() asks for the loaded model and --plan says so per chapter."""
+    P = profiles.values("e2e", "cpu")
+    with pytest.raises(ValueError, match="no published sizes for the e2e chapter's model 'organism-cpu'"):
+        plan.plan("e2e", P)
+    loaded = plan.plan("e2e", P, model=_Loaded(8, 2))
+    assert loaded.flops > 0 and loaded.sae_tokens > 0
+    assert plan.plan("synthetic", profiles.values("synthetic", "cpu")).flops > 0  # chapter 0: no model
+    assert build.main(["--profile", "cpu", "--plan"]) == 0
+    out = capsys.readouterr().out
+    for chapter in ("03_e2e", "04_dynamics", "05_vision"):
+        assert f"{chapter}: no published sizes" in out
+    assert out.count("plan for ") == len(build.chapters()) - 3

@@ -107,8 +107,13 @@ class Plan:
             raise PlanError(f"{self.chapter} cannot run here: " + "; ".join(short))
 
 
-def _subject(name: str) -> SubjectSpec:
-    return SUBJECTS.get(name) or SubjectSpec(0.0, 0, 0)
+def _subject(chapter: str, name: str) -> SubjectSpec:
+    if chapter == "synthetic":  # chapter 0 has no subject model: its planner reads only its knobs
+        return SubjectSpec(0.0, 0, 0)
+    if name not in SUBJECTS:  # the book's own organisms and ViTs: sizes known once loaded
+        raise ValueError(f"no published sizes for the {chapter} chapter's model {name!r} (known: "
+                         f"{', '.join(sorted(SUBJECTS))}); pass model= a loaded model to plan from its counts")
+    return SUBJECTS[name]
 
 
 def counts(model: Any) -> SubjectSpec:
@@ -243,7 +248,7 @@ def plan(chapter: str, P: Mapping[str, Any], model: Any = None) -> Plan:
     model), its own ``counts``."""
     if chapter not in PLANNERS:
         raise ValueError(f"no plan for chapter {chapter!r}; chapters: {sorted(PLANNERS)}")
-    spec = counts(model) if model is not None else _subject(str(P.get(MODEL_KNOB.get(chapter, "model"), "")))
+    spec = counts(model) if model is not None else _subject(chapter, str(P.get(MODEL_KNOB.get(chapter, "model"), "")))
     return PLANNERS[chapter](P, spec)
 
 
