@@ -105,8 +105,12 @@ def test_a_model_without_published_sizes_is_refused_not_planned_at_zero(capsys):
     """The book's own organisms and ViTs have no published sizes: a plan of zero FLOPs would be
     silently wrong, so plan() asks for the loaded model and --plan says so per chapter."""
     P = profiles.values("e2e", "cpu")
-    with pytest.raises(ValueError, match="no published sizes for the e2e chapter's model 'organism-cpu'"):
+    with pytest.raises(plan.NoPublishedSizes, match="no published sizes for the e2e chapter's model 'organism-cpu'"):
         plan.plan("e2e", P)
+    # the resolver steps aside, so that the loader names a mistyped model (tests/test_gpu_smoke.py)
+    typo = {**profiles.values("subject_models", "gpu"), "pretrained": "gpt2-smal"}
+    assert plan.announce("subject_models", typo) is None
+    assert "plan skipped: no published sizes for the subject_models chapter's model 'gpt2-smal'" in capsys.readouterr().out
     loaded = plan.plan("e2e", P, model=_Loaded(8, 2))
     assert loaded.flops > 0 and loaded.sae_tokens > 0
     assert plan.plan("synthetic", profiles.values("synthetic", "cpu")).flops > 0  # chapter 0: no model

@@ -312,7 +312,7 @@ def _print_plans(notebooks: list[Path], profile: str, params: dict[str, Any]) ->
         P = {**profiles.values(chapter, profile), **{k: v for k, v in params.items() if k in profiles.knobs(chapter)}}
         try:
             p = plan.plan(chapter, P)
-        except ValueError as e:  # a model the book trains itself: the chapter prints its plan once loaded
+        except plan.NoPublishedSizes as e:  # the book's own models: the chapter plans once loaded
             print(f"{nb.stem}: {e}")
             continue
         print(f"{nb.stem}: " + "\n".join(p.lines()))

@@ -21,7 +21,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-__all__ = ["SubjectSpec", "SUBJECTS", "GPUS", "Plan", "PlanError", "counts", "plan", "announce", "machine"]
+__all__ = ["SubjectSpec", "SUBJECTS", "GPUS", "Plan", "PlanError", "NoPublishedSizes", "counts", "plan",
+           "announce", "machine"]
 
 GB = 1e9
 
@@ -58,6 +59,11 @@ GPUS: dict[str, dict[str, float]] = {
 
 class PlanError(RuntimeError):
     """A run that this machine cannot hold; the message gives the plan's and the machine's numbers."""
+
+
+class NoPublishedSizes(ValueError):
+    """A subject model whose sizes ``SUBJECTS`` does not hold (the book's organisms and ViTs, a
+    mistyped hub name): plan from the loaded model (``plan(..., model=)``) instead."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,7 @@ def _subject(chapter: str, name: str) -> SubjectSpec:
     if chapter == "synthetic":  # chapter 0 has no subject model: its planner reads only its knobs
         return SubjectSpec(0.0, 0, 0)
     if name not in SUBJECTS:  # the book's own organisms and ViTs: sizes known once loaded
-        raise ValueError(f"no published sizes for the {chapter} chapter's model {name!r} (known: "
+        raise NoPublishedSizes(f"no published sizes for the {chapter} chapter's model {name!r} (known: "
                          f"{', '.join(sorted(SUBJECTS))}); pass model= a loaded model to plan from its counts")
     return SUBJECTS[name]
 
@@ -266,9 +272,15 @@ def machine() -> tuple[float, float | None, float]:
     return float(shutil.disk_usage(root).free), gpu, float(cpu)
 
 
-def announce(chapter: str, P: Mapping[str, Any]) -> Plan:
-    """Print the plan and refuse (``PlanError``) when this machine cannot hold it."""
-    p = plan(chapter, P)
+def announce(chapter: str, P: Mapping[str, Any]) -> Plan | None:
+    """Print the plan and refuse (``PlanError``) when this machine cannot hold it. A model without
+    published sizes gets no plan here (``None``, with a line saying so): its loader, not the
+    planner, says whether the name exists, and the chapter can plan from the loaded model."""
+    try:
+        p = plan(chapter, P)
+    except NoPublishedSizes as e:
+        print(f"plan skipped: {e}")
+        return None
     print("\n".join(p.lines()))
     p.check(*machine())
     return p
