@@ -358,7 +358,7 @@ def test_a_saved_envelope_is_verified_at_load(envelope, world, tmp_path):
         read_core_eval(tmp_path / "nothing")
 
 
-def test_saelib_train_writes_the_envelope_beside_every_sae(world, tmp_path, capsys):
+def test_saelib_train_writes_the_envelope_beside_every_sae(world, tmp_path, capsys, monkeypatch):
     from saelib.core.checkpoints import load_sae
     from saelib.studies.saebench import core_eval_sweep, core_summary, read_core_eval
 
@@ -405,9 +405,27 @@ saebench_windows = 6
         assert env["eval_result_metrics"]["token_stats"]["total_tokens_eval_sparsity_variance"] == 6 * (CONTEXT - 1)
         assert env["sae_cfg_dict"]["metadata"]["model_name"] == data["model"]
         assert core_summary(env) == pytest.approx(core_summary(again[name]), rel=1e-6, abs=1e-9)
-    # A rerun of the finished run rewrites its SAEs, and their evaluation with them: the same numbers.
-    first = read_core_eval(out / "saes" / "topk")
-    assert saelib_main(["train", str(config), "--out", str(out), "--no-progress"]) in (0, None)
-    rerun = read_core_eval(out / "saes" / "topk", saes["topk"])
-    assert rerun["eval_id"] != first["eval_id"] and core_summary(rerun) == core_summary(first)
+    # A rerun of the finished run rewrites its SAE folders but keeps their evaluations: neither the
+    # model nor the evaluation runs again (both patched to fail), and the envelopes still verify.
+    first = {name: read_core_eval(out / "saes" / name) for name in saes}
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a rerun with unchanged SAEs evaluated again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("saelib.studies.saebench.core_eval_sweep", must_not_run)
+        patched.setattr("saelib.subjects.language_models.load_subject_model", must_not_run)
+        assert saelib_main(["train", str(config), "--out", str(out), "--no-progress"]) in (0, None)
+    assert "2 of 2 SAEs unchanged" in capsys.readouterr().err
+    for name, sae in saes.items():
+        kept = read_core_eval(out / "saes" / name, sae)
+        assert kept == first[name]
+        assert json.loads((out / "saelens" / name / CORE_FILENAME).read_text()) == kept
+    # Other evaluation settings (fewer windows) make the rerun evaluate again, with the new count.
+    assert saelib_main(["train", str(config), "--out", str(out), "--no-progress",
+                        "--set", "export.saebench_windows=5"]) in (0, None)
+    redone = read_core_eval(out / "saes" / "topk", saes["topk"])
+    assert redone["eval_id"] != first["topk"]["eval_id"]
+    assert redone["eval_result_metrics"]["token_stats"]["total_tokens_eval_sparsity_variance"] == 5 * (CONTEXT - 1)
+    assert redone["eval_result_unstructured"]["saelib"]["eval_settings"]["saebench_windows"] == 5
     capsys.readouterr()

@@ -15,7 +15,8 @@ The output folder gets ``config.json`` (the resolved config), ``checkpoints/``, 
 ``history.jsonl``, ``saes/NAME`` and, when enabled, ``saelens/NAME``; for a run on a model (not
 synthetic data) each ``saes/NAME`` (and ``saelens/NAME``) also gets ``saebench_core.json``, SAEBench's
 core evaluation on held-out windows (``[export] saebench``). Running the same command again
-resumes from the newest checkpoint; a folder made with a different config is refused.
+resumes from the newest checkpoint (a finished run keeps the evaluations of its unchanged SAEs); a
+folder made with a different config is refused.
 
 Data-parallel: ``torchrun --nproc_per_node N -m saelib train CONFIG.toml`` (each rank reads its slice
 of every global batch; rank 0 alone prints and writes).
@@ -31,7 +32,7 @@ import json
 import sys
 import textwrap
 import tomllib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -284,10 +285,37 @@ def _cache_spec_of(data: dict) -> Any:
     return _cache_spec_class()(**{k: v for k, v in data.items() if k not in fields_of(DataConfig)})
 
 
-def write_core_evals(cfg: RunConfig, saes: dict, out: Path, progress: bool = True) -> dict[str, Path]:
+def _core_eval_settings(cfg: RunConfig, spec: Any) -> dict:
+    """What a run's core evaluation depends on besides the weights: recorded in each envelope, so
+    that a rerun can tell whether an envelope already on disk still answers the same question."""
+    data = asdict(spec) if is_dataclass(spec) else dict(spec)
+    settings = {"saebench_windows": cfg.export.saebench_windows, "data": data, "metadata": run_metadata_of(cfg)}
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def previous_core_evals(out: Path) -> dict[str, dict]:
+    """The sealed core envelopes a run in ``out`` already holds (``saes/NAME/saebench_core.json``), read
+    before training rewrites its SAE folders. A damaged or unreadable one is left out: it is recomputed."""
+    from saelib.studies.saebench import CORE_FILENAME, read_core_eval
+
+    found = {}
+    for path in sorted((out / "saes").glob(f"*/{CORE_FILENAME}")):
+        try:
+            found[path.parent.name] = read_core_eval(path.parent)
+        except (DamagedError, OSError, ValueError):
+            pass
+    return found
+
+
+def write_core_evals(cfg: RunConfig, saes: dict, out: Path, progress: bool = True,
+                     previous: dict[str, dict] | None = None) -> dict[str, Path]:
     """SAEBench's core evaluation of each SAE of the run in ``out`` on held-out windows of its model
     and corpus, into ``saes/NAME`` (and ``saelens/NAME`` where exported); a synthetic run writes none.
-    Every run rewrites ``saes/NAME`` whole, so an evaluation never outlives the weights it measured."""
+    Every run rewrites ``saes/NAME`` whole, so an evaluation never outlives the weights it measured:
+    ``previous`` (``previous_core_evals``, read before training) is written back for an SAE whose
+    weights (digest) and evaluation settings are unchanged, so a rerun of a finished run neither
+    loads the model nor evaluates again; every other SAE is evaluated."""
+    from saelib.core.checkpoints import sae_digest
     from saelib.studies.saebench import CORE_FILENAME, core_eval_sweep
     from saelib.studies.saebench import write_core_evals as write
     from saelib.subjects.activations import at_precision, token_windows
@@ -296,15 +324,30 @@ def write_core_evals(cfg: RunConfig, saes: dict, out: Path, progress: bool = Tru
     spec = _cache_spec_of(cfg.data)
     if spec is None:
         return {}
-    try:
-        model = at_precision(load_subject_model(spec.model, checkpoint=spec.checkpoint), spec.model_dtype)
-    except (ValueError, OSError, RuntimeError, ModuleNotFoundError) as e:  # e.g. a cache from elsewhere
-        print(f"no SAEBench core evaluation: cannot load the model {spec.model!r} ({e}); set "
-              "export.saebench = false to skip it", file=sys.stderr)
-        return {}
-    windows = token_windows(model.tokenizer, spec.corpus, cfg.export.saebench_windows, spec.context_size,
-                            seed=spec.seed, split="heldout")
-    envelopes = core_eval_sweep(saes, model, windows, spec, progress=progress, metadata=run_metadata_of(cfg))
+    settings = _core_eval_settings(cfg, spec)
+
+    def still_valid(name: str) -> bool:
+        own = (previous or {}).get(name, {}).get("eval_result_unstructured", {}).get("saelib", {})
+        return own.get("sae_digest") == sae_digest(saes[name]) and own.get("eval_settings") == settings
+
+    envelopes = {name: previous[name] for name in saes if still_valid(name)}
+    todo = {name: sae for name, sae in saes.items() if name not in envelopes}
+    if todo:
+        try:
+            model = at_precision(load_subject_model(spec.model, checkpoint=spec.checkpoint), spec.model_dtype)
+        except (ValueError, OSError, RuntimeError, ModuleNotFoundError) as e:  # e.g. a cache from elsewhere
+            print(f"no SAEBench core evaluation: cannot load the model {spec.model!r} ({e}); set "
+                  "export.saebench = false to skip it", file=sys.stderr)
+            return {}
+        windows = token_windows(model.tokenizer, spec.corpus, cfg.export.saebench_windows, spec.context_size,
+                                seed=spec.seed, split="heldout")
+        fresh = core_eval_sweep(todo, model, windows, spec, progress=progress, metadata=run_metadata_of(cfg))
+        for env in fresh.values():
+            env["eval_result_unstructured"]["saelib"]["eval_settings"] = settings
+        envelopes |= fresh
+    if len(envelopes) > len(todo):
+        print(f"SAEBench core evaluation: {len(envelopes) - len(todo)} of {len(saes)} SAEs unchanged since "
+              "their envelope was written; kept", file=sys.stderr)
     written = write(envelopes, out / "saes")
     if cfg.export.saelens:
         for name, path in written.items():
@@ -346,6 +389,7 @@ def run(cfg: RunConfig, out: Path, progress: bool = True) -> Any:
             atomic_json(resolved, out / "config.json")
         except OSError as e:
             raise ConfigError(f"cannot write the output folder {out}: {e}") from None
+    previous = previous_core_evals(out) if rank0 and cfg.export.saebench else {}
     result = train_saes(saes, data, cfg.train, out_dir=out, progress=progress)
     if rank0:
         atomic_text(result.history.to_json(orient="records", lines=True), out / "history.jsonl")
@@ -354,7 +398,7 @@ def run(cfg: RunConfig, out: Path, progress: bool = True) -> Any:
             for name, sae in result.saes.items():
                 export_saelens(sae, out / "saelens" / name, metadata)
         if cfg.export.saebench:
-            write_core_evals(cfg, result.saes, out, progress)
+            write_core_evals(cfg, result.saes, out, progress, previous)
         if len(result.history):
             last = result.history.groupby("sae").tail(1)
             print(last[["sae", "step", "nmse", "l0", "dead_frac"]].to_string(index=False))
