@@ -196,16 +196,18 @@ def _e2e(P: Mapping[str, Any], spec: SubjectSpec) -> Plan:
     # sweeps and TopK local and e2e at each k
     n_local = len(P["l1_local"]) + 1 + len(P["official_l1_local"]) + len(P["k_sweep"])
     n_e2e = len(P["l1_e2e"]) + 1 + len(P["l1_ds"]) + 1 + len(P["official_l1_e2e"]) + len(P["k_sweep"])
-    saes = [(tokens, width, True)] * (n_local + n_e2e)
+    # and the matched local / e2e / e2e+ds trio trained again pair_steps long, in a run of its own
+    pair = float(P["pair_steps"]) * int(P["batch_size"]) * int(P["context_size"])
+    saes = [(tokens, width, True)] * (n_local + n_e2e) + [(pair, width, True)] * (3 if pair else 0)
     # an e2e step runs the model clean and spliced, and back-propagates through the spliced run
-    e2e_model = n_e2e * tokens * 2 * spec.params * 4
+    e2e_model = (n_e2e * tokens + 2 * pair) * 2 * spec.params * 4
     evaluated = float(P["eval_tokens"]) + len(saes) * int(P["eval_windows"]) * int(P["context_size"])
     # what a backward pass through the spliced run keeps: about 34 x d_model bytes per token and layer
     # in half precision (Korthikanti et al. 2022, without the attention-score term)
     window_tokens = int(P["batch_size"]) * int(P["context_size"])
     return _build("e2e", P, spec=spec, harvested=float(P["n_tokens"]), evaluated=evaluated,
                   saes=saes, extra_flops=e2e_model, backward_bytes=34.0 * spec.d_model * window_tokens * spec.n_layers,
-                  together=len(saes))  # chapter 3 trains its sweep in one run, all SAEs on one device
+                  together=n_local + n_e2e)  # chapter 3 trains its sweep in one run, all SAEs on one device
 
 
 def _dynamics(P: Mapping[str, Any], spec: SubjectSpec) -> Plan:
