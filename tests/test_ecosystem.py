@@ -27,6 +27,7 @@ from saelib.studies.saebench import (
     SchemaError,
     check_core_envelope,
     core_eval,
+    core_eval_sweep,
     write_core_eval,
 )
 from saelib.studies.splice import splice_metrics
@@ -356,6 +357,23 @@ def test_a_saved_envelope_is_verified_at_load(envelope, world, tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(DamagedError, match="the file is missing"):
         read_core_eval(tmp_path / "nothing")
+
+
+def test_a_rerun_keeps_only_envelopes_of_the_same_weights_and_settings(world, tmp_path):
+    from saelib.core.sae import SAE
+    from saelib.studies.saebench import kept_core_evals, still_valid
+
+    _, model, sae, heldout, data = world
+    settings = {"eval_tokens": 2048, "splice_windows": 16}
+    env = core_eval_sweep({"topk": sae}, model, heldout, data, settings=settings)["topk"]
+    write_core_eval(env, tmp_path / "topk")
+    assert still_valid(env, sae, settings) and not still_valid(None, sae, settings)
+    assert kept_core_evals({"topk": sae}, tmp_path, dict(reversed(settings.items())))["topk"]["eval_id"] == env["eval_id"]
+    assert kept_core_evals({"topk": sae}, tmp_path, {**settings, "splice_windows": 8}) == {}  # other settings
+    assert kept_core_evals({"topk": SAE(sae.cfg)}, tmp_path, settings) == {}  # other weights
+    assert kept_core_evals({"missing": sae}, tmp_path, settings) == {}
+    (tmp_path / "topk" / CORE_FILENAME).write_text("{")  # damaged: evaluated again, not trusted
+    assert kept_core_evals({"topk": sae}, tmp_path, settings) == {}
 
 
 def test_saelib_train_writes_the_envelope_beside_every_sae(world, tmp_path, capsys, monkeypatch):

@@ -286,11 +286,9 @@ def _cache_spec_of(data: dict) -> Any:
 
 
 def _core_eval_settings(cfg: RunConfig, spec: Any) -> dict:
-    """What a run's core evaluation depends on besides the weights: recorded in each envelope, so
-    that a rerun can tell whether an envelope already on disk still answers the same question."""
+    """What a run's core evaluation depends on besides the weights (recorded in each envelope)."""
     data = asdict(spec) if is_dataclass(spec) else dict(spec)
-    settings = {"saebench_windows": cfg.export.saebench_windows, "data": data, "metadata": run_metadata_of(cfg)}
-    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+    return {"saebench_windows": cfg.export.saebench_windows, "data": data, "metadata": run_metadata_of(cfg)}
 
 
 def previous_core_evals(out: Path) -> dict[str, dict]:
@@ -315,8 +313,7 @@ def write_core_evals(cfg: RunConfig, saes: dict, out: Path, progress: bool = Tru
     ``previous`` (``previous_core_evals``, read before training) is written back for an SAE whose
     weights (digest) and evaluation settings are unchanged, so a rerun of a finished run neither
     loads the model nor evaluates again; every other SAE is evaluated."""
-    from saelib.core.checkpoints import sae_digest
-    from saelib.studies.saebench import CORE_FILENAME, core_eval_sweep
+    from saelib.studies.saebench import CORE_FILENAME, core_eval_sweep, still_valid
     from saelib.studies.saebench import write_core_evals as write
     from saelib.subjects.activations import at_precision, token_windows
     from saelib.subjects.language_models import load_subject_model
@@ -325,12 +322,8 @@ def write_core_evals(cfg: RunConfig, saes: dict, out: Path, progress: bool = Tru
     if spec is None:
         return {}
     settings = _core_eval_settings(cfg, spec)
-
-    def still_valid(name: str) -> bool:
-        own = (previous or {}).get(name, {}).get("eval_result_unstructured", {}).get("saelib", {})
-        return own.get("sae_digest") == sae_digest(saes[name]) and own.get("eval_settings") == settings
-
-    envelopes = {name: previous[name] for name in saes if still_valid(name)}
+    previous = previous or {}
+    envelopes = {name: previous[name] for name, sae in saes.items() if still_valid(previous.get(name), sae, settings)}
     todo = {name: sae for name, sae in saes.items() if name not in envelopes}
     if todo:
         try:
@@ -341,10 +334,8 @@ def write_core_evals(cfg: RunConfig, saes: dict, out: Path, progress: bool = Tru
             return {}
         windows = token_windows(model.tokenizer, spec.corpus, cfg.export.saebench_windows, spec.context_size,
                                 seed=spec.seed, split="heldout")
-        fresh = core_eval_sweep(todo, model, windows, spec, progress=progress, metadata=run_metadata_of(cfg))
-        for env in fresh.values():
-            env["eval_result_unstructured"]["saelib"]["eval_settings"] = settings
-        envelopes |= fresh
+        envelopes |= core_eval_sweep(todo, model, windows, spec, progress=progress, metadata=run_metadata_of(cfg),
+                                     settings=settings)
     if len(envelopes) > len(todo):
         print(f"SAEBench core evaluation: {len(envelopes) - len(todo)} of {len(saes)} SAEs unchanged since "
               "their envelope was written; kept", file=sys.stderr)

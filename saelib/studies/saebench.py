@@ -58,6 +58,7 @@ from saelib.studies.splice import SpliceResult, splice_sweep
 from saelib.subjects.activations import harvest
 
 __all__ = ["CORE_SCHEMA", "SchemaError", "core_eval", "core_eval_sweep", "core_envelope", "core_envelopes",
+           "kept_core_evals", "still_valid",
            "check_core_envelope", "core_summary", "write_core_eval", "write_core_evals", "read_core_eval", "CORE_FILENAME"]
 
 CORE_FILENAME = "saebench_core.json"
@@ -285,7 +286,8 @@ def _data_fields(data: Any) -> dict[str, Any]:
 def core_envelopes(saes: Mapping[str, SAE], rows: Any, splices: Mapping[str, SpliceResult], data: Any, *,
                    evals: Mapping[str, Evaluation] | None = None, window: Tensor | None = None,
                    batch_size: int = 8, llm_dtype: str = "float32", max_norm: float | None = None,
-                   metadata: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+                   metadata: Mapping[str, Any] | None = None,
+                   settings: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """SAEBench's core envelope of each SAE from saelib's own measurements on held-out data.
 
     ``rows``: the held-out activations at the hook, a tensor [n, d_in] or a table with ``locate`` (an
@@ -295,7 +297,8 @@ def core_envelopes(saes: Mapping[str, SAE], rows: Any, splices: Mapping[str, Spl
     the envelope's ``l0``, ``explained_variance`` (1 - NMSE) and ``frac_alive`` are that evaluation's.
     ``data``: the CacheSpec (or its fields) the rows were harvested with; it fills ``eval_config`` and
     ``sae_cfg_dict`` (``metadata`` overrides the SAELens metadata). ``window``: each row's window
-    (default: rows in harvest order, ``context_size - exclude_bos`` per window)."""
+    (default: rows in harvest order, ``context_size - exclude_bos`` per window). ``settings``: what
+    else the evaluation depended on (held-out sizes, say), recorded for ``still_valid``."""
     data = _data_fields(data)
     rows_per_window = data["context_size"] - int(data["exclude_bos"])
     if hasattr(rows, "locate"):
@@ -324,12 +327,41 @@ def core_envelopes(saes: Mapping[str, SAE], rows: Any, splices: Mapping[str, Spl
             context_size=int(data["context_size"]), batch_size=batch_size,
             n_batches=math.ceil(spliced_windows / batch_size), n_variance_batches=math.ceil(n_windows / batch_size),
             exclude_bos=bool(data["exclude_bos"]), metadata=metadata, llm_dtype=llm_dtype,
-            notes={"hook": data["hook"], "activations_dtype": data["model_dtype"], "max_norm": max_norm})
+            notes={"hook": data["hook"], "activations_dtype": data["model_dtype"], "max_norm": max_norm,
+                   "eval_settings": _plain(settings or {})})
     return out
 
 
+def _plain(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` as JSON reads it back, so that a recorded copy compares equal to a fresh one."""
+    return json.loads(json.dumps(dict(settings), sort_keys=True, default=str))
+
+
+def still_valid(envelope: Mapping[str, Any] | None, sae: SAE, settings: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``envelope`` (``read_core_eval``'s, or None) evaluates exactly these weights under these
+    ``settings`` (``core_envelopes``'): then a rerun can keep it instead of evaluating again."""
+    own = ((envelope or {}).get("eval_result_unstructured") or {}).get("saelib") or {}
+    return own.get("sae_digest") == sae_digest(sae) and own.get("eval_settings") == _plain(settings or {})
+
+
+def kept_core_evals(saes: Mapping[str, SAE], root: str | Path,
+                    settings: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The envelopes in ``root/NAME`` still valid for these SAEs (``still_valid``); a missing,
+    damaged or stale one is left out, for the caller to evaluate again."""
+    kept = {}
+    for name, sae in saes.items():
+        try:
+            envelope = read_core_eval(Path(root) / name)
+        except DamagedError:
+            continue
+        if still_valid(envelope, sae, settings):
+            kept[name] = envelope
+    return kept
+
+
 def core_eval_sweep(saes: Mapping[str, SAE], model, windows: Tensor, data: Any, *, batch_size: int = 8,
-                    progress: bool = False, metadata: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+                    progress: bool = False, metadata: Mapping[str, Any] | None = None,
+                    settings: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """SAEBench's core envelope of each SAE at ``data``'s hook of ``model`` on ``windows`` [n, ctx]
     (held-out): one harvest and one clean and zero-ablated run shared by every SAE.
 
@@ -342,7 +374,8 @@ def core_eval_sweep(saes: Mapping[str, SAE], model, windows: Tensor, data: Any, 
     splices = splice_sweep(model, hook, saes, windows, batch_size=batch_size, exclude_bos=exclude_bos,
                            progress=progress)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return core_envelopes(saes, rows, splices, data, batch_size=batch_size, llm_dtype=dtype, metadata=metadata)
+    return core_envelopes(saes, rows, splices, data, batch_size=batch_size, llm_dtype=dtype, metadata=metadata,
+                          settings=settings)
 
 
 def core_eval(sae: SAE, model, hook: str, windows: Tensor, *, batch_size: int = 8, exclude_bos: bool = True,
