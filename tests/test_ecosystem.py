@@ -247,6 +247,31 @@ def test_saelib_export_command_writes_all_three(world, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_export_evaluates_a_runs_saes_together(world, tmp_path, capsys, monkeypatch):
+    import saelib.studies.saebench as saebench
+    from saelib.core.sae import SAE
+
+    _, model, sae, _, data = world
+    run = tmp_path / "run"
+    (run / "saes").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data": data}))
+    saes = {"topk": sae, "untrained": SAE(sae.cfg)}
+    for name, each in saes.items():
+        save_sae(each, run / "saes" / name)
+    harvests = []
+    real_harvest = saebench.harvest
+    monkeypatch.setattr(saebench, "harvest", lambda *a, **k: harvests.append(1) or real_harvest(*a, **k))
+    out = tmp_path / "out"
+    assert saelib_main(["export", "--saebench", str(run), "--out", str(out), "--windows", "6"]) == 0
+    assert len(harvests) == 1  # one harvest of the held-out windows for both SAEs
+    windows = token_windows(model.tokenizer, "mixed", 6, CONTEXT, split="heldout")
+    for name, each in saes.items():  # the same numbers as evaluating each SAE alone
+        alone = core_eval(each, model, HOOK, windows, dataset="mixed", model_name=data["model"])
+        got = json.loads((out / name / CORE_FILENAME).read_text())
+        assert saebench.core_summary(got) == pytest.approx(saebench.core_summary(alone), rel=1e-6, abs=1e-9)
+    capsys.readouterr()
+
+
 def test_export_command_bad_input(world, tmp_path, capsys):
     _, _, sae, _, _ = world
     (tmp_path / "notes").mkdir()

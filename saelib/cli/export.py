@@ -5,7 +5,7 @@ Each P is a `saelib train` run folder (every SAE under its ``saes/``), one saved
 
 * ``--saelens``: ``DIR/NAME/`` in SAELens's layout (cfg.json with the run's metadata,
   sae_weights.safetensors, sparsity.safetensors from the training densities);
-* ``--saebench``: ``DIR/NAME/saebench_core.json``, SAEBench's core evaluation on held-out text;
+* ``--saebench``: ``DIR/NAME/saebench_core.json``, SAEBench's core evaluation on held-out text (a run's SAEs together: one harvest and one clean run for all);
 * ``--neuronpedia``: ``DIR/neuronpedia/MODEL/LAYER-saelib-NAME/``, Neuronpedia's export layout of the
   features' examples, histograms and logit effects on held-out text.
 
@@ -103,14 +103,20 @@ def run(a: argparse.Namespace) -> list[Path]:
     for name, folder in (sae_folders(Path(a.saelens)) if a.saelens else {}).items():
         sae, meta = load_with_metadata(folder)
         written.append(export_saelens(sae, out / name, _metadata_to_write(meta)))
+    # SAEs of one model, hook and metadata (a run's) are evaluated together: one harvest and one
+    # clean and zero-ablated run of the held-out windows for all of them.
+    together: dict[tuple, tuple[_Subject, dict, dict]] = {}
     for name, folder in (sae_folders(Path(a.saebench)) if a.saebench else {}).items():
-        from saelib.studies.saebench import core_eval, write_core_eval
-
         sae, meta = load_with_metadata(folder)
-        s = subject(meta, folder)
-        envelope = core_eval(sae, s.model, s.hook, s.windows, dataset=s.corpus, model_name=s.model_name,
-                             metadata=_metadata_to_write(meta))
-        written.append(write_core_eval(envelope, out / name))
+        s, metadata = subject(meta, folder), _metadata_to_write(meta)
+        key = (id(s), json.dumps(metadata, sort_keys=True, default=str))
+        together.setdefault(key, (s, metadata, {}))[2][name] = sae
+    for s, metadata, saes in together.values():
+        from saelib.studies.saebench import core_eval_sweep, write_core_eval
+
+        data = {"model": s.model_name, "hook": s.hook, "corpus": s.corpus}
+        for name, envelope in core_eval_sweep(saes, s.model, s.windows, data, metadata=metadata).items():
+            written.append(write_core_eval(envelope, out / name))
     for name, folder in (sae_folders(Path(a.neuronpedia)) if a.neuronpedia else {}).items():
         from saelib.browser.gather import TokenIndex, gather_features
         from saelib.browser.neuronpedia import export_neuronpedia
