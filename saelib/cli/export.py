@@ -5,7 +5,8 @@ Each P is a `saelib train` run folder (every SAE under its ``saes/``), one saved
 
 * ``--saelens``: ``DIR/NAME/`` in SAELens's layout (cfg.json with the run's metadata,
   sae_weights.safetensors, sparsity.safetensors from the training densities);
-* ``--saebench``: ``DIR/NAME/saebench_core.json``, SAEBench's core evaluation on held-out text (a run's SAEs together: one harvest and one clean run for all);
+* ``--saebench``: ``DIR/NAME/saebench_core.json``, SAEBench's core evaluation on held-out text (a
+  run's SAEs together: one harvest and one clean run for all);
 * ``--neuronpedia``: ``DIR/neuronpedia/MODEL/LAYER-saelib-NAME/``, Neuronpedia's export layout of the
   features' examples, histograms and logit effects on held-out text.
 
