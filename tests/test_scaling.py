@@ -13,6 +13,7 @@ from saelib.core.training import TrainConfig, train_config_dict, train_saes
 from saelib.studies.scaling import (
     batch_allocated,
     cached_table,
+    cached_tables,
     doubling_steps,
     first_tokens_at,
     gap_trend,
@@ -147,6 +148,22 @@ def test_cached_table_computes_once_per_key(tmp_path):
     cached_table(tmp_path, "length", {"eval_tokens": 32}, compute)
     assert len(calls) == 2
     assert not list((tmp_path / "tables").glob(".*tmp*"))
+
+
+def test_cached_tables_compute_together_and_again_when_one_is_missing(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"points": pd.DataFrame({"L0": [8.5, 4.25]}), "agreement": pd.DataFrame({"cosine": [0.3]})}
+
+    first = cached_tables(tmp_path, ("points", "agreement"), {"windows": 8}, compute)
+    again = cached_tables(tmp_path, ("points", "agreement"), {"windows": 8}, compute)
+    assert len(calls) == 1 and set(again) == {"points", "agreement"}
+    pd.testing.assert_frame_equal(first["points"], again["points"])
+    next((tmp_path / "tables").glob("agreement-*.csv")).unlink()  # one table lost: both recomputed
+    cached_tables(tmp_path, ("points", "agreement"), {"windows": 8}, compute)
+    assert len(calls) == 2
 
 
 def test_the_exercise_checks_name_what_a_wrong_answer_got_wrong(capsys):

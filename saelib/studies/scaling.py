@@ -160,14 +160,22 @@ def cached_table(folder: Path, name: str, key: Mapping[str, Any],
     table depends on besides what ``folder`` already identifies, e.g. a trained run's cache folder
     and the evaluation data's settings); later calls read it back. Evaluating every snapshot with
     its CE splice costs minutes; a rerun of a chapter should not repeat them."""
+    return cached_tables(folder, (name,), key, lambda: {name: compute()})[name]
+
+
+def cached_tables(folder: Path, names: Sequence[str], key: Mapping[str, Any],
+                  compute: Callable[[], Mapping[str, pd.DataFrame]]) -> dict[str, pd.DataFrame]:
+    """``cached_table`` for several tables one computation makes (``compute()`` returns them by
+    name): read back where every one is stored, else computed and stored."""
     digest = content_key(key, 12)
-    path = Path(folder) / "tables" / f"{name}-{digest}.csv"
-    if path.exists():
-        return pd.read_csv(path)
-    table = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_text(table.to_csv(index=False), path)  # a killed run leaves no half-written table
-    return table
+    paths = {name: Path(folder) / "tables" / f"{name}-{digest}.csv" for name in names}
+    if all(path.exists() for path in paths.values()):
+        return {name: pd.read_csv(path) for name, path in paths.items()}
+    tables = compute()
+    for name, path in paths.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_text(tables[name].to_csv(index=False), path)  # a killed run leaves no half-written table
+    return {name: tables[name] for name in names}
 
 
 def ratio_at_equal(x_a: Sequence[float], y_a: Sequence[float], x_b: Sequence[float], y_b: Sequence[float],
