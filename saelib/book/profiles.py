@@ -82,7 +82,18 @@ _E2E_CPU = dict(model="organism-cpu", hook="blocks.2.hook_resid_pre", corpus="mi
                 l1_ds=(1.0, 2.0, 4.0, 8.0, 16.0), official_l1_local=(2.0, 4.0, 8.0),
                 official_l1_e2e=(0.1, 0.2, 0.4), kl_coeff_ds=0.5, ds_coeff=2.5, k_sweep=(32,),
                 steps=320, n_budgets=5, pair_steps=1280, batch_size=16, lr=1e-3, schedule="linear",
-                precision="bfloat16", timing_steps=10, check_trends=True, expect_claims=None)
+                precision="bfloat16", timing_steps=10, check_trends=True,
+                # The cpu build of 2026-12-03 (26 SAEs, 650k tokens each): the median L0 ratio at
+                # equal CE 0.99x (0.88-1.16), falling from 1.91x at 81k tokens (log change -0.66,
+                # floor 0.095); e2e's CE at equal L0 101% of local's; downstream MSE e2e 9.62,
+                # e2e+ds 1.65, local 1.47; cross-seed cosine e2e 0.23, local 0.30 (chance 0.21).
+                # Not asserted (inconclusive): the runtime ratio, which moves with the machine's
+                # load (like for like 2.9x, from cached activations 3.5x in one build and 4.5x in
+                # another, against the claim's 2-3.5x), and TopK's CE gap (0.050 vs 0.053, 6%).
+                expect_claims={"local_l0_twice": False, "e2e_ce_under_45": False,
+                               "ds_downstream": True, "e2e_seed_fragile": True,
+                               "e2e_runtime": "inconclusive", "gap_widens": False,
+                               "topk_e2e": "inconclusive"})
 """Chapter 3's cpu values, which its cpu-long profile extends."""
 
 CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
@@ -179,9 +190,9 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
     # step counts ending at steps (one run, TrainConfig.snapshot_steps). batch_size counts windows
     # (context_size - 1 SAE tokens each). schedule: linear (hold, decay over the last 20%) or
     # cosine (the paper's, to 10%); cpu keeps linear until a cpu measurement shows cosine does not
-    # hurt (not measured yet). cpu and cpu-long have not been built since the denser sweep and the
-    # official SAEs joined (about twice the SAEs of the 2026-11-26 build, whose 16 SAEs took
-    # 1,482 s): their expect_claims are None until a build records them.
+    # hurt (not measured yet). cpu-long has not been built: its expect_claims are None until a
+    # build records them. pair_steps: the matched local / e2e / e2e+ds trio trained again that
+    # long in a run of its own (cpu: 4x the sweep, 18 min of the cpu build's 60).
     "e2e": {
         "ci": dict(model="organism-ci", hook="blocks.1.hook_resid_pre", corpus="mixed", n_tokens=32_768,
                    eval_tokens=8192, eval_windows=16, context_size=64, expansion=4, normalize_input=True,
@@ -195,7 +206,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
         "cpu": _E2E_CPU,
         # cpu-long: every SAE of the cpu run 4x as long, and the matched trio 16x (cpu's trio: 4x),
         # so about 4x cpu's time. Not built yet.
-        "cpu-long": {**_E2E_CPU, "steps": 1280, "n_budgets": 7, "pair_steps": 5120},
+        "cpu-long": {**_E2E_CPU, "steps": 1280, "n_budgets": 7, "pair_steps": 5120, "expect_claims": None},
         # gpu: the paper's GPT-2 small layer-6 setting, not executed here. Context 1024, 25,000 steps of
         # 16 windows (409.6M tokens per SAE, from a cache of 16,000 windows read about 25 times: the
         # book trains from harvested activations), lr 5e-4 with warm-up over 5% and the cosine decay
