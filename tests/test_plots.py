@@ -37,6 +37,19 @@ def test_frontiers_and_per_layer_say_what_their_log_axes_leave_out():
                                                              log_y=["mse"]))
 
 
+def test_a_narrow_frontier_panel_is_linear_and_labelled():
+    # chapter 3's alive shares, 93-100%: a log axis that narrow labelled no tick at all
+    table = pd.DataFrame({"family": ["relu local"] * 3, "CE increase": [0.05, 0.08, 0.14],
+                          "alive": [0.999, 0.995, 0.933], "L0": [140.0, 70.0, 36.0]})
+    fig = plots.frontiers(table, ys=["L0", "alive"], x="CE increase")
+    fig.canvas.draw()
+    wide, narrow = fig.axes
+    assert wide.get_yscale() == "log" and narrow.get_yscale() == "linear"
+    low, high = narrow.get_ylim()
+    labels = [t.label1.get_text() for t in narrow.yaxis.get_major_ticks() if low <= t.get_loc() <= high]
+    assert sum(bool(label) for label in labels) >= 2, labels
+
+
 def test_ratio_trend_without_any_ratio_names_the_budgets():
     ratios = pd.DataFrame({"tokens": [1000, 2000], "median": [np.nan] * 2, "min": [np.nan] * 2,
                            "max": [np.nan] * 2, "sae": ["saelib SAE"] * 2})

@@ -184,7 +184,9 @@ def _note(fig: Figure, notes: Sequence[str]) -> None:
 
 def frontiers(table: pd.DataFrame, ys: Sequence[str], x: str = "L0", family: str = "family") -> Figure:
     """One panel per metric in ``ys`` against ``x`` (log-log), a line through each family's points;
-    points a log axis cannot show (values <= 0) are left out and counted under the panels."""
+    points a log axis cannot show (values <= 0) are left out and counted under the panels. A metric
+    that spans less than a factor of 3 (an alive share of 93-100%, say) gets a linear axis: a log
+    one that narrow would carry no labelled tick."""
     fig, axes = plt.subplots(1, len(ys), figsize=(5 * len(ys), 3.8), squeeze=False)
     names = list(table[family].unique())
     notes = []
@@ -198,9 +200,10 @@ def frontiers(table: pd.DataFrame, ys: Sequence[str], x: str = "L0", family: str
                          markersize=6, markeredgewidth=0, estimator=None, errorbar=None, sort=True,
                          legend=i == 0, ax=ax)
         ax.set_xscale("log")
-        ax.set_yscale("log")
         plain_log_labels(ax.xaxis)
-        plain_log_labels(ax.yaxis)
+        if shown.empty or shown[y].max() >= 3 * shown[y].min():
+            ax.set_yscale("log")
+            plain_log_labels(ax.yaxis)
         ax.set_xlabel(x)
         ax.set_ylabel(y)
     if axes[0][0].get_legend() is not None:  # none when the first panel has no point to show
