@@ -32,7 +32,7 @@ import json
 import sys
 import textwrap
 import tomllib
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -287,22 +287,7 @@ def _cache_spec_of(data: dict) -> Any:
 
 def _core_eval_settings(cfg: RunConfig, spec: Any) -> dict:
     """What a run's core evaluation depends on besides the weights (recorded in each envelope)."""
-    data = asdict(spec) if is_dataclass(spec) else dict(spec)
-    return {"saebench_windows": cfg.export.saebench_windows, "data": data, "metadata": run_metadata_of(cfg)}
-
-
-def previous_core_evals(out: Path) -> dict[str, dict]:
-    """The sealed core envelopes a run in ``out`` already holds (``saes/NAME/saebench_core.json``), read
-    before training rewrites its SAE folders. A damaged or unreadable one is left out: it is recomputed."""
-    from saelib.studies.saebench import CORE_FILENAME, read_core_eval
-
-    found = {}
-    for path in sorted((out / "saes").glob(f"*/{CORE_FILENAME}")):
-        try:
-            found[path.parent.name] = read_core_eval(path.parent)
-        except (DamagedError, OSError, ValueError):
-            pass
-    return found
+    return {"saebench_windows": cfg.export.saebench_windows, "data": asdict(spec), "metadata": run_metadata_of(cfg)}
 
 
 def write_core_evals(cfg: RunConfig, saes: dict, out: Path, progress: bool = True,
@@ -310,7 +295,7 @@ def write_core_evals(cfg: RunConfig, saes: dict, out: Path, progress: bool = Tru
     """SAEBench's core evaluation of each SAE of the run in ``out`` on held-out windows of its model
     and corpus, into ``saes/NAME`` (and ``saelens/NAME`` where exported); a synthetic run writes none.
     Every run rewrites ``saes/NAME`` whole, so an evaluation never outlives the weights it measured:
-    ``previous`` (``previous_core_evals``, read before training) is written back for an SAE whose
+    ``previous`` (``saved_core_evals`` of ``saes/``, read before training) is written back for an SAE whose
     weights (digest) and evaluation settings are unchanged, so a rerun of a finished run neither
     loads the model nor evaluates again; every other SAE is evaluated."""
     from saelib.studies.saebench import CORE_FILENAME, core_eval_sweep, still_valid
@@ -380,7 +365,10 @@ def run(cfg: RunConfig, out: Path, progress: bool = True) -> Any:
             atomic_json(resolved, out / "config.json")
         except OSError as e:
             raise ConfigError(f"cannot write the output folder {out}: {e}") from None
-    previous = previous_core_evals(out) if rank0 and cfg.export.saebench else {}
+    from saelib.studies.saebench import saved_core_evals
+
+    # read before training rewrites the SAE folders: a rerun keeps what still applies
+    previous = saved_core_evals(out / "saes") if rank0 and cfg.export.saebench else {}
     result = train_saes(saes, data, cfg.train, out_dir=out, progress=progress)
     if rank0:
         atomic_text(result.history.to_json(orient="records", lines=True), out / "history.jsonl")

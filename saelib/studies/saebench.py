@@ -58,7 +58,7 @@ from saelib.studies.splice import SpliceResult, splice_sweep
 from saelib.subjects.activations import harvest
 
 __all__ = ["CORE_SCHEMA", "SchemaError", "core_eval", "core_eval_sweep", "core_envelope", "core_envelopes",
-           "kept_core_evals", "still_valid",
+           "kept_core_evals", "saved_core_evals", "still_valid",
            "check_core_envelope", "core_summary", "write_core_eval", "write_core_evals", "read_core_eval", "CORE_FILENAME"]
 
 CORE_FILENAME = "saebench_core.json"
@@ -344,19 +344,24 @@ def still_valid(envelope: Mapping[str, Any] | None, sae: SAE, settings: Mapping[
     return own.get("sae_digest") == sae_digest(sae) and own.get("eval_settings") == _plain(settings or {})
 
 
+def saved_core_evals(root: str | Path) -> dict[str, dict[str, Any]]:
+    """Every envelope saved under ``root`` (``root/NAME/saebench_core.json``) that verifies
+    (``read_core_eval``), by NAME; a damaged one is left out, for the caller to evaluate again."""
+    saved = {}
+    for path in sorted(Path(root).glob(f"*/{CORE_FILENAME}")):
+        try:
+            saved[path.parent.name] = read_core_eval(path.parent)
+        except DamagedError:
+            continue
+    return saved
+
+
 def kept_core_evals(saes: Mapping[str, SAE], root: str | Path,
                     settings: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """The envelopes in ``root/NAME`` still valid for these SAEs (``still_valid``); a missing,
     damaged or stale one is left out, for the caller to evaluate again."""
-    kept = {}
-    for name, sae in saes.items():
-        try:
-            envelope = read_core_eval(Path(root) / name)
-        except DamagedError:
-            continue
-        if still_valid(envelope, sae, settings):
-            kept[name] = envelope
-    return kept
+    return {name: envelope for name, envelope in saved_core_evals(root).items()
+            if name in saes and still_valid(envelope, saes[name], settings)}
 
 
 def core_eval_sweep(saes: Mapping[str, SAE], model, windows: Tensor, data: Any, *, batch_size: int = 8,
