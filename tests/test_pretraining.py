@@ -114,6 +114,30 @@ def test_learning_rate_schedule():
     assert f32.lr_at(7) == 2.0 * 0.5 * (1 + torch.cos(torch.tensor(math.pi * 7 / 50)).item())
 
 
+def test_sgd_with_momentum_and_a_constant_warm_up_matches_the_update_by_hand():
+    # MaPLe's optimizer: torch SGD (momentum, L2 decay added to the gradient), a constant warm-up
+    spec = cfg(steps=5, batch_size=37, optimizer="sgd", momentum=0.9, weight_decay=0.1, warmup_steps=2,
+               warmup_lr=1e-3, lr=0.05, final_lr_frac=0.0, grad_clip=0.0)
+    assert [spec.lr_at(s) for s in (0, 1)] == [1e-3, 1e-3] and spec.lr_at(2) == 0.05
+    model = tiny_model()
+    run(model, None, spec)
+    # by hand: every matrix decays (the default ``decays``), biases do not
+    ref = tiny_model()
+    buffers = {}
+    for step in range(5):
+        ref.zero_grad()
+        ((ref(X) - Y) ** 2).mean().backward()
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                g = p.grad + (0.1 * p if p.dim() >= 2 else 0)
+                buffers[name] = g if step == 0 else 0.9 * buffers[name] + g
+                p -= spec.lr_at(step) * buffers[name]
+    got, want = model.state_dict(), ref.state_dict()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    with pytest.raises(ValueError, match="optimizer = 'lion' is invalid: must be 'adamw' or 'sgd'"):
+        cfg(optimizer="lion")
+
+
 @pytest.mark.parametrize("wrap", [True, False])
 def test_batch_order_is_a_pure_function_of_seed_and_step(wrap):
     c = cfg(batch_size=8, wrap_epochs=wrap)

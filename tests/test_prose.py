@@ -55,7 +55,9 @@ ALLOWED = {
                   "3.4 points", "(68.25% to 64.82%)", "its 10 reference images", "Figure 3",
                   "each latent's 10 reference images", "below 0.5 nats", "above 1.5", "at least 1% of images",
                   "50 / 100 of 49,152", "over 20 random halvings", "Figure 6", "Table 1", "49,152 latents",
-                  "| 68.25% |", "| 64.82% |", "about 0.1%", "top 50 / 100", "Exercise 5.1", "Exercise 5.2"),
+                  "| 68.25% |", "| 64.82% |", "about 0.1%", "top 50 / 100", "Exercise 5.1", "Exercise 5.2",
+                  # MaPLe's optimizer settings (saelib.subjects.prompts.OPTIMIZERS["maple_sgd"])
+                  "momentum 0.9", "weight decay 5e-4", "constant 1e-5"),
 }
 
 STRIP = [

@@ -28,6 +28,7 @@ from saelib.studies.patch_analysis import (
     top_turnover,
 )
 from saelib.subjects.prompts import (
+    OPTIMIZERS,
     DeepPrompts,
     PromptConfig,
     ZeroShotHead,
@@ -171,14 +172,23 @@ def test_prompt_adaptation_leaves_the_backbone_and_the_head_bit_identical():
     grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
     x, y = images(48), torch.arange(48) % 3
     head = ZeroShotHead(model.head, ((0,), (4, 5), (9,)))
-    result = adapt(model, x, y, head, PromptConfig(n_tokens=2, depth=2, epochs=3, batch_size=16, lr=1e-2),
-                   cache=False, progress=False)
-    after = model.state_dict()  # the head is the model's own: its weights are in here too
-    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before
-    # ... while the prompts did learn, and only they
-    assert not torch.equal(result.prompts.tokens, DeepPrompts(16, 2, 2).tokens)
-    assert len(result.history) == 3 and not result.prompts.tokens.requires_grad
+    base = PromptConfig(n_tokens=2, depth=2, epochs=3, batch_size=16, lr=1e-2)
+    learned = {}
+    for optimizer in OPTIMIZERS:  # the book's AdamW and MaPLe's SGD
+        result = adapt(model, x, y, head, base.with_optimizer(optimizer), cache=False, progress=False)
+        after = model.state_dict()  # the head is the model's own: its weights are in here too
+        assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before
+        # ... while the prompts did learn, and only they
+        assert not torch.equal(result.prompts.tokens, DeepPrompts(16, 2, 2).tokens)
+        assert len(result.history) == 3 and not result.prompts.tokens.requires_grad
+        learned[optimizer] = result.prompts.tokens
+    assert not torch.equal(learned["adamw"], learned["maple_sgd"])
+    sgd = base.with_optimizer("maple_sgd")
+    assert (sgd.optimizer, sgd.momentum, sgd.weight_decay, sgd.warmup_epochs, sgd.warmup_lr) == \
+        ("sgd", 0.9, 5e-4, 1, 1e-5)
+    with pytest.raises(ValueError, match="unknown prompt optimizer 'adam'; valid: \\['adamw', 'maple_sgd'\\]"):
+        base.with_optimizer("adam")
 
 
 def test_prompt_adaptation_is_cached(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """The one pretraining loop of the models the book trains itself: the organism, the ViT, deep prompts.
 
 The caller passes the model and ``batch_loss``, a closure from row indices to the scalar loss of
-that batch (the data stays with the caller); ``pretrain`` owns the rest: AdamW with weight-decayed
-and undecayed parameter groups, a warm-up + cosine learning rate (``PretrainConfig.lr_at``), the
+that batch (the data stays with the caller); ``pretrain`` owns the rest: AdamW (or SGD with momentum)
+with weight-decayed and undecayed parameter groups, a warm-up + cosine learning rate (``PretrainConfig.lr_at``), the
 seeded batch order (``PretrainConfig.batch``), gradient clipping, optional bfloat16 autocast,
 evaluations at given steps, the history, the progress bar and the resume state.
 
@@ -49,7 +49,10 @@ class PretrainConfig:
     """The ``seeding`` purpose of the batch order (``"organism_data_order"``, ...): epoch ``e``
     is a permutation from the sub-stream ``"<stream>:<e>"``."""
     warmup_steps: int = 0
-    """Linear warm-up: step s < warmup_steps has lr * (s + 1) / warmup_steps."""
+    """Warm-up: step s < warmup_steps has lr * (s + 1) / warmup_steps, or ``warmup_lr``."""
+    warmup_lr: float = 0.0
+    """Above 0: every warm-up step runs at this constant learning rate instead of the linear ramp
+    (Dassl's "constant" warm-up, which MaPLe uses: its first epoch at 1e-5)."""
     final_lr_frac: float = 0.0
     """The cosine decays from lr to final_lr_frac * lr, reached at step ``steps``."""
     float32_cosine: bool = False
@@ -62,9 +65,15 @@ class PretrainConfig:
     order); a batch larger than the data is the whole epoch."""
     seed: int = 0
     """Seed of the batch order (the model's initial weights are the caller's)."""
+    optimizer: str = "adamw"
+    """``"adamw"`` or ``"sgd"`` (torch's SGD with ``momentum``, MaPLe's optimizer)."""
     weight_decay: float = 0.0
-    """AdamW's decoupled weight decay, for the parameters ``pretrain``'s ``decays`` selects."""
+    """Weight decay of the parameters ``pretrain``'s ``decays`` selects: AdamW's decoupled decay,
+    or SGD's L2 term added to the gradient (as torch and Dassl apply it)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's betas (unused by SGD)."""
+    momentum: float = 0.9
+    """SGD's momentum (unused by AdamW)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm of the trained parameters to this (0 disables)."""
     precision: str = "float32"
@@ -84,12 +93,13 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "log_every", "resume_every", "units_per_row"):
             check(self, name, lambda v: v > 0, "must be positive")
         check(self, "precision", lambda v: v in ("float32", "bfloat16"), "must be 'float32' or 'bfloat16'")
+        check(self, "optimizer", lambda v: v in ("adamw", "sgd"), "must be 'adamw' or 'sgd'")
         seeding.derived_seed(self.stream, self.seed)  # refuses an unknown stream now, not at step 0
 
     def lr_at(self, step: int) -> float:
         """Learning rate of step ``step`` (0-based): linear warm-up, then a cosine to the floor."""
         if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
+            return self.warmup_lr if self.warmup_lr > 0 else self.lr * (step + 1) / self.warmup_steps
         frac = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
         # The prompts' old loop took the float32 cosine of pi * step / steps; this angle rounds to
         # the same float32 for every step of every run up to 5,000 steps (checked exhaustively).
@@ -160,7 +170,9 @@ def pretrain(model: nn.Module, batch_loss: Callable[[Tensor], Tensor], n_rows: i
     device = params[0][1].device
     groups = [{"params": [p for name, p in params if decays(name, p)], "weight_decay": cfg.weight_decay},
               {"params": [p for name, p in params if not decays(name, p)], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+    groups = [g for g in groups if g["params"]]
+    opt = (torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas) if cfg.optimizer == "adamw"
+           else torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum))
     trained = [p for _, p in params]  # the model's order: the clipped norm sums in it
     config = _config_dict(cfg)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -32,8 +33,8 @@ from torch import Tensor
 from saelib.core import seeding
 
 __all__ = ["cache_root", "content_key", "tensor_digest", "artifact_dir", "atomic_dir", "commit_dir",
-           "sweep_stale",           "atomic_save", "atomic_json", "atomic_text", "DamagedError", "write_checksums", "verify", "read_json",
-           "locked", "CHECKSUMS"]
+           "sweep_stale", "atomic_save", "atomic_json", "atomic_text", "DamagedError", "write_checksums", "verify",
+           "read_json", "locked", "memoized_call", "CHECKSUMS"]
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 CHECKSUMS = "checksums.json"
@@ -68,6 +69,56 @@ def tensor_digest(*tensors: Tensor) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _identity(value: Any) -> Any:
+    """What a cache key records of an argument: tensors and modules by their contents (a module also
+    by its type, ``cfg`` and repr, which holds what ``extra_repr`` adds), functions by their
+    qualified names, containers item by item."""
+    if isinstance(value, Tensor):
+        return {"tensor": tensor_digest(value), "dtype": str(value.dtype)}
+    if isinstance(value, torch.nn.Module):
+        state = value.state_dict()
+        return {"module": type(value).__qualname__, "cfg": str(getattr(value, "cfg", None)),
+                "repr": repr(value), "state": tensor_digest(*(state[k] for k in sorted(state))),
+                "names": sorted(state)}
+    if isinstance(value, functools.partial):
+        return {"partial": _identity(value.func), "args": _identity(value.args),
+                "kwargs": _identity(value.keywords)}
+    if callable(value) and hasattr(value, "__qualname__"):
+        if "<locals>" in value.__qualname__ or value.__qualname__ == "<lambda>":
+            raise TypeError(f"cannot key {value.__qualname__}: a local function or lambda has no stable name; "
+                            "pass a module-level function")
+        return {"function": f"{value.__module__}.{value.__qualname__}"}
+    if isinstance(value, (list, tuple)):
+        return [_identity(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _identity(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot key an argument of type {type(value).__name__}; pass tensors, modules, "
+                    "functions, numbers, strings or containers of them")
+
+
+def memoized_call(kind: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, stored on the first call under ``artifact_dir(kind, key)`` and read
+    back (checksums verified) on the next: for a chapter's slow, deterministic analyses, so a
+    rerun skips them. The key holds ``fn``'s name and every argument by content (``_identity``:
+    a tensor or model that changed by a bit gets a folder of its own); the result must survive
+    ``torch.save`` (tensors, frames, dataclasses of them). Unlike the trained artefacts' keys, this
+    one does not see ``fn``'s code: after changing what ``fn`` computes, delete ``$SAELIB_CACHE/<kind>``."""
+    key = {"call": _identity(fn), "args": _identity(list(args)), "kwargs": _identity(kwargs)}
+    folder = artifact_dir(kind, key)
+    path = folder / "result.pt"
+    if path.exists():
+        verify(folder, f"delete {folder} and rerun to compute it again")
+        return torch.load(path, weights_only=False)
+    result = fn(*args, **kwargs)
+    tmp = atomic_dir(folder)
+    torch.save(result, tmp / "result.pt")
+    (tmp / "key.json").write_text(json.dumps(key, indent=1))
+    commit_dir(tmp, folder)
+    return result
 
 
 def artifact_dir(kind: str, key: Any) -> Path:

@@ -14,6 +14,7 @@ per latent, per class and per patch, with the statistics defined as the official
 * Codes are in the model's own activation units, as the official SAE (trained on raw activations)
   reports them: saelib's SAE works on inputs scaled by ``input_scale`` (1 / the RMS norm), and a
   code in input units is the normalised code divided by ``input_scale``. ``tau`` is in those units.
+* ``latent_stats_of``: the same from images, through the model (one call a chapter can cache).
 * ``patch_maps``: one latent's activation on each patch of some images (the segmentation-like masks).
 * ``masked_reconstruction`` / ``spliced_accuracy`` / ``masking_curves``: classify with the SAE's
   reconstruction spliced in at the hook, keeping only (or removing) chosen latents.
@@ -54,6 +55,7 @@ __all__ = [
     "label_entropy",
     "label_std",
     "latent_stats",
+    "latent_stats_of",
     "masked_reconstruction",
     "masking_curves",
     "patch_maps",
@@ -204,6 +206,13 @@ def latent_stats(sae: SAE, acts: Tensor, labels: Tensor, n_classes: int, tau: fl
     return LatentStats(image_means=torch.cat(means), labels=labels, n_classes=n_classes,
                        class_counts=class_counts(counts, labels, n_classes), image_counts=counts,
                        tau=tau, top_n=top_n)
+
+
+def latent_stats_of(model, images: Tensor, hook: str, sae: SAE, labels: Tensor, n_classes: int, tau: float,
+                    prompts=None) -> LatentStats:
+    """``latent_stats`` of ``sae`` on the tokens ``harvest_tokens`` reads from ``model`` (adapted by
+    ``prompts``, if given) at ``hook`` on ``images``: one call, so a chapter can cache it whole."""
+    return latent_stats(sae, harvest_tokens(model, images, hook, prompts=prompts), labels, n_classes, tau)
 
 
 def class_counts(image_counts: Tensor, labels: Tensor, n_classes: int) -> Tensor:

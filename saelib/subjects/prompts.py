@@ -24,7 +24,7 @@ pretraining images; test images are the official test set's.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from saelib.core.storage import tensor_digest
 from saelib.subjects.vision import FASHION_CLASSES, HookedViT, load_fashion_mnist, pretraining_split
 
 __all__ = [
+    "OPTIMIZERS",
     "TASKS",
     "Adapted",
     "DeepPrompts",
@@ -73,6 +74,9 @@ class ZeroShotHead(nn.Module):
     def out_features(self) -> int:
         return len(self.groups)
 
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"  # in cache keys (storage.memoized_call reads the repr)
+
     def forward(self, features: Tensor) -> Tensor:
         logits = self.head(features)
         return torch.stack([logits[:, list(g)].logsumexp(-1) for g in self.groups], dim=-1)
@@ -106,6 +110,18 @@ class DeepPrompts(nn.Module):
         return torch.cat([x[:, :n_image_tokens], prompts], dim=1)
 
 
+OPTIMIZERS: dict[str, dict] = {
+    # the book's cpu default: AdamW, a cosine from the peak to 0, no warm-up
+    "adamw": {"optimizer": "adamw"},
+    # MaPLe's (its configs and Dassl's defaults): SGD, momentum 0.9, weight decay 5e-4, the
+    # first epoch at a constant 1e-5, then the cosine. Dassl steps its cosine once per epoch,
+    # here every step follows it: the same curve, read at every step rather than per epoch.
+    "maple_sgd": {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
+                  "warmup_epochs": 1, "warmup_lr": 1e-5},
+}
+"""Named optimizer settings for ``PromptConfig.with_optimizer``."""
+
+
 @dataclass(frozen=True)
 class PromptConfig:
     """How to adapt: prompt size and depth, and the few-shot training schedule."""
@@ -115,7 +131,22 @@ class PromptConfig:
     epochs: int = 40
     batch_size: int = 32
     lr: float = 3e-3
+    """Peak learning rate (after the warm-up)."""
     seed: int = 0
+    optimizer: str = "adamw"
+    """``"adamw"`` or ``"sgd"`` (with ``momentum``): ``saelib.core.pretraining.PretrainConfig``'s."""
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    """Of the prompt tokens (``PretrainConfig.weight_decay``)."""
+    warmup_epochs: int = 0
+    """Epochs of warm-up before the cosine: at ``warmup_lr``, or a linear ramp where it is 0."""
+    warmup_lr: float = 0.0
+
+    def with_optimizer(self, name: str) -> "PromptConfig":
+        """This config with the ``OPTIMIZERS`` settings called ``name``."""
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown prompt optimizer {name!r}; valid: {sorted(OPTIMIZERS)}")
+        return replace(self, **OPTIMIZERS[name])
 
 
 @dataclass
@@ -151,11 +182,13 @@ def adapt(model: HookedViT, images: Tensor, labels: Tensor, head: nn.Module, cfg
         prompts.load_state_dict(state["prompts"])
         return Adapted(prompts.requires_grad_(False), state["history"], state["seconds"])
     per_epoch = max(1, len(images) // cfg.batch_size)
-    # A cosine from lr to 0 over the run, without warm-up or clipping. Batches: a seeded
-    # permutation per epoch, the remainder left out.
+    # The warm-up, then a cosine from lr to 0 over the rest of the run, without clipping.
+    # Batches: a seeded permutation per epoch, the remainder left out.
     spec = PretrainConfig(steps=cfg.epochs * per_epoch, batch_size=cfg.batch_size, lr=cfg.lr,
                           stream="prompt_data_order", float32_cosine=True, seed=cfg.seed, grad_clip=0.0,
-                          log_every=per_epoch)
+                          log_every=per_epoch, optimizer=cfg.optimizer, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_epochs * per_epoch,
+                          warmup_lr=cfg.warmup_lr)
 
     def batch_loss(idx: Tensor) -> Tensor:
         logits = model(images[idx], prompts=prompts, head=head)
