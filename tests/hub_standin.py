@@ -6,7 +6,8 @@
   ``snapshots/COMMIT/FILES``) for ``gpt2`` (a 12-layer GPT2LMHeadModel of width 64 whose position-0 embedding is
   scaled up, the massive first-position norm chapter 1 checks), ``EleutherAI/pythia-70m-deduped``
   (a 3-layer GPTNeoX with ``main`` and the ``stepN`` revisions of ``PYTHIA_STEPS``, each with its own
-  weights) and ``openai/clip-vit-base-patch16`` (a 12-layer CLIPVisionModel of width 32), all sharing one
+  weights) and ``openai/clip-vit-base-patch16`` (a CLIPModel: a 12-layer vision tower of width 32 and a small
+  text tower), all sharing one
   small byte-level BPE tokenizer trained here; and each dataset of ``DATASETS`` as the parquet files
   of its repository (``datasets--ORG--NAME/snapshots/COMMIT/data/train-00000-of-00001.parquet``).
   The image dataset ``FASHION_MNIST`` (``zalando-datasets/fashion_mnist``) is written in its hub
@@ -76,8 +77,8 @@ def build(root: Path) -> Path:
     import pyarrow.parquet as pq
     import torch
     from transformers import (
-        CLIPVisionConfig,
-        CLIPVisionModel,
+        CLIPConfig,
+        CLIPModel,
         GPT2Config,
         GPT2LMHeadModel,
         GPTNeoXConfig,
@@ -119,9 +120,13 @@ def build(root: Path) -> Path:
         save(model, PYTHIA, f"step{step}")
         if step == PYTHIA_STEPS[-1]:
             save(model, PYTHIA, "main")
-    save(CLIPVisionModel(CLIPVisionConfig(num_hidden_layers=12, hidden_size=32, intermediate_size=64,
-                                          num_attention_heads=2, image_size=32, patch_size=16)),
-         CLIP, with_tokenizer=False)
+    # CLIP with both towers, as the real checkpoint: chapter 5's zero-shot head is its text classifier
+    save(CLIPModel(CLIPConfig(
+        vision_config=dict(num_hidden_layers=12, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=64, eos_token_id=2),
+        projection_dim=16)), CLIP)
     for i, (name, column) in enumerate(DATASETS.items()):
         data = _snapshot(hub, "dataset", name) / "data"
         data.mkdir(exist_ok=True)

@@ -33,9 +33,10 @@ out["gpt2"] = [gpt2.cfg.n_layers, gpt2.cfg.d_model, gpt2.cfg.n_ctx, list(gpt2(gp
 steps = {s: load_subject_model("pythia-70m-deduped", checkpoint=s) for s in (0, 1000)}
 out["pythia"] = [steps[0].cfg.n_layers, steps[0].checkpoint_step, steps[1000].checkpoint_step,
                  bool(torch.equal(steps[0].W_E, steps[1000].W_E))]
-clip, record = load_vision_model("clip-vit-b-16", probe_images=200, images=FASHION_HUB)
-out["clip"] = [clip.cfg.n_layers, clip.cfg.d_model, "blocks.10.hook_resid_post" in clip.hook_dict]
 x, y = load_fashion_mnist("test", source=FASHION_HUB)
+clip, record = load_vision_model("clip-vit-b-16", images=FASHION_HUB)
+out["clip"] = [clip.cfg.n_layers, clip.cfg.d_model, "blocks.10.hook_resid_post" in clip.hook_dict,
+               type(clip.head).__name__, clip.head.class_names[0], list(clip(x[:2]).shape)]
 out["fashion"] = [list(x.shape), str(x.dtype), float(x.min()), float(x.max()), int(y.max()),
                   len(load_fashion_mnist("train", source=FASHION_HUB)[1])]
 docs = load_corpus("hf:Elriggs/openwebtext-100k", max_chars=2000)
@@ -69,8 +70,8 @@ def test_pythia_revisions_are_its_checkpoints(loaded):
     assert (n_layers, first, second) == (3, 0, 1000) and not same  # step0 and step1000 differ
 
 
-def test_clip_vision_tower_loads_with_its_hooks(loaded):
-    assert loaded["clip"] == [12, 32, True]
+def test_clip_loads_with_its_hooks_and_its_zero_shot_text_head(loaded):
+    assert loaded["clip"] == [12, 32, True, "CLIPTextHead", "T-shirt", [2, 10]]
 
 
 def test_fashion_mnist_loads_from_the_hub_layout(loaded):

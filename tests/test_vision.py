@@ -38,6 +38,9 @@ from saelib.subjects.prompts import (
 )
 from saelib.subjects.vision import (
     FASHION_DIR,
+    FASHION_PROMPT_NAMES,
+    CLIPTextHead,
+    HookedCLIPVision,
     HookedViT,
     IdxFormatError,
     ViTConfig,
@@ -465,8 +468,6 @@ def test_clip_vision_tower_behind_the_vit_interface():
     gets the ViT's hook names, and without prompts gives transformers' own pooled output."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from saelib.subjects.vision import HookedCLIPVision
-
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=28, patch_size=4)
     torch.manual_seed(0)
@@ -487,14 +488,50 @@ def test_clip_vision_tower_behind_the_vit_interface():
                        cache["blocks.0.hook_resid_post"])
 
 
+def tiny_clip():
+    """A random CLIPModel (vision 28x28 in 4x4 patches, a small text tower) and a BPE tokenizer."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from saelib.subjects.language_models import train_tokenizer
+
+    tokenizer = train_tokenizer([f"a photo of a {w}." for w in FASHION_PROMPT_NAMES] * 20, vocab_size=300)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=32, eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=4),
+        projection_dim=16)
+    torch.manual_seed(0)
+    return CLIPModel(config).eval(), tokenizer
+
+
+def test_clips_zero_shot_head_equals_clips_own_logits():
+    """The gpu profile's zero-shot classifier is CLIP's own: the hooked vision tower with
+    CLIPTextHead gives transformers' logits_per_image for "a photo of a {class}." prompts."""
+    clip, tokenizer = tiny_clip()
+    head = CLIPTextHead.from_clip(clip, tokenizer, FASHION_PROMPT_NAMES)
+    model = HookedCLIPVision(clip.vision_model, head).eval()
+    assert model.cfg.n_classes == head.out_features == 10 and not list(head.parameters())
+    x = images(5)
+    tokens = tokenizer([f"a photo of a {n}." for n in FASHION_PROMPT_NAMES], padding=True, return_tensors="pt")
+    pixels = (x.expand(-1, 3, -1, -1) - model.pixel_mean) / model.pixel_std
+    with torch.no_grad():
+        expected = clip(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                        pixel_values=pixels).logits_per_image
+        got = model(x)
+    assert got.shape == (5, 10) and torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    # the task heads of chapter 5 read it like the ViT's own head
+    task_head = ZeroShotHead(model.head, ((0,), (2,), (4,), (6,)))
+    assert torch.allclose(model(x, head=task_head), got[:, [0, 2, 4, 6]], atol=1e-5)
+    assert "template='a photo of a {}.'" in repr(head)  # in memoized_call's keys
+
+
 def test_clip_resize_matches_clips_own_preprocessing():
     """Fashion-MNIST's 28x28 grey images reach CLIP's resolution by a bicubic resize on tensors;
     transformers' CLIPImageProcessor (PIL bicubic, then the same normalisation) gives the same
     pixels up to PIL's rounding to 8 bits and its edge handling, closer than another kernel would."""
     from PIL import Image
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    from saelib.subjects.vision import HookedCLIPVision
 
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                               image_size=112, patch_size=16)

@@ -27,7 +27,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -52,13 +52,14 @@ __all__ = [
     "FASHION_CLASSES",
     "FASHION_DIR",
     "FASHION_HUB",
+    "FASHION_PROMPT_NAMES",
     "VIT_PROFILES",
+    "CLIPTextHead",
     "HookedCLIPVision",
     "HookedViT",
     "IdxFormatError",
     "ViTConfig",
     "accuracy",
-    "linear_probe",
     "load_fashion_mnist",
     "load_vision_model",
     "load_vit",
@@ -545,30 +546,32 @@ class _HookedLayer(nn.Module):
 class HookedCLIPVision(_hooked_root()):
     """A CLIP vision tower from transformers behind ``HookedViT``'s interface: the same hook names
     for the residual stream (``hook_embed``, ``blocks.{i}.hook_resid_pre`` / ``hook_resid_post``;
-    CLIP's attention internals are not hooked), deep prompts after the image tokens, and a linear
-    ``head`` on the post-LayerNorm CLS token (``fit_base_head`` fits it to Fashion-MNIST).
-    Grey 28x28 images are repeated over RGB, resized to CLIP's resolution and normalised."""
+    CLIP's attention internals are not hooked), deep prompts after the image tokens, and ``head``
+    on the post-LayerNorm CLS token (``load_vision_model`` gives it CLIP's zero-shot text
+    classifier, ``CLIPTextHead``; default: a random linear head). Grey 28x28 images are repeated
+    over RGB, resized to CLIP's resolution (bicubic) and normalised."""
 
-    def __init__(self, vision_model: nn.Module, n_classes: int = 10):
+    def __init__(self, vision_model: nn.Module, head: nn.Module | None = None, n_classes: int = 10):
         super().__init__()
         from transformer_lens.hook_points import HookPoint
 
         # transformers < 5 nests the tower in .vision_model; 5.x's CLIPVisionModel is the tower
         vision_model = getattr(vision_model, "vision_model", vision_model)
         c = vision_model.config
+        n_classes = getattr(head, "out_features", n_classes)
         self.cfg = CLIPSpec(image_size=c.image_size, patch_size=c.patch_size, d_model=c.hidden_size,
                             n_layers=c.num_hidden_layers, n_classes=n_classes)
         self.vision = vision_model
         self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList(_HookedLayer(layer) for layer in vision_model.encoder.layers)
-        self.head = nn.Linear(c.hidden_size, n_classes)
+        self.head = head if head is not None else nn.Linear(c.hidden_size, n_classes)
         self.register_buffer("pixel_mean", torch.tensor(_CLIP_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(_CLIP_STD).view(1, 3, 1, 1))
         self.setup()
 
     @property
     def device(self) -> torch.device:
-        return self.head.weight.device
+        return self.pixel_mean.device
 
     def embed(self, images: Tensor) -> Tensor:
         x = images.to(self.device)
@@ -591,65 +594,76 @@ class HookedCLIPVision(_hooked_root()):
         return (head if head is not None else self.head)(features)
 
 
-@torch.no_grad()
-def _features(model: HookedViT, images: Tensor, batch_size: int = 1000) -> Tensor:
-    return torch.cat([model(images[i:i + batch_size], return_type="features")
-                      for i in range(0, len(images), batch_size)])
+class CLIPTextHead(nn.Module):
+    """CLIP's zero-shot classifier for some class names, as a head on the vision tower's
+    post-LayerNorm CLS token: the visual projection, L2 normalisation, then the cosine with each
+    class's normalised text embedding of ``template.format(name)``, times CLIP's logit scale.
+    Equal to ``CLIPModel``'s ``logits_per_image`` for those texts (a test checks). Nothing in it
+    is trained on the task; its tensors are buffers, so it stays frozen."""
+
+    def __init__(self, visual_projection: Tensor, text_embeddings: Tensor, logit_scale: float,
+                 class_names: tuple[str, ...], template: str):
+        super().__init__()
+        self.register_buffer("visual_projection", visual_projection.detach().clone())
+        self.register_buffer("text_embeddings", F.normalize(text_embeddings.detach().float(), dim=-1))
+        self.logit_scale = float(logit_scale)
+        self.class_names, self.template = tuple(class_names), template
+
+    @property
+    def out_features(self) -> int:
+        return len(self.class_names)
+
+    def extra_repr(self) -> str:
+        return f"classes={self.class_names}, template={self.template!r}, logit_scale={self.logit_scale:g}"
+
+    def forward(self, features: Tensor) -> Tensor:
+        image = F.normalize(features @ self.visual_projection.T, dim=-1)
+        return self.logit_scale * image @ self.text_embeddings.T
+
+    @classmethod
+    def from_clip(cls, clip: nn.Module, tokenizer, class_names: Sequence[str],
+                  template: str = "a photo of a {}.") -> "CLIPTextHead":
+        """The head of a transformers ``CLIPModel`` and its tokenizer for ``class_names``."""
+        texts = [template.format(name) for name in class_names]
+        tokens = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = clip.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            text = clip.text_projection(out.pooler_output)
+        return cls(clip.visual_projection.weight, text, clip.logit_scale.exp().item(), tuple(class_names),
+                   template)
 
 
-def linear_probe(model: HookedViT, images: Tensor, labels: Tensor, n_classes: int, *, steps: int = 300,
-                 lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0) -> nn.Linear:
-    """A linear classifier on the frozen base features (final-normalised CLS), trained full-batch
-    with Adam: the zero-shot classifier of a model without a text encoder."""
-    feats = _features(model, images)
-    labels = labels.to(feats.device)
-    head = nn.Linear(feats.shape[1], n_classes).to(feats.device)
-    gen = seeding.generator("prompt_init:probe", seed)
-    head.weight.data.copy_(torch.randn(head.weight.shape, generator=gen).to(feats.device) * 0.01)
-    head.bias.data.zero_()
-    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    for _ in range(steps):
-        loss = F.cross_entropy(head(feats), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    head.requires_grad_(False)
-    return head
+FASHION_PROMPT_NAMES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                        "bag", "ankle boot")
+"""Fashion-MNIST's classes as CLIP's zero-shot prompts name them ("a photo of a {}.")."""
 
 
-def fit_base_head(model: nn.Module, images: Tensor, labels: Tensor, steps: int = 300) -> nn.Linear:
-    """A linear probe on the frozen features, installed as the model's own classifier (for CLIP,
-    whose zero-shot classifier comes from its text tower, which this book does not load)."""
-    head = linear_probe(model, images, labels, model.cfg.n_classes, steps=steps)
-    model.head.load_state_dict(head.state_dict())
-    return model.head
-
-
-def load_vision_model(name: str, device: str = "cpu", probe_images: int = 10_000,
-                      images: str = "debian") -> tuple[nn.Module, dict]:
+def load_vision_model(name: str, device: str = "cpu", images: str = "debian") -> tuple[nn.Module, dict]:
     """The chapter's subject model and its record: a ``VIT_PROFILES`` name or a ``train_vit``
-    folder (``load_vit``), or a CLIP vision tower (``CLIP_MODELS`` key, a hub id, or a local
-    folder saved with ``save_pretrained``) with a linear Fashion-MNIST head fitted on
-    ``probe_images`` of the pretraining split (Fashion-MNIST from ``images``, a
-    ``load_fashion_mnist`` source). CLIP needs the hub (or a local copy)."""
+    folder (``load_vit``), or CLIP (``CLIP_MODELS`` key, a hub id, or a local folder saved with
+    ``save_pretrained``): its vision tower with, as its head, CLIP's own zero-shot text classifier
+    over the Fashion-MNIST classes (``CLIPTextHead``, nothing fitted), its accuracies measured on
+    Fashion-MNIST from ``images`` (a ``load_fashion_mnist`` source). CLIP needs the hub (or a local
+    copy)."""
     if name in VIT_PROFILES or (Path(name) / "vit.json").exists():
         model, record = load_vit(name)
         return model.to(device), record
-    from transformers import CLIPVisionModel
+    from transformers import AutoTokenizer, CLIPModel
 
     source = CLIP_MODELS.get(name, name)
     try:
-        tower = CLIPVisionModel.from_pretrained(source)
+        clip = CLIPModel.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise RuntimeError(f"could not load the CLIP vision tower {source!r} ({type(e).__name__}: "
                            f"{str(e)[:200]}). Offline, use a ViT trained here: {sorted(VIT_PROFILES)}"
                            ) from e
-    model = HookedCLIPVision(tower).to(device).eval()
-    model.requires_grad_(False)
     t0 = time.perf_counter()
+    model = HookedCLIPVision(clip.vision_model, CLIPTextHead.from_clip(clip, tokenizer, FASHION_PROMPT_NAMES))
+    model = model.to(device).eval()
+    model.requires_grad_(False)
     x, y = load_fashion_mnist("train", source=images)
-    train_idx, val_idx = pretraining_split(model.cfg.seed, model.cfg.val_images, len(x))
-    fit_base_head(model, x[train_idx[:probe_images]], y[train_idx[:probe_images]])
+    _, val_idx = pretraining_split(model.cfg.seed, model.cfg.val_images, len(x))
     test_x, test_y = load_fashion_mnist("test", source=images)
     record = {"profile": name, "steps": 0, "train_seconds": time.perf_counter() - t0,
               "n_params": sum(p.numel() for p in model.parameters()),
