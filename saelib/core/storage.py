@@ -110,15 +110,17 @@ def memoized_call(kind: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) 
     key = {"call": _identity(fn), "args": _identity(list(args)), "kwargs": _identity(kwargs)}
     folder = artifact_dir(kind, key)
     path = folder / "result.pt"
-    if path.exists():
-        verify(folder, f"delete {folder} and rerun to compute it again")
-        return torch.load(path, weights_only=False)
-    result = fn(*args, **kwargs)
-    tmp = atomic_dir(folder)
-    torch.save(result, tmp / "result.pt")
-    (tmp / "key.json").write_text(json.dumps(key, indent=1))
-    commit_dir(tmp, folder)
-    return result
+    if not path.exists():
+        with locked(folder):  # two builds sharing the cache compute it once
+            if not path.exists():
+                result = fn(*args, **kwargs)
+                tmp = atomic_dir(folder)
+                torch.save(result, tmp / "result.pt")
+                (tmp / "key.json").write_text(json.dumps(key, indent=1))
+                commit_dir(tmp, folder)
+                return result
+    verify(folder, f"delete {folder} and rerun to compute it again")
+    return torch.load(path, weights_only=False)
 
 
 def artifact_dir(kind: str, key: Any) -> Path:
