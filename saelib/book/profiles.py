@@ -193,10 +193,10 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
     # run, so every budget compares the two parametrisations. n_budgets: SAEs saved at doubling
     # step counts ending at steps (one run, TrainConfig.snapshot_steps). batch_size counts windows
     # (context_size - 1 SAE tokens each). schedule: linear (hold, decay over the last 20%) or
-    # cosine (the paper's, to 10%); cpu keeps linear until a cpu measurement shows cosine does not
-    # hurt (not measured yet). cpu-long has not been built: its expect_claims are None until a
-    # build records them. pair_steps: the matched local / e2e / e2e+ds trio trained again that
-    # long in a run of its own (cpu: 4x the sweep, 18 min of the cpu build's 60).
+    # cosine (the paper's, to 10%); cpu keeps linear, measured better at its length (_E2E_CPU's
+    # comment). cpu-long has not been built: its expect_claims are None until a build records
+    # them. pair_steps: the matched local / e2e / e2e+ds trio trained again that long in a run of
+    # its own (cpu: 4x the sweep, 15 min of the cpu build's 50).
     "e2e": {
         "ci": dict(model="organism-ci", hook="blocks.1.hook_resid_pre", corpus="mixed", n_tokens=32_768,
                    eval_tokens=8192, eval_windows=16, context_size=64, expansion=4, normalize_input=True,
@@ -312,8 +312,8 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                                    "shifted_more": True, "shifted_more_raw": True,
                                    "splice_cheap": True}),
         # gpu: CLIP's own zero-shot text classifier (saelib.subjects.vision.CLIPTextHead) on the
-        # book's Fashion-MNIST tasks, not the paper's datasets; activations are held in CPU memory (197 tokens x 768 per image: 4,000 images are
-        # 2.4 GB), hence the image counts; MaPLe's prompts (depth 9, 2 tokens) and optimizer (SGD,
+        # book's Fashion-MNIST tasks, not the paper's datasets; activations are held in CPU memory
+        # (197 tokens x 768 per image: 4,000 images are 2.4 GB), hence the image counts; MaPLe's prompts (depth 9, 2 tokens) and optimizer (SGD,
         # momentum 0.9, weight decay 5e-4, a constant 1e-5 first epoch, lr 0.0035, batch 4, 5
         # epochs); the hub's Fashion-MNIST (Colab has no Debian package). Run here only as
         # gpu-smoke (its names and code path at ci's sizes, against stand-in files).

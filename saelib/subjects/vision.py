@@ -655,7 +655,7 @@ def load_vision_model(name: str, device: str = "cpu", images: str = "debian") ->
         clip = CLIPModel.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise RuntimeError(f"could not load the CLIP vision tower {source!r} ({type(e).__name__}: "
+        raise RuntimeError(f"could not load CLIP {source!r} ({type(e).__name__}: "
                            f"{str(e)[:200]}). Offline, use a ViT trained here: {sorted(VIT_PROFILES)}"
                            ) from e
     t0 = time.perf_counter()
