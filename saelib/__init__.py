@@ -28,10 +28,10 @@ from saelib.core.sae import SAE, SAEConfig  # noqa: E402
 from saelib.core.saelens_io import export_saelens, load_saelens, read_saelens, run_metadata  # noqa: E402
 from saelib.core.storage import DamagedError  # noqa: E402
 from saelib.core.synthetic import make_synthetic  # noqa: E402
-from saelib.core.training import TrainConfig, TrainResult, initial_saes, train_cached, train_saes  # noqa: E402
+from saelib.core.training import Fork, TrainConfig, TrainResult, initial_saes, train_cached, train_saes  # noqa: E402
 
 __all__ = [
-    "SAE", "SAEConfig", "TrainConfig", "TrainResult", "train_saes", "train_cached", "initial_saes",
+    "SAE", "SAEConfig", "TrainConfig", "TrainResult", "Fork", "train_saes", "train_cached", "initial_saes",
     "save_sae", "load_sae", "latest_checkpoint", "step_checkpoints", "CheckpointError", "DamagedError",
     "evaluate", "Evaluation", "Reconstruction", "Local", "E2E",
     "RULES", "AllocationContext", "register", "get_rule", "make_synthetic", "export_saelens", "load_saelens",

@@ -157,3 +157,21 @@ def test_organisms_trained_side_by_side_equal_one_trained_alone_on_their_share_o
     for name, weight in torch.load(alone / "checkpoints" / last).items():
         assert torch.equal(weight, together[name]), name
     assert train_organisms(["ci", "induction-ci"], tmp_path / "together", **tiny) == outs  # finished
+
+
+def test_organisms_fused_gelu_is_gpt2s_gelu_new(organism):
+    """The organism's MLPs run gelu_pytorch_tanh (one fused kernel); it is GPT-2's gelu_new to float
+    rounding, so organisms trained under either are the same function."""
+    from transformer_lens.utilities.activation_functions import gelu_new
+
+    model = load_subject_model(str(organism))
+    assert model.cfg.act_fn == "gelu_pytorch_tanh"
+    x = torch.linspace(-8, 8, 100_001)
+    fused = model.blocks[0].mlp.act_fn(x)
+    assert (fused - gelu_new(x)).abs().max() < 1e-6
+    assert not torch.equal(fused, torch.nn.functional.gelu(x))  # not the exact erf GELU
+
+
+def test_a_missing_organism_names_the_profile_to_train(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train_organism\('cpu'\)"):
+        load_subject_model("organism-cpu", root=tmp_path / "cpu-streams2")

@@ -17,9 +17,11 @@ from saelib.core.sae import SAE, SAEConfig
 from saelib.core.storage import DamagedError
 from saelib.core.synthetic import make_synthetic
 from saelib.core.training import (
+    Fork,
     NonFiniteError,
     TrainConfig,
     batch_indices,
+    fork_point,
     initial_saes,
     stepper,
     train_cached,
@@ -321,3 +323,60 @@ def test_train_cached_keys_the_run_by_its_starting_weights(tmp_path, monkeypatch
     again = train_cached(cfgs, x, cfg, data_key="x", progress=False, init_from=first.saes)
     assert again.out_dir == chained.out_dir
     _same_weights(again.saes, chained.saes)
+
+
+def test_a_fork_equals_the_longer_run_trained_from_step_0(tmp_path):
+    """A longer run forked from a shorter one before the shorter one's decay: the same weights,
+    history and snapshots as the longer run trained from scratch, bit for bit."""
+    x, cfgs, short = _small_run()  # 40 steps, decay from step 32, checkpoints every 10
+    parent_cfgs = {**cfgs, "other": SAEConfig(16, 48, rule="topk", k=2, seed=3)}
+    short = TrainConfig(**{**train_config_dict(short), "snapshot_steps": (10, 20, 40)})
+    long = TrainConfig(**{**train_config_dict(short), "steps": 80, "snapshot_steps": (10, 20, 80)})
+    parent = train_saes(parent_cfgs, x, short, out_dir=tmp_path / "parent", progress=False)
+    names = {f"{n}-long": n for n in cfgs}
+    renamed = {f"{n}-long": c for n, c in cfgs.items()}
+    fork = Fork(parent.out_dir, names)
+    assert fork_point(fork, renamed, long).name == "step_00000030"  # the last before step 32
+    forked = train_saes(renamed, x, long, out_dir=tmp_path / "forked", progress=False, fork=fork)
+    straight = train_saes(renamed, x, long, out_dir=tmp_path / "straight", progress=False)
+    _same_weights(straight.saes, forked.saes)
+    columns = ["step", "sae", "lr", "loss", "nmse", "l0", "dead_frac"]
+    assert straight.history[columns].equals(forked.history[columns])
+    assert sorted(forked.snapshots()) == [10, 20, 80]
+    for step, saes in straight.snapshots().items():
+        _same_weights(saes, forked.snapshots()[step])
+    # a rerun finds the finished fork: no training, the same SAEs
+    again = train_saes(renamed, x, long, out_dir=tmp_path / "forked", progress=False, fork=fork)
+    _same_weights(forked.saes, again.saes)
+
+
+def test_a_fork_is_refused_where_the_runs_differ_before_it(tmp_path):
+    x, cfgs, short = _small_run()
+    parent = train_saes(cfgs, x, short, out_dir=tmp_path / "parent", progress=False)
+    fork = Fork(parent.out_dir, {n: n for n in cfgs})
+    long = TrainConfig(**{**train_config_dict(short), "steps": 80})
+    with pytest.raises(CheckpointError, match="learning rates"):  # warm-up stretched: lr differs at step 0
+        fork_point(fork, cfgs, TrainConfig(**{**train_config_dict(long), "warmup_steps": 8}))
+    with pytest.raises(CheckpointError, match="batch_size"):
+        fork_point(fork, cfgs, TrainConfig(**{**train_config_dict(long), "batch_size": 128}))
+    with pytest.raises(CheckpointError, match="k: checkpoint has 3, this run has 4"):
+        fork_point(fork, {**cfgs, "tk": SAEConfig(16, 48, rule="topk", k=4, aux="aux_k",
+                                                  dead_after_tokens=2000)}, long)
+    with pytest.raises(ValueError, match="must name every SAE"):
+        fork_point(Fork(parent.out_dir, {"tk": "tk"}), cfgs, long)
+    with pytest.raises(CheckpointError, match="snapshots at steps \\[5\\]"):
+        fork_point(fork, cfgs, TrainConfig(**{**train_config_dict(long), "snapshot_steps": (5,)}))
+    with pytest.raises(CheckpointError, match="no checkpoint there"):
+        fork_point(Fork(tmp_path / "nothing", {n: n for n in cfgs}), cfgs, long)
+
+
+def test_train_cached_keys_a_fork_by_its_parent_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_CACHE", str(tmp_path))
+    x, cfgs, short = _small_run()
+    parent = train_cached(cfgs, x, short, data_key="x", progress=False)
+    long = TrainConfig(**{**train_config_dict(short), "steps": 80})
+    fork = Fork(parent.out_dir, {n: n for n in cfgs})
+    forked = train_cached(cfgs, x, long, data_key="x", progress=False, fork=fork)
+    straight = train_cached(cfgs, x, long, data_key="x", progress=False)
+    assert forked.out_dir != straight.out_dir  # a fork is its own run folder
+    _same_weights(straight.saes, forked.saes)

@@ -161,6 +161,71 @@ class TrainResult:
         return found
 
 
+@dataclass(frozen=True)
+class Fork:
+    """Continue SAEs of another run (the parent) instead of starting at step 0. ``names`` maps each
+    SAE of the new run to the parent's SAE it continues (same config, same objective).
+
+    The new run starts from the parent's newest checkpoint before which the two runs are one run:
+    the same batches (batch size, data seed), the same Adam and clipping settings and the same
+    learning rate at every earlier step (``TrainConfig.lr_at``; e.g. a longer run whose decay starts
+    later, forked before the parent's decay). It takes that checkpoint's weights, Adam state,
+    history and the snapshots up to there, so it equals the run trained from step 0 under its own
+    config, bit for bit, for the cost of the steps after the fork."""
+
+    run_dir: Path
+    """The parent run's folder (``TrainResult.out_dir``); it must still hold the checkpoint."""
+    names: Mapping[str, str]
+    """{SAE of this run: SAE of the parent}."""
+
+
+# TrainConfig fields that make two runs take the same update from the same state at a step
+# (besides the learning rate, compared step by step): batches, Adam, clipping.
+_SAME_UPDATE = ("batch_size", "seed", "adam_betas", "grad_clip", "init_tokens")
+
+
+def fork_point(fork: Fork, saes: Mapping[str, SAEConfig], cfg: TrainConfig,
+               objectives: Objective | Mapping[str, Objective] | None = None) -> Path:
+    """The parent's checkpoint a run with these SAEs and ``cfg`` forks from (see ``Fork``), or a
+    ``CheckpointError`` saying why there is none."""
+    what = f"fork of {fork.run_dir}"
+    if set(fork.names) != set(saes):
+        raise ValueError(f"{what}: Fork.names must name every SAE of the new run: it names "
+                         f"{sorted(fork.names)}, the run trains {sorted(saes)}")
+    ours = _describe(_objectives_for(saes, objectives))
+    found = ckpt.step_checkpoints(fork.run_dir)
+    if not found:
+        raise ckpt.CheckpointError(f"{what}: no checkpoint there; train the parent run first")
+    for step in sorted(found, reverse=True):
+        state = storage.read_json(found[step] / "state.json", ckpt._advice(fork.run_dir))
+        parent_cfg = TrainConfig(**state["train"])
+        if len(state.get("schedule", ())) > 1:
+            raise ckpt.CheckpointError(f"{what}: the parent was continued under a second schedule; "
+                                       "fork from a run trained under one")
+        for new, old in fork.names.items():
+            if old not in state["saes"]:
+                raise ValueError(f"{what}: the parent has no SAE {old!r}; it has {sorted(state['saes'])}")
+            ckpt.check_same_config(saes[new].to_dict(), state["saes"][old], what=f"{what}: SAE {old!r}")
+            ckpt.check_same_config(ours[new], state["objectives"].get(old, Reconstruction().config()),
+                                   what=f"{what}: the objective of {old!r}")
+        ckpt.check_same_config({k: train_config_dict(cfg)[k] for k in _SAME_UPDATE},
+                               {k: train_config_dict(parent_cfg)[k] for k in _SAME_UPDATE}, what=what)
+        if state.get("init_from"):
+            raise ckpt.CheckpointError(f"{what}: the parent started from given weights (init_from); "
+                                       "fork only from runs that start at random")
+        if step <= cfg.steps and all(cfg.lr_at(t) == parent_cfg.lr_at(t) for t in range(step)):
+            missing = [t for t in cfg.snapshot_steps if t <= step and not all(
+                (Path(fork.run_dir) / "snapshots" / f"step_{t:08d}" / old).is_dir() for old in fork.names.values())]
+            if missing:
+                raise ckpt.CheckpointError(f"{what}: this run saves snapshots at steps {missing}, before its "
+                                           f"fork at step {step}, and the parent saved none there; give "
+                                           "both runs the same snapshot_steps up to the fork")
+            return found[step]
+    raise ckpt.CheckpointError(f"{what}: at none of the parent's checkpoints (steps {sorted(found)}) "
+                               "did the learning rates of every earlier step agree; give the new run the "
+                               "parent's warm-up, or keep an earlier checkpoint of the parent")
+
+
 def _fetch(data: ActivationTable, idx: Tensor, step: int, last_good: Path | None) -> Tensor:
     x = data[idx]
     x = x if isinstance(x, Tensor) else torch.as_tensor(x)
@@ -185,6 +250,7 @@ def train_saes(
     device: str | torch.device = "cpu",
     init_from: Mapping[str, SAE] | None = None,
     objectives: Objective | Mapping[str, Objective] | None = None,
+    fork: Fork | None = None,
 ) -> TrainResult:
     """Train several SAEs side by side on one activation stream.
 
@@ -208,16 +274,22 @@ def train_saes(
     ran under which.
 
     While it runs, rank 0 holds ``storage.locked(out_dir)``: a second run into the same folder
-    waits for the first, then resumes from (or finds) its result instead of training again."""
+    waits for the first, then resumes from (or finds) its result instead of training again.
+
+    ``fork`` continues SAEs of a finished or running parent run from its checkpoint (``Fork``)
+    instead of step 0; it needs ``out_dir`` (the parent's snapshots are copied there)."""
+    if fork is not None and (out_dir is None or init_from):
+        raise ValueError("a Fork needs an out_dir and no init_from (it takes the parent's weights)")
     if out_dir is None:
-        return _train(saes, data, cfg, None, progress, stop_at_step, device, init_from, objectives)
+        return _train(saes, data, cfg, None, progress, stop_at_step, device, init_from, objectives, None)
     out_dir = Path(out_dir)
     with storage.locked(out_dir) if distributed.rank() == 0 else contextlib.nullcontext():
         distributed.barrier()  # the other ranks read checkpoints only once rank 0 holds the lock
-        return _train(saes, data, cfg, out_dir, progress, stop_at_step, device, init_from, objectives)
+        return _train(saes, data, cfg, out_dir, progress, stop_at_step, device, init_from, objectives, fork)
 
 
-def _train(saes, data, cfg, out_dir, progress, stop_at_step, device, init_from, objectives) -> TrainResult:
+def _train(saes, data, cfg, out_dir, progress, stop_at_step, device, init_from, objectives,
+           fork) -> TrainResult:
     if not saes:
         raise ValueError("train_saes needs at least one SAE config")
     rank, world = distributed.rank(), distributed.world_size()
@@ -237,7 +309,7 @@ def _train(saes, data, cfg, out_dir, progress, stop_at_step, device, init_from, 
                              f"harvested at {harvested_at!r}: use the cache of {spliced_at!r}")
     tokens_per_row = getattr(data, "tokens_per_row", 1)
     models, optims, history, start, schedule = _start_or_resume(saes, data, cfg, out_dir, device, init_from,
-                                                                objectives)
+                                                                objectives, fork)
 
     last_step = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
     last_good = ckpt.latest_checkpoint(out_dir) if out_dir else None
@@ -285,10 +357,11 @@ def _train(saes, data, cfg, out_dir, progress, stop_at_step, device, init_from, 
 def train_cached(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: TrainConfig, data_key: object,
                  progress: bool = True, device: str | torch.device = "cpu",
                  init_from: Mapping[str, SAE] | None = None,
-                 objectives: Objective | Mapping[str, Objective] | None = None) -> TrainResult:
+                 objectives: Objective | Mapping[str, Objective] | None = None,
+                 fork: Fork | None = None) -> TrainResult:
     """``train_saes`` into a cache folder keyed by the configs, ``data_key`` (what identifies the
-    activations, e.g. a cache manifest), the digests of any ``init_from`` weights and the
-    objectives: a finished run is reloaded at once, a killed one resumes."""
+    activations, e.g. a cache manifest), the digests of any ``init_from`` weights, the objectives
+    and a ``fork``'s parent checkpoint: a finished run is reloaded at once, a killed one resumes."""
     key = {"data": data_key, "train": train_config_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()}}
     revisions = {n: get_rule(c.rule).revision for n, c in saes.items() if get_rule(c.rule).revision}
     if revisions:  # a rule whose selection changed under its name: never reuse SAEs trained before
@@ -298,8 +371,11 @@ def train_cached(saes: Mapping[str, SAEConfig], data: ActivationTable, cfg: Trai
     described = _describe(_objectives_for(saes, objectives))
     if described != _describe(_objectives_for(saes, None)):  # the default keeps existing keys
         key["objectives"] = described
+    if fork is not None:  # the parent's folder is itself named by its key
+        at = fork_point(fork, saes, cfg, objectives)
+        key["fork"] = {"run": at.parent.parent.name, "checkpoint": at.name, "names": dict(sorted(fork.names.items()))}
     return train_saes(saes, data, cfg, out_dir=storage.artifact_dir("saes", key), progress=progress,
-                      device=device, init_from=init_from, objectives=objectives)
+                      device=device, init_from=init_from, objectives=objectives, fork=fork)
 
 
 def _objectives_for(saes: Mapping[str, SAEConfig], objectives) -> dict[str, Objective]:
@@ -417,8 +493,10 @@ def _init_digests(init_from: Mapping[str, SAE]) -> dict[str, str]:
     return {name: ckpt.sae_digest(sae) for name, sae in sorted(init_from.items())}
 
 
-def _start_or_resume(saes, data, cfg, out_dir, device, init_from, objectives):
+def _start_or_resume(saes, data, cfg, out_dir, device, init_from, objectives, fork):
     latest = ckpt.latest_checkpoint(out_dir) if out_dir else None
+    if latest is None and fork is not None:
+        return _start_from_fork(saes, cfg, out_dir, device, objectives, fork)
     if latest is None:
         models = initial_saes(saes, data, cfg, device, init_from)
         optims = {name: _new_optimizer(m, cfg) for name, m in models.items()}
@@ -453,6 +531,29 @@ def _start_or_resume(saes, data, cfg, out_dir, device, init_from, objectives):
     return models, optims, state["history"], state["step"], schedule
 
 
+def _start_from_fork(saes, cfg, out_dir, device, objectives, fork):
+    at = fork_point(fork, saes, cfg, objectives)
+    advice = ckpt._advice(fork.run_dir)
+    storage.verify(at, advice)
+    state = storage.read_json(at / "state.json", advice)
+    step = state["step"]
+    models, optims = {}, {}
+    for new, old in fork.names.items():
+        models[new] = ckpt.load_sae(at / old, expected=saes[new], advice=advice).to(device).train()
+        optims[new] = _new_optimizer(models[new], cfg)
+        ckpt.load_optimizer(optims[new], at / f"{old}.adam.safetensors", advice)
+    parent_of = {old: new for new, old in fork.names.items()}
+    history = [{**row, "sae": parent_of[row["sae"]]} for row in state["history"] if row["sae"] in parent_of]
+    # The parent's snapshots up to the fork are this run's: the same SAEs at the same steps.
+    for folder in sorted((Path(fork.run_dir) / "snapshots").glob("step_*")):
+        s = int(folder.name[5:])
+        if s <= step and s in cfg.snapshot_steps:
+            for new, old in fork.names.items():
+                ckpt.save_sae(ckpt.load_sae(folder / old, advice=advice), out_dir / "snapshots" / folder.name / new)
+    schedule = [{"from_step": 0, "steps": cfg.steps, "forked_from": f"{Path(fork.run_dir).name}/{at.name}"}]
+    return models, optims, history, step, schedule
+
+
 def train_config_dict(cfg: TrainConfig) -> dict:
     """``cfg`` as saved in checkpoints, cache keys and `saelib train`'s config.json."""
     d = dataclasses.asdict(cfg)
@@ -474,7 +575,7 @@ def _write_checkpoint(out_dir, step, models, optims, saes, cfg, history, init_fr
     state = {"step": step, "train": train_config_dict(cfg), "saes": {n: c.to_dict() for n, c in saes.items()},
              "init_from": _init_digests(init_from or {}), "objectives": _describe(objectives),
              "history": history}
-    if len(schedule) > 1:  # only continued runs: the state of every other run stays as it was
+    if len(schedule) > 1 or "forked_from" in schedule[0]:  # only continued or forked runs
         state["schedule"] = schedule
     (tmp / "state.json").write_text(json.dumps(state))
     storage.commit_dir(tmp, final)
