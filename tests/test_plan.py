@@ -119,3 +119,14 @@ def test_a_model_without_published_sizes_is_refused_not_planned_at_zero(capsys):
     for chapter in ("03_e2e", "04_dynamics", "05_vision"):
         assert f"{chapter}: no published sizes" in out
     assert out.count("plan for ") == len(build.chapters()) - 3
+
+
+def test_chapter_3s_plan_counts_only_the_trios_steps_after_its_fork():
+    """cpu's trio (1280 steps) forks from the sweep's checkpoint at step 240 (the last of every 80
+    before the decay at 256): the plan counts its 1040 steps; under the cosine it trains from 0."""
+    P = profiles.values("e2e", "cpu")
+    step_tokens = P["batch_size"] * P["context_size"]
+    sweep = 26 * P["steps"] * step_tokens
+    assert plan.plan("e2e", P, model=_Loaded(8, 2)).sae_tokens == sweep + 3 * 1040 * step_tokens
+    cosine = plan.plan("e2e", {**P, "schedule": "cosine"}, model=_Loaded(8, 2))
+    assert cosine.sae_tokens == sweep + 3 * 1280 * step_tokens

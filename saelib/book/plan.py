@@ -21,6 +21,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from saelib.core.training import TrainConfig
+
 __all__ = ["SubjectSpec", "SUBJECTS", "GPUS", "Plan", "PlanError", "NoPublishedSizes", "counts", "plan",
            "announce", "machine"]
 
@@ -196,8 +198,13 @@ def _e2e(P: Mapping[str, Any], spec: SubjectSpec) -> Plan:
     # sweeps and TopK local and e2e at each k
     n_local = len(P["l1_local"]) + 1 + len(P["official_l1_local"]) + len(P["k_sweep"])
     n_e2e = len(P["l1_e2e"]) + 1 + len(P["l1_ds"]) + 1 + len(P["official_l1_e2e"]) + len(P["k_sweep"])
-    # and the matched local / e2e / e2e+ds trio trained again pair_steps long, in a run of its own
-    pair = float(P["pair_steps"]) * int(P["batch_size"]) * int(P["context_size"])
+    # and the matched local / e2e / e2e+ds trio trained pair_steps long in a run of its own, which
+    # under the linear schedule forks from the sweep's last checkpoint before its decay
+    pair_steps = int(P["pair_steps"])
+    if pair_steps and P.get("schedule", "linear") == "linear":
+        every = max(1, int(P["steps"]) // 4)  # the chapter's checkpoint_every
+        pair_steps -= int(TrainConfig(steps=int(P["steps"])).decay_start * int(P["steps"])) // every * every
+    pair = float(pair_steps) * int(P["batch_size"]) * int(P["context_size"])
     saes = [(tokens, width, True)] * (n_local + n_e2e) + [(pair, width, True)] * (3 if pair else 0)
     # an e2e step runs the model clean and spliced, and back-propagates through the spliced run
     e2e_model = (n_e2e * tokens + 2 * pair) * 2 * spec.params * 4

@@ -87,9 +87,10 @@ _E2E_CPU = dict(model="organism-cpu", hook="blocks.2.hook_resid_pre", corpus="mi
                 # at this length the paper's schedule hurts. ReLU SAEs at lambda 2, 4, 8 (local) and
                 # 0.1, 0.2, 0.4 (e2e) trained under it (2026-12-03, 320 steps) sat at 2.08-2.61x
                 # (local) and 1.89-2.19x (e2e) the CE increase of this schedule's frontier at equal L0.
-                # The cpu build of 2026-12-03 (26 SAEs, 650k tokens each): the median L0 ratio at
-                # equal CE 0.99x (0.88-1.16), falling from 1.91x at 81k tokens (log change -0.66,
-                # floor 0.095); e2e's CE at equal L0 101% of local's; downstream MSE e2e 9.62,
+                # The cpu build of 2026-12-03 (26 SAEs, 650k tokens each; 44.9 min cold with the
+                # trio forked from the sweep): the median L0 ratio at equal CE 0.98x (0.88-1.16),
+                # falling from 1.91x at 81k tokens (log change -0.66, floor 0.095); e2e's CE at
+                # equal L0 102% of local's; downstream MSE e2e 9.62,
                 # e2e+ds 1.65, local 1.47; cross-seed cosine e2e 0.23, local 0.30 (chance 0.21).
                 # Not asserted (inconclusive): the runtime ratio, which moves with the machine's
                 # load (like for like 2.9x, from cached activations 3.5x in one build and 4.5x in
@@ -195,8 +196,9 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
     # (context_size - 1 SAE tokens each). schedule: linear (hold, decay over the last 20%) or
     # cosine (the paper's, to 10%); cpu keeps linear, measured better at its length (_E2E_CPU's
     # comment). cpu-long has not been built: its expect_claims are None until a build records
-    # them. pair_steps: the matched local / e2e / e2e+ds trio trained again that long in a run of
-    # its own (cpu: 4x the sweep, 15 min of the cpu build's 50).
+    # them. pair_steps: the matched local / e2e / e2e+ds trio trained that long in a run of its
+    # own, forked from the sweep's last checkpoint before its decay (cpu: 4x the sweep, forked at
+    # step 240; 12 min of the cpu build's 45, 15 of 50 when it retrained from step 0).
     "e2e": {
         "ci": dict(model="organism-ci", hook="blocks.1.hook_resid_pre", corpus="mixed", n_tokens=32_768,
                    eval_tokens=8192, eval_windows=16, context_size=64, expansion=4, normalize_input=True,

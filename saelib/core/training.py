@@ -197,7 +197,7 @@ def fork_point(fork: Fork, saes: Mapping[str, SAEConfig], cfg: TrainConfig,
     if not found:
         raise ckpt.CheckpointError(f"{what}: no checkpoint there; train the parent run first")
     for step in sorted(found, reverse=True):
-        state = storage.read_json(found[step] / "state.json", ckpt._advice(fork.run_dir))
+        state = storage.read_json(found[step] / "state.json", f"delete {found[step]} or retrain the parent run")
         parent_cfg = TrainConfig(**state["train"])
         if len(state.get("schedule", ())) > 1:
             raise ckpt.CheckpointError(f"{what}: the parent was continued under a second schedule; "
@@ -533,7 +533,7 @@ def _start_or_resume(saes, data, cfg, out_dir, device, init_from, objectives, fo
 
 def _start_from_fork(saes, cfg, out_dir, device, objectives, fork):
     at = fork_point(fork, saes, cfg, objectives)
-    advice = ckpt._advice(fork.run_dir)
+    advice = f"delete {at} or retrain the parent run {fork.run_dir}"
     storage.verify(at, advice)
     state = storage.read_json(at / "state.json", advice)
     step = state["step"]
