@@ -13,7 +13,10 @@
   The image dataset ``FASHION_MNIST`` (``zalando-datasets/fashion_mnist``) is written in its hub
   layout: config ``fashion_mnist``, ``fashion_mnist/{train,test}-00000-of-00001.parquet`` with an
   ``image`` column (PNG bytes) and a ``label`` class column, ``FASHION_SIZES`` images per split
-  (smaller than the real 60,000 / 10,000).
+  (smaller than the real 60,000 / 10,000). The RGB datasets of ``RGB_DATASETS`` (chapter 5's gpu
+  ImageNet subset, near and shifted tasks) are written the same way, config ``default``, with
+  their real split and column names and the first of their real class names, as small RGB
+  images of odd, mixed sizes (40 x 30, 30 x 40, 36 x 36, 50 x 28).
 * ``datasets/``: those parquet files prepared by ``datasets``' own parquet builder under the
   dataset's hub name, which is what ``load_dataset(NAME)`` leaves behind after one online load and
   the only thing it reads offline (datasets 5 never resolves a hub dataset from ``hub/`` offline).
@@ -46,6 +49,26 @@ FASHION_MNIST = "zalando-datasets/fashion_mnist"
 FASHION_SIZES = {"train": 7000, "test": 2000}
 """Images per split of the stand-in Fashion-MNIST: the ViT's 5,000 held-out images and enough
 of each class for gpu-smoke's tasks, far fewer than the real 60,000 / 10,000."""
+RGB_DATASETS = {
+    # name: (splits with their sizes, class names: the first ones of the real dataset's ClassLabel,
+    # extra string columns the real dataset has)
+    "clane9/imagenet-100": ({"train": 1700, "validation": 1100},
+                            ("bonnet, poke bonnet", "green mamba", "langur", "Doberman, Doberman pinscher",
+                             "gyromitra", "Saluki, gazelle hound", "vacuum, vacuum cleaner", "window screen",
+                             "cocktail shaker", "garden spider, Aranea diademata"), ()),
+    "timm/eurosat-rgb": ({"train": 200, "validation": 200, "test": 1100},
+                         ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
+                          "PermanentCrop", "Residential", "River", "SeaLake"), ("image_id",)),
+    "ethz/food101": ({"train": 240, "validation": 1320},
+                     ("apple_pie", "baby_back_ribs", "baklava", "beef_carpaccio", "beef_tartare", "beet_salad",
+                      "beignets", "bibimbap", "bread_pudding", "breakfast_burrito", "bruschetta",
+                      "caesar_salad"), ()),
+}
+"""Chapter 5's gpu image datasets in the stand-in: splits (images each, classes balanced), class
+names, extra columns. Enough images for gpu-smoke's sizes (ci's: 1,500 SAE images, 1,000 held
+out, 16 shots and 100 test images per class), far fewer than the real ones."""
+RGB_SIZES = ((40, 30), (30, 40), (36, 36), (50, 28))
+"""(width, height) of the stand-in RGB images, in turn."""
 _WORDS = ("the model reads a token and writes the next one while sparse features fire on words "
           "that matter in context such as names numbers dates places and code").split()
 
@@ -140,6 +163,14 @@ def build(root: Path) -> Path:
         files[split] = folder / f"{split}-00000-of-00001.parquet"
         _fashion_images(n, seed=len(files)).to_parquet(str(files[split]))
     _prepare(root, FASHION_MNIST, "fashion_mnist", files)
+    for i, (name, (splits, classes, extra)) in enumerate(RGB_DATASETS.items()):
+        data = _snapshot(hub, "dataset", name) / "data"
+        data.mkdir(exist_ok=True)
+        files = {}
+        for j, (split, n) in enumerate(splits.items()):
+            files[split] = data / f"{split}-00000-of-00001.parquet"
+            _rgb_images(n, classes, extra, seed=10 * i + j).to_parquet(str(files[split]))
+        _prepare(root, name, "default", files)
     (root / "complete").write_text("")
     return root
 
@@ -166,6 +197,30 @@ def _fashion_images(n: int, seed: int):
     features = Features({"image": Image(), "label": ClassLabel(names=list(FASHION_CLASSES))})
     return Dataset.from_dict({"image": [PILImage.fromarray(p, mode="L") for p in pixels],
                               "label": labels.tolist()}, features=features)
+
+
+def _rgb_images(n: int, classes: tuple[str, ...], extra: tuple[str, ...], seed: int):
+    """A ``datasets.Dataset`` of ``n`` RGB images (an Image feature: PNG bytes) of the sizes
+    ``RGB_SIZES`` in turn and a ``label`` ClassLabel over ``classes``, balanced (every class
+    ``n // len(classes)`` times or one more). Each image is its class's blocky colour prototype
+    plus noise, so the classes can be told apart by a model that learns them."""
+    import numpy as np
+    from datasets import ClassLabel, Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    prototypes = np.random.default_rng(len(classes)).integers(0, 256, size=(len(classes), 6, 6, 3))
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % len(classes))
+    pictures = []
+    for i, c in enumerate(labels):
+        w, h = RGB_SIZES[i % len(RGB_SIZES)]
+        block = np.clip(prototypes[c] + rng.normal(0, 30, size=(6, 6, 3)), 0, 255).astype(np.uint8)
+        pictures.append(PILImage.fromarray(block, mode="RGB").resize((w, h), PILImage.NEAREST))
+    columns = {"image": pictures, "label": labels.tolist(),
+               **{c: [f"{c}-{seed}-{i}" for i in range(n)] for c in extra}}
+    features = Features({"image": Image(), "label": ClassLabel(names=list(classes)),
+                         **{c: Value("string") for c in extra}})
+    return Dataset.from_dict(columns, features=features)
 
 
 def _prepare(root: Path, name: str, config: str, files: dict[str, Path]) -> None:

@@ -64,8 +64,9 @@ SMOKE_CHAPTERS = {
     "03_e2e": "gpt2-small's layer 6 with every objective and sweep of the gpu profile (39 SAEs of 60 x d_model) "
               "at SMOKE_SMALLER's sizes; log axes that say what they leave out",
     "04_dynamics": "Pythia through TransformerLens at every checkpoint of the gpu profile (its stepN revisions)",
-    "05_vision": "the CLIP vision tower from transformers behind the chapter's hooks, prompts and probes; "
-                 "Fashion-MNIST from the hub's parquet files",
+    "05_vision": "the CLIP vision tower from transformers behind the chapter's hooks, prompts and zero-shot "
+                 "text heads; ImageNet-100, Food-101 and EuroSAT as RGB images of odd sizes from the hub's "
+                 "parquet files, resized and cropped for CLIP",
 }
 """The chapters run on gpu-smoke, with what each one's run exercises of the gpu path."""
 

@@ -85,9 +85,10 @@ def test_a_loaded_models_counts_replace_the_published_sizes():
          "mask_ks": (1, 2), "task_test_images": 1, "prompt_seeds": (0,), "shots": 1, "prompt_epochs": 1,
          "steps": 5, "batch_size": 7, "expansion": 2}
     vit = plan.plan("vision", V, model=_Loaded(4, 1, n_tokens=5))
-    params, per_image, images = 16, 5, 3 + 2 + 1 * 2 + 2 * 4 * 1 * 2
+    # the gpu tasks (Food-101, EuroSAT) are matched at EuroSAT's 10 classes
+    params, per_image, images = 16, 5, 3 + 2 + 1 * 2 + 2 * 10 * 1 * 2
     assert vit.subject_tokens == images * per_image
-    prompt = 2 * 3 * 2 * params * per_image * 1 * 4 * 1 * 1
+    prompt = 2 * 3 * 2 * params * per_image * 1 * 10 * 1 * 1
     assert vit.flops == pytest.approx(2 * params * images * per_image + prompt + 12 * 4 * 8 * 35)
     assert vit.cpu_bytes == pytest.approx(4 * params + 4 * 4 * 5 * (3 + 2 + 1) + 4 * 7 * (8 + 16))
 

@@ -555,3 +555,65 @@ def test_clip_resize_matches_clips_own_preprocessing():
     gap = (ours - theirs).abs() * model.pixel_std  # back in [0, 1] pixel units
     # bicubic: mean 0.0040, max 0.022; a bilinear resize would give 0.0048 and 0.040, nearest 0.022, 0.13
     assert gap.mean() < 0.0045 and gap.max() < 0.03, (float(gap.mean()), float(gap.max()))
+
+
+def test_clip_resize_matches_clips_own_preprocessing_on_rgb_of_another_shape():
+    """A hub dataset's RGB image, not square and not CLIP's size (56 x 40, wider than tall;
+    and a 150 x 120 one that is shrunk): CLIPImageProcessor resizes the shortest side (PIL
+    bicubic, antialiased when shrinking) and crops the centre; the loader's clip_resize + uint8
+    rounding and the tower's normalisation give the same pixels, within the grey test's bounds."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from saelib.subjects.image_datasets import clip_resize
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=112, patch_size=16)
+    model = HookedCLIPVision(CLIPVisionModel(config)).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
+    gen = torch.Generator().manual_seed(0)
+    captured = {}
+    model.vision.embeddings.register_forward_hook(lambda m, args, out: captured.update(pixels=args[0]))
+    for height, width in ((40, 56), (120, 150)):
+        # smooth colour images: a coarse random grid blurred up, as photos are at this scale
+        coarse = torch.rand((3, 3, height // 8, width // 8), generator=gen)
+        x = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+        x = (x * 255).round() / 255  # what a decoded 8-bit image holds
+        pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in x]
+        theirs = processor(images=pil, return_tensors="pt")["pixel_values"]
+        ours_uint8 = (clip_resize(x, 112) * 255).round().to(torch.uint8)  # as load_hub_images stores it
+        with torch.no_grad():
+            model(ours_uint8, return_type="features")
+        ours = captured["pixels"]
+        assert ours_uint8.shape == ours.shape == theirs.shape == (3, 3, 112, 112)
+        gap = (ours - theirs).abs() * model.pixel_std
+        assert gap.mean() < 0.0045 and gap.max() < 0.03, (height, width, float(gap.mean()), float(gap.max()))
+        # the float path (no uint8 step) agrees too: the tower resizes a batch itself
+        with torch.no_grad():
+            model(x, return_type="features")
+        assert (captured["pixels"] - ours).abs().max() * model.pixel_std.max() < 2.5 / 255
+
+
+def test_clip_resize_keeps_the_centre_of_the_shortest_side():
+    from saelib.subjects.image_datasets import clip_resize
+
+    wide = torch.zeros((1, 3, 10, 30))
+    wide[..., 10:20] = 1.0  # the middle third, which the centre crop of the 10 x 10 square keeps
+    out = clip_resize(wide, 10)
+    assert out.shape == (1, 3, 10, 10) and torch.equal(out, torch.ones_like(out))
+    tall = torch.rand((2, 1, 30, 20))
+    assert clip_resize(tall, 8).shape == (2, 1, 8, 8)
+    same = torch.rand((1, 3, 8, 8))
+    assert torch.equal(clip_resize(same, 8), same)  # CLIP's own size: left as it is
+    with pytest.raises(ValueError, match=r"expected images \[n, C, H, W\]"):
+        clip_resize(torch.rand(3, 8, 8), 8)
+
+
+@pytest.mark.parametrize("raw, readable", [
+    ("AnnualCrop", "annual crop"), ("SeaLake", "sea lake"), ("HerbaceousVegetation", "herbaceous vegetation"),
+    ("apple_pie", "apple pie"), ("bonnet, poke bonnet", "bonnet"), ("Doberman, Doberman pinscher", "doberman"),
+    ("polka-dotted", "polka-dotted"), ("T-shirt/top", "t-shirt/top")])
+def test_class_names_read_as_a_prompt_says_them(raw, readable):
+    from saelib.subjects.image_datasets import readable_class_name
+
+    assert readable_class_name(raw) == readable

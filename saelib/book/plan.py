@@ -234,12 +234,15 @@ def _vision(P: Mapping[str, Any], spec: SubjectSpec) -> Plan:
     per_image = spec.tokens_per_item
     width = int(P["expansion"]) * spec.d_model
     tokens = float(P["steps"]) * int(P["batch_size"])
+    from saelib.subjects.prompts import task_classes
+
     images = float(P["sae_images"]) + float(P["eval_images"]) + float(P["mask_images"]) * len(P["mask_ks"])
-    # each task's test images (two tasks of four classes) read by the base model and every adapted one
-    images += 2 * 4 * float(P["task_test_images"]) * (1 + len(P["prompt_seeds"]))
-    # prompt adaptation: forward and backward (3 forwards) per shot image and epoch, two tasks of
-    # four classes, each seed
-    prompt_flops = (2 * 3 * 2 * spec.params * per_image * float(P["shots"]) * 4 * int(P["prompt_epochs"])
+    # the two tasks are matched in classes (the smaller task's count; 10 for a dataset of unknown size)
+    classes = min(task_classes(P["near_task"]) or 10, task_classes(P["shifted_task"]) or 10)
+    # each task's test images read by the base model and every adapted one
+    images += 2 * classes * float(P["task_test_images"]) * (1 + len(P["prompt_seeds"]))
+    # prompt adaptation: forward and backward (3 forwards) per shot image and epoch, both tasks, each seed
+    prompt_flops = (2 * 3 * 2 * spec.params * per_image * float(P["shots"]) * classes * int(P["prompt_epochs"])
                     * len(P["prompt_seeds"]))
     # the SAE's training, statistics and masking activations stay in CPU memory (float32)
     held = 4.0 * spec.d_model * per_image * (float(P["sae_images"]) + float(P["eval_images"])

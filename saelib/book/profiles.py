@@ -291,16 +291,21 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
     # hook: the output of the second-to-last block, as in the paper. tau is in the model's own
     # activation units (the official code's: its SAE reads raw activations). task_test_images is
     # per class. Both tasks adapt with the same shots, epochs and batch: the same prompt steps.
-    # images: Fashion-MNIST from the Debian package ("debian") or a hub dataset ("hf:<name>").
+    # images: what the SAE trains on and the model's accuracy and masking curves are measured on:
+    # Fashion-MNIST from the Debian package ("debian"), the hub's copy, or a hub RGB dataset
+    # ("hf:<name>", saelib.subjects.image_datasets). near_task / shifted_task: the two target
+    # tasks (saelib.subjects.prompts: a Fashion-MNIST task name or "hf:<name>", matched in classes).
     "vision": {
-        "ci": dict(vit="ci", images="debian", hook="blocks.1.hook_resid_post", sae_images=1500, eval_images=600,
+        "ci": dict(vit="ci", images="debian", near_task="fashion-upper",
+                   shifted_task="fashion-upper-inverted", hook="blocks.1.hook_resid_post", sae_images=1500, eval_images=600,
                    mask_images=400, expansion=8, l1_coeff=0.05, k=8, sae_aux="none", steps=150,
                    batch_size=1024, lr=3e-3, tau=0.2, shots=16, task_test_images=100, prompt_tokens=4,
                    prompt_depth=2, prompt_epochs=8, prompt_batch=16, prompt_lr=3e-2, prompt_optimizer="adamw",
                    prompt_seeds=(0, 1),
                    mask_ks=(1, 2, 5, 10, 50, 100, 256), group_top=10, group_bottom=20,
                    min_model_accuracy=0.5, check_masking=True, expect_claims={"splice_cheap": True}),
-        "cpu": dict(vit="cpu", images="debian", hook="blocks.2.hook_resid_post", sae_images=8000, eval_images=2000,
+        "cpu": dict(vit="cpu", images="debian", near_task="fashion-upper",
+                    shifted_task="fashion-upper-inverted", hook="blocks.2.hook_resid_post", sae_images=8000, eval_images=2000,
                     mask_images=2000, expansion=16, l1_coeff=0.05, k=16, sae_aux="none", steps=2000,
                     batch_size=2048, lr=2e-3, tau=0.2, shots=100, task_test_images=1000, prompt_tokens=8,
                     prompt_depth=3, prompt_epochs=30, prompt_batch=32, prompt_lr=3e-2, prompt_optimizer="adamw",
@@ -314,12 +319,25 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                                    "shifted_more": True, "shifted_more_raw": True,
                                    "splice_cheap": True}),
         # gpu: CLIP's own zero-shot text classifier (saelib.subjects.vision.CLIPTextHead) on the
-        # book's Fashion-MNIST tasks, not the paper's datasets; activations are held in CPU memory
-        # (197 tokens x 768 per image: 4,000 images are 2.4 GB), hence the image counts; MaPLe's prompts (depth 9, 2 tokens) and optimizer (SGD,
-        # momentum 0.9, weight decay 5e-4, a constant 1e-5 first epoch, lr 0.0035, batch 4, 5
-        # epochs); the hub's Fashion-MNIST (Colab has no Debian package). Run here only as
-        # gpu-smoke (its names and code path at ci's sizes, against stand-in files).
-        "gpu": dict(vit="clip-vit-b-16", images="hf:zalando-datasets/fashion_mnist",
+        # paper's kind of data, by hub name (parquet, no loading script; what each dataset card
+        # says is in saelib.subjects.image_datasets.HUB_DATASETS). ImageNet is replaced by
+        # ImageNet-100 (clane9/imagenet-100: ImageNet's own images of 100 classes, with ImageNet's
+        # readable class names, which the text head needs; timm/mini-imagenet names its classes by
+        # WordNet ids), its validation split held out. Tasks: Food-101 (near: natural photos, one of
+        # the paper's evaluation sets; its validation split is the official test set, 250 per class)
+        # and EuroSAT (timm/eurosat-rgb, the strongly shifted satellite domain; test split), each
+        # a seeded pick of 10 classes (EuroSAT's count), 16 shots and 250 test images per class.
+        # Verified from the dataset cards (2026-12): the repos, parquet files, the image and label
+        # (ClassLabel) columns, split names and sizes, class names. Not verified (no network here):
+        # that none is gated, and that load_dataset reads them as the stand-in hub's copies are
+        # read (tests/hub_standin.py). ImageNet-100's train split is about 8 GB of parquet.
+        # Activations are held in CPU memory (197 tokens x 768 per image: 4,000 images are
+        # 2.4 GB), images as uint8 at 224 x 224 (150 kB each); MaPLe's prompts (depth 9, 2
+        # tokens) and optimizer (SGD, momentum 0.9, weight decay 5e-4, a constant 1e-5 first epoch, lr 0.0035, batch 4, 5
+        # epochs). Run here only as gpu-smoke (its names and code path at ci's sizes, against
+        # stand-in files).
+        "gpu": dict(vit="clip-vit-b-16", images="hf:clane9/imagenet-100", near_task="hf:ethz/food101",
+                    shifted_task="hf:timm/eurosat-rgb",
                     hook="blocks.10.hook_resid_post", sae_images=4000,
                     eval_images=1000, mask_images=1000, expansion=64, l1_coeff=0.05, k=32, sae_aux="aux_k",
                     steps=20_000, batch_size=4096, lr=4e-4, tau=0.2, shots=16, task_test_images=250,
@@ -327,7 +345,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
                     prompt_optimizer="maple_sgd",
                     prompt_seeds=(0, 1, 2), mask_ks=(1, 2, 5, 10, 50, 100, 500, 1000, 2000, 49152),
                     group_top=50, group_bottom=100,
-                    # CLIP's zero-shot over ten garment names (chance 10%), not a fitted head
+                    # CLIP's zero-shot over ImageNet-100's names (chance 1%; not measured here)
                     min_model_accuracy=0.3, check_masking=True, expect_claims=None),
     },
 }

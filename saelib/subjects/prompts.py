@@ -18,7 +18,11 @@ Target tasks (``load_task``), matched in classes, images per class and training 
 confuses most, in their own domain) and ``fashion-upper-inverted`` (the very same images with
 inverted grey levels, white background and dark garments: a domain the ViT never saw, with the
 same classes and the same zero-shot head). Few-shot training images never come from the ViT's
-pretraining images; test images are the official test set's.
+pretraining images; test images are the official test set's. A task named "hf:<dataset>" (the
+gpu profile's, e.g. EuroSAT) is a hub image-classification dataset read by
+``saelib.subjects.image_datasets``; its zero-shot head is CLIP's text classifier over its class
+names (``HookedCLIPVision.text_head``), and ``load_tasks`` keeps the same number of classes in
+every such task (the smallest task's).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch import Tensor, nn
 from saelib.core import seeding, storage
 from saelib.core.pretraining import PretrainConfig, pretrain
 from saelib.core.storage import tensor_digest
+from saelib.subjects.image_datasets import HUB_DATASETS, class_names, load_hub_images, split_names
 from saelib.subjects.vision import FASHION_CLASSES, HookedViT, load_fashion_mnist, pretraining_split
 
 __all__ = [
@@ -46,12 +51,17 @@ __all__ = [
     "adapt",
     "backbone_digest",
     "load_task",
+    "load_tasks",
+    "task_classes",
 ]
 
 # The four upper-body garments, which the pretrained ViT confuses with one another most.
 UPPER_BODY = (0, 2, 4, 6)
 TASKS = {"fashion-upper": UPPER_BODY, "fashion-upper-inverted": UPPER_BODY}
 """Each task's classes, as the Fashion-MNIST classes each gathers (one each here)."""
+DESCRIPTIONS = {"fashion-upper": "the four upper-body garments",
+                "fashion-upper-inverted": "the same images inverted"}
+"""How the chapter's prose names each Fashion-MNIST task."""
 
 
 class ZeroShotHead(nn.Module):
@@ -230,18 +240,27 @@ class TargetTask:
 
     name: str
     classes: tuple[str, ...]
-    groups: tuple[tuple[int, ...], ...]
+    groups: tuple[tuple[int, ...], ...] | None
+    """None: the classes are read by the model's text classifier (CLIP's), by name."""
     train_images: Tensor
     train_labels: Tensor
     test_images: Tensor
     test_labels: Tensor
+    description: str = ""
+    """How the chapter's prose names the task."""
 
     @property
     def n_classes(self) -> int:
         return len(self.classes)
 
-    def zero_shot_head(self, model: nn.Module) -> ZeroShotHead:
-        """The task's classifier read from ``model``'s pretraining head, untrained."""
+    def zero_shot_head(self, model: nn.Module) -> nn.Module:
+        """The task's classifier, untrained: read from ``model``'s pretraining head, or for a hub
+        task CLIP's text classifier over the task's class names."""
+        if self.groups is None:
+            if not hasattr(model, "text_head"):
+                raise ValueError(f"task {self.name!r} needs a zero-shot text classifier (CLIP's); "
+                                 f"{type(model).__name__} has none")
+            return model.text_head(self.classes)
         return ZeroShotHead(model.head, self.groups)
 
 
@@ -267,7 +286,7 @@ def load_task(name: str, shots: int, test_per_class: int | None = None, seed: in
     images; test images from the official test set. Both tasks draw the same images; the inverted
     one shows them as 1 - grey level. ``images``: the ``load_fashion_mnist`` source."""
     if name not in TASKS:
-        raise ValueError(f"unknown target task {name!r}; valid: {list(TASKS)}")
+        raise ValueError(f"unknown target task {name!r}; valid: {list(TASKS)} or 'hf:<dataset>'")
     members = TASKS[name]
     task_of = torch.full((len(FASHION_CLASSES),), -1, dtype=torch.long)
     task_of[list(members)] = torch.arange(len(members))
@@ -288,4 +307,56 @@ def load_task(name: str, shots: int, test_per_class: int | None = None, seed: in
     if name.endswith("-inverted"):
         train_x, test_x = 1 - train_x, 1 - test_x
     return TargetTask(name, tuple(FASHION_CLASSES[c] for c in members), tuple((c,) for c in members),
-                      train_x, train_y, test_x, test_y)
+                      train_x, train_y, test_x, test_y, DESCRIPTIONS[name])
+
+
+def task_classes(name: str) -> int | None:
+    """Classes of a task without loading it: a Fashion-MNIST task's, or a hub dataset's as its
+    card gives it (``HUB_DATASETS``; None for a dataset not listed there)."""
+    if name in TASKS:
+        return len(TASKS[name])
+    return HUB_DATASETS.get(name[3:], {}).get("classes") if name.startswith("hf:") else None
+
+
+def load_hub_task(name: str, shots: int, test_per_class: int, n_classes: int | None = None,
+                  seed: int = 0, size: int = 224) -> TargetTask:
+    """A hub dataset ("hf:<dataset>") as a target task: ``shots`` training images per class from
+    its training split, ``test_per_class`` from its held-out split (``HUB_DATASETS``), both
+    resized for CLIP (``size``); ``n_classes``: a seeded pick of that many of its classes
+    (default: all). Its zero-shot head is CLIP's text classifier over the readable class names."""
+    if not name.startswith("hf:"):
+        raise ValueError(f"a hub task is named 'hf:<dataset>', got {name!r}")
+    dataset = name[3:]
+    train_split, test_split = split_names(dataset)
+    every = len(class_names(dataset, train_split))
+    if n_classes is not None and not 0 < n_classes <= every:
+        raise ValueError(f"n_classes={n_classes}: {dataset!r} has {every} classes")
+    if n_classes is None or n_classes == every:
+        keep = tuple(range(every))
+    else:
+        stream = seeding.generator(f"image_splits:task_classes:{dataset}", seed)
+        pick = torch.randperm(every, generator=stream)
+        keep = tuple(sorted(pick[:n_classes].tolist()))
+    train = load_hub_images(dataset, train_split, per_class=shots, classes=keep, size=size, seed=seed)
+    test = load_hub_images(dataset, test_split, per_class=test_per_class, classes=keep, size=size,
+                           seed=seed)
+    short = dataset.split("/")[-1]
+    return TargetTask(short, train.classes, None, train.images, train.labels, test.images, test.labels,
+                      f"{len(keep)} classes of {short}")
+
+
+def load_tasks(names: tuple[str, ...], shots: int, test_per_class: int, *, images: str = "debian",
+               size: int = 224, seed: int = 0) -> dict[str, TargetTask]:
+    """The chapter's tasks by name, keyed by their names: Fashion-MNIST ones (``load_task`` with
+    ``images``) or hub ones ("hf:<dataset>", ``load_hub_task``) matched in class count: each hub
+    task keeps a seeded pick of as many classes as the smallest hub task has."""
+    hub = [n for n in names if n.startswith("hf:")]
+    fewest = min((len(class_names(n[3:], split_names(n[3:])[0])) for n in hub), default=None)
+    tasks = {}
+    for name in names:
+        task = (load_hub_task(name, shots, test_per_class, fewest, seed, size) if name in hub
+                else load_task(name, shots, test_per_class, seed, images=images))
+        if task.name in tasks:
+            raise ValueError(f"two tasks named {task.name!r}: {names}")
+        tasks[task.name] = task
+    return tasks

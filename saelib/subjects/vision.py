@@ -43,8 +43,17 @@ from saelib.core.storage import (
     content_key,
     locked,
     read_json,
+    tensor_digest,
     verify,
     write_checksums,
+)
+from saelib.subjects.image_datasets import (
+    HUB_DATASETS,
+    class_names,
+    clip_resize,
+    load_hub_images,
+    split_names,
+    split_size,
 )
 
 __all__ = [
@@ -60,12 +69,17 @@ __all__ = [
     "IdxFormatError",
     "ViTConfig",
     "accuracy",
+    "as_pictures",
+    "image_classes",
+    "is_fashion",
     "load_fashion_mnist",
+    "load_images",
     "load_vision_model",
     "load_vit",
     "predict",
     "pretraining_split",
     "read_idx",
+    "sae_training_images",
     "train_vit",
     "vit_dir",
 ]
@@ -548,10 +562,14 @@ class HookedCLIPVision(_hooked_root()):
     for the residual stream (``hook_embed``, ``blocks.{i}.hook_resid_pre`` / ``hook_resid_post``;
     CLIP's attention internals are not hooked), deep prompts after the image tokens, and ``head``
     on the post-LayerNorm CLS token (``load_vision_model`` gives it CLIP's zero-shot text
-    classifier, ``CLIPTextHead``; default: a random linear head). Grey 28x28 images are repeated
-    over RGB, resized to CLIP's resolution (bicubic) and normalised."""
+    classifier, ``CLIPTextHead``; default: a random linear head). Grey images are repeated over
+    RGB; images of another size are resized and centre-cropped to CLIP's resolution as
+    ``CLIPImageProcessor`` does (``clip_resize``), then normalised; uint8 images are read as /255.
+    ``text_head(class_names)`` builds CLIP's zero-shot head for other classes when the model was
+    loaded with its text tower (``load_vision_model``)."""
 
-    def __init__(self, vision_model: nn.Module, head: nn.Module | None = None, n_classes: int = 10):
+    def __init__(self, vision_model: nn.Module, head: nn.Module | None = None, n_classes: int = 10,
+                 text_head: Any = None):
         super().__init__()
         from transformer_lens.hook_points import HookPoint
 
@@ -567,20 +585,29 @@ class HookedCLIPVision(_hooked_root()):
         self.head = head if head is not None else nn.Linear(c.hidden_size, n_classes)
         self.register_buffer("pixel_mean", torch.tensor(_CLIP_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(_CLIP_STD).view(1, 3, 1, 1))
+        # a plain attribute, not a submodule: the text tower stays out of state_dict (the backbone
+        # digest) and on the CPU; only the heads it builds move to the model's device
+        object.__setattr__(self, "_text_head", text_head)
         self.setup()
 
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    def text_head(self, class_names: Sequence[str]) -> "CLIPTextHead":
+        """CLIP's zero-shot text classifier over ``class_names``, on this model's device."""
+        if self._text_head is None:
+            raise RuntimeError("this CLIP vision tower was built without its text tower; load it with "
+                               "load_vision_model to get zero-shot heads for other classes")
+        return self._text_head(tuple(class_names)).to(self.device)
+
     def embed(self, images: Tensor) -> Tensor:
         x = images.to(self.device)
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"expected images [batch, 1 or 3, H, W], got {list(x.shape)}")
-        x = x.expand(-1, 3, -1, -1)
-        size = self.cfg.image_size
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        if x.dtype == torch.uint8:  # the hub loader's images (load_hub_images), as PIL leaves them
+            x = x.float() / 255.0
+        x = clip_resize(x.expand(-1, 3, -1, -1), self.cfg.image_size)
         x = (x - self.pixel_mean) / self.pixel_std
         return self.hook_embed(self.vision.pre_layrnorm(self.vision.embeddings(x)))
 
@@ -638,13 +665,69 @@ FASHION_PROMPT_NAMES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sand
 """Fashion-MNIST's classes as CLIP's zero-shot prompts name them ("a photo of a {}.")."""
 
 
-def load_vision_model(name: str, device: str = "cpu", images: str = "debian") -> tuple[nn.Module, dict]:
+def is_fashion(source: str) -> bool:
+    """Whether an ``images`` source is Fashion-MNIST (the Debian files or the hub's copy)."""
+    return source in ("debian", FASHION_HUB)
+
+
+def load_images(source: str, split: str, n: int | None = None, size: int = 224,
+                seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Images and labels of chapter 5's ``images`` source: Fashion-MNIST (``is_fashion``) as
+    ``load_fashion_mnist`` gives it, its first ``n`` if given; any other "hf:<dataset>" through
+    ``load_hub_images`` (uint8 RGB at ``size``, a seeded sample of ``n``), its ``split`` "train"
+    or "test" read as the dataset's training and held-out splits (``HUB_DATASETS``)."""
+    if is_fashion(source):
+        x, y = load_fashion_mnist(split, source=source)
+        return (x, y) if n is None else (x[:n], y[:n])
+    if not source.startswith("hf:"):
+        raise ValueError(f"unknown image source {source!r}; valid: 'debian' or 'hf:<dataset>' "
+                         f"(e.g. {FASHION_HUB!r} or one of {sorted('hf:' + k for k in HUB_DATASETS)})")
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; valid: 'train' or 'test' (the held-out split)")
+    name = source[3:]
+    got = load_hub_images(name, split_names(name)[split == "test"], n=n, size=size, seed=seed)
+    return got.images, got.labels
+
+
+def image_classes(source: str) -> tuple[str, ...]:
+    """The class names of an ``images`` source: Fashion-MNIST's, or a hub dataset's (readable)."""
+    if is_fashion(source):
+        return FASHION_CLASSES
+    if not source.startswith("hf:"):
+        raise ValueError(f"unknown image source {source!r}; valid: 'debian' or 'hf:<dataset>'")
+    return class_names(source[3:], split_names(source[3:])[0])
+
+
+def sae_training_images(source: str, n: int, cfg: Any, size: int = 224) -> tuple[Tensor, str]:
+    """The ``n`` training images whose tokens train chapter 5's SAEs, and a digest naming them
+    (for the SAE cache key): for Fashion-MNIST a seeded pick of the ViT's pretraining images (by
+    their indices), for a hub dataset a seeded sample of its training split (by their pixels)."""
+    if not is_fashion(source):
+        images, _ = load_images(source, "train", n=n, size=size)
+        return images, tensor_digest(images)
+    train_x, _ = load_fashion_mnist("train", source=source)
+    train_idx, _ = pretraining_split(cfg.seed, cfg.val_images, len(train_x))
+    shuffle = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(0))
+    pick = train_idx[shuffle[:n]].sort().values
+    return train_x[pick], tensor_digest(pick)
+
+
+def as_pictures(images: Tensor) -> np.ndarray:
+    """Images [n, 1 or 3, H, W] (float in [0, 1] or uint8) as the figures draw them: [n, H, W]
+    for grey, [n, H, W, 3] in [0, 1] for RGB."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    return x[:, 0].numpy() if x.shape[1] == 1 else x.permute(0, 2, 3, 1).numpy()
+
+
+def load_vision_model(name: str, device: str = "cpu", images: str = "debian",
+                      accuracy_images: int = 1000) -> tuple[nn.Module, dict]:
     """The chapter's subject model and its record: a ``VIT_PROFILES`` name or a ``train_vit``
     folder (``load_vit``), or CLIP (``CLIP_MODELS`` key, a hub id, or a local folder saved with
     ``save_pretrained``): its vision tower with, as its head, CLIP's own zero-shot text classifier
-    over the Fashion-MNIST classes (``CLIPTextHead``, nothing fitted), its accuracies measured on
-    Fashion-MNIST from ``images`` (a ``load_fashion_mnist`` source). CLIP needs the hub (or a local
-    copy)."""
+    (``CLIPTextHead``, nothing fitted) over the classes of ``images`` (a ``load_images`` source:
+    Fashion-MNIST's garments, or a hub dataset's class names), its accuracies measured on those
+    images (for a hub dataset on ``accuracy_images`` of each split). CLIP needs the hub (or a
+    local copy)."""
     if name in VIT_PROFILES or (Path(name) / "vit.json").exists():
         model, record = load_vit(name)
         return model.to(device), record
@@ -659,14 +742,27 @@ def load_vision_model(name: str, device: str = "cpu", images: str = "debian") ->
                            f"{str(e)[:200]}). Offline, use a ViT trained here: {sorted(VIT_PROFILES)}"
                            ) from e
     t0 = time.perf_counter()
-    model = HookedCLIPVision(clip.vision_model, CLIPTextHead.from_clip(clip, tokenizer, FASHION_PROMPT_NAMES))
+    if not (is_fashion(images) or images.startswith("hf:")):
+        raise ValueError(f"unknown image source {images!r}; valid: 'debian' or 'hf:<dataset>'")
+    names = FASHION_PROMPT_NAMES if is_fashion(images) else class_names(images[3:])
+    text_head = functools.partial(CLIPTextHead.from_clip, clip.eval(), tokenizer)
+    model = HookedCLIPVision(clip.vision_model, text_head(names), text_head=text_head)
     model = model.to(device).eval()
     model.requires_grad_(False)
-    x, y = load_fashion_mnist("train", source=images)
-    _, val_idx = pretraining_split(model.cfg.seed, model.cfg.val_images, len(x))
-    test_x, test_y = load_fashion_mnist("test", source=images)
+    size = model.cfg.image_size
+    if is_fashion(images):
+        x, y = load_fashion_mnist("train", source=images)
+        _, val_idx = pretraining_split(model.cfg.seed, model.cfg.val_images, len(x))
+        val_x, val_y = x[val_idx], y[val_idx]
+        test_x, test_y = load_fashion_mnist("test", source=images)
+    else:
+        train_split, test_split = split_names(images[3:])
+        val_x, val_y = load_images(images, "train", size=size, seed=1,
+                                   n=min(accuracy_images, split_size(images[3:], train_split)))
+        test_x, test_y = load_images(images, "test", size=size, seed=1,
+                                     n=min(accuracy_images, split_size(images[3:], test_split)))
     record = {"profile": name, "steps": 0, "train_seconds": time.perf_counter() - t0,
               "n_params": sum(p.numel() for p in model.parameters()),
-              "val_accuracy": accuracy(model, x[val_idx], y[val_idx], batch_size=250),
+              "val_accuracy": accuracy(model, val_x, val_y, batch_size=250),
               "test_accuracy": accuracy(model, test_x, test_y, batch_size=250)}
     return model, record
