@@ -73,3 +73,45 @@ def test_bf16_training_resumes_bit_identically(tmp_path, rule):
 def test_unknown_encoder_dtype_is_refused():
     with pytest.raises(ValueError, match="encoder_dtype = 'fp16' is invalid: unknown encoder_dtype; valid: .*bfloat16"):
         SAEConfig(D, F, encoder_dtype="fp16")
+
+
+@pytest.mark.parametrize("rule", ["topk", "feature_choice"])
+def test_emulated_bf16_product_matches_the_bf16_kernel(rule, monkeypatch):
+    """Without bfloat16 hardware the encoder product is emulated (operands rounded to bfloat16, the
+    product in float32, the result rounded): the same pre-activations as PyTorch's bfloat16 kernel
+    up to the rounding of the result, whichever kernel this machine has."""
+    from saelib.core import sae as sae_module
+
+    x = batch() * 3
+    sae = SAE(SAEConfig(D, F, rule=rule, k=K, encoder_dtype="bfloat16"))
+    sae.init_from_sample(x)
+    x_norm = x * sae.input_scale
+    z = {}
+    for emulate in (False, True):
+        monkeypatch.setattr(sae_module, "native_bfloat16", lambda device, e=emulate: not e)
+        z[emulate], _ = sae.preactivations(x_norm)
+    assert z[True].dtype == z[False].dtype == torch.bfloat16
+    assert z[True].stride() == z[False].stride()  # feature-major rules keep their layout
+    # The two differ only where float32 accumulation order tips a rounding: one bfloat16 step.
+    step = z[False].float().abs().clamp(min=1e-3) * 2 ** -7
+    gap = (z[True].float() - z[False].float()).abs()
+    assert bool((gap <= step).all()), float((gap / step).max())
+    assert float((gap > 0).float().mean()) < 0.01
+    # And the rule keeps (nearly) the same entries from both.
+    ctx = AllocationContext(k=K, feature_rank=sae.feature_rank())
+    kept = [set(sae.rule.select(z[e], ctx).tolist()) for e in (False, True)]
+    assert len(kept[0] & kept[1]) >= 0.995 * len(kept[0])
+
+
+def test_book_defaults_fall_back_to_float32_without_bf16_hardware(monkeypatch):
+    from saelib.book import profiles
+    from saelib.core import devices
+
+    for native in (True, False):
+        monkeypatch.setattr(devices, "_native_bfloat16", lambda device_type, n=native: n)
+        assert devices.machine_precision("bfloat16") == ("bfloat16" if native else "float32")
+        assert devices.machine_precision("float32") == "float32"
+        params = profiles.resolve("allocation", "ci")
+        assert params["precision"] == ("bfloat16" if native else "float32")
+        # an explicit choice is kept as given
+        assert profiles.resolve("allocation", "ci", precision="bfloat16")["precision"] == "bfloat16"

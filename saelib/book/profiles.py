@@ -29,7 +29,10 @@ import html
 import os
 from typing import Any, Mapping
 
+import torch
+
 from saelib.book import plan
+from saelib.core.devices import machine_precision
 from saelib.subjects.language_models import checkpoint_schedule
 
 PROFILES = ("ci", "cpu", "cpu-long", "gpu", "gpu-smoke")
@@ -469,10 +472,24 @@ def resolve(chapter: str, profile: str | None = None, **overrides: Any) -> Param
         if value is not None:
             check_type(chapter, name, value)
             params[name] = value
+    if "precision" in params and overrides.get("precision") is None:
+        params["precision"] = _machine_precision(chapter, profile, params["precision"])
     params["profile"] = profile
     if profile in PLANNED:
         plan.announce(chapter, params)
     return params
+
+
+def _machine_precision(chapter: str, profile: str, requested: str) -> str:
+    """A profile's bfloat16 becomes float32 on a machine without bfloat16 hardware, where it would
+    be several times slower than float32 (``saelib.core.devices.native_bfloat16``); said once."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = machine_precision(requested, device)
+    if chosen != requested:
+        print(f"{chapter} ({profile}): this {device.upper()} has no bfloat16 hardware (AVX-512 BF16 or AMX), "
+              f"so the profile's precision={requested!r} runs as {chosen!r}; pass precision={requested!r} "
+              "to keep it")
+    return chosen
 
 
 def check_type(chapter: str, name: str, value: Any) -> None:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from saelib.core import distributed, seeding
 from saelib.core.allocation import AllocationContext, get_rule, threshold_select
-from saelib.core.devices import module_device, to_device_of
+from saelib.core.devices import module_device, native_bfloat16, to_device_of
 from saelib.core.validate import check, integer, real
 
 # Above this fraction of kept entries the dense kernels are faster than the sparse ones
@@ -85,7 +85,8 @@ class SAEConfig:
     """Precision of the encoder's dense product, the one dense GEMM of a step: float32, or bfloat16
     (twice as fast on CPUs with AVX-512 BF16 and on GPUs). Weights, gradients, the optimizer and the
     decoder stay float32; with bfloat16 the rule selects from bfloat16 pre-activations and the kept
-    values carry bfloat16's ~3 significant digits."""
+    values carry bfloat16's ~3 significant digits. A device without bfloat16 hardware emulates the
+    product at float32's speed (``saelib.core.devices.native_bfloat16``)."""
     parametrisation: str = "saelib"
     """saelib: tied initialisation (encoder = decoder), b_enc 0, b_dec at the inputs' geometric median
     and subtracted before encoding. e2e_sae: Braun et al.'s official SAE: untied encoder, orthogonal
@@ -308,12 +309,16 @@ class SAE(nn.Module):
         bias = self.b_enc - self.encoder @ self.b_dec if self.cfg.pre_encoder_bias else self.b_enc
         with torch.no_grad():
             dtype = PRECISIONS[self.cfg.encoder_dtype]
-            encoder, x_in, b = self.encoder.to(dtype), x_norm.to(dtype), bias.to(dtype)
+            # Without bfloat16 hardware the same product is faster emulated: operands rounded to
+            # bfloat16, multiplied and accumulated in float32, the result rounded (as the hardware does).
+            emulate = dtype == torch.bfloat16 and not native_bfloat16(x_norm.device)
+            encoder, x_in, b = (t.to(dtype).float() if emulate else t.to(dtype)
+                                for t in (self.encoder, x_norm, bias))
             if self.rule.feature_major:
                 z = torch.addmm(b[:, None], encoder, x_in.T).T
             else:
                 z = torch.addmm(b, x_in, encoder.T)
-        return z, bias
+        return (z.to(dtype) if emulate else z), bias
 
     def kept_values(self, x_norm: Tensor, z: Tensor, bias: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         """z[rows, cols] with the sparse gradient to the encoder and preact_bias."""
