@@ -1,5 +1,6 @@
 """The plan printed before a gpu chapter starts: numbers counted from the knobs, refusals with numbers."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import nbformat
@@ -91,6 +92,14 @@ def test_a_loaded_models_counts_replace_the_published_sizes():
     prompt = 2 * 3 * 2 * params * per_image * 1 * 10 * 1 * 1
     assert vit.flops == pytest.approx(2 * params * images * per_image + prompt + 12 * 4 * 8 * 35)
     assert vit.cpu_bytes == pytest.approx(4 * params + 4 * 4 * 5 * (3 + 2 + 1) + 4 * 7 * (8 + 16))
+    # the images themselves are held too: the SAE's, statistics' and masking's, and both tasks'
+    grey = plan.plan("vision", V, model=_Loaded(4, 1, n_tokens=5, image_size=2, channels=1))
+    assert grey.cpu_bytes - vit.cpu_bytes == pytest.approx(4 * 2 * 2 * ((3 + 2 + 1) + 2 * 10 * (1 + 1)))
+    # CLIP on the gpu profile: 6,000 images of ImageNet-100 and 2 x 10 x (16 + 250) task images, uint8
+    clip = plan.plan("vision", profiles.values("vision", "gpu"))
+    without_images = dataclasses.replace(plan.SUBJECTS["clip-vit-b-16"], item_bytes=0)
+    assert plan._vision(profiles.values("vision", "gpu"), without_images).cpu_bytes == pytest.approx(
+        clip.cpu_bytes - 3 * 224 * 224 * (6000 + 2 * 10 * (16 + 250)))
 
 
 @pytest.mark.parametrize("notebook", ["03_e2e", "05_vision"])

@@ -40,13 +40,15 @@ class SubjectSpec:
     n_layers: int
     tokens_per_item: int = 1
     """Tokens per item for models that read images (patches + CLS); 1 for language models."""
+    item_bytes: int = 0
+    """CPU memory of one input image as the chapter holds it (0 for language models)."""
 
 
 SUBJECTS: dict[str, SubjectSpec] = {
     "gpt2-small": SubjectSpec(124e6, 768, 12),
     "pythia-70m-deduped": SubjectSpec(70e6, 512, 6),
     "smollm2-135m": SubjectSpec(135e6, 576, 30),
-    "clip-vit-b-16": SubjectSpec(86e6, 768, 12, tokens_per_item=197),
+    "clip-vit-b-16": SubjectSpec(86e6, 768, 12, tokens_per_item=197, item_bytes=3 * 224 * 224),  # uint8 RGB
 }
 """Published sizes of the models the gpu profiles name."""
 
@@ -129,8 +131,10 @@ def counts(model: Any) -> SubjectSpec:
     tower): its parameters, ``cfg.d_model``, ``cfg.n_layers`` and, for a vision model, its tokens
     per image (``cfg.n_tokens``: CLS + patches)."""
     cfg = model.cfg
+    vision = hasattr(cfg, "image_size")  # images held as float32 at most (hub images: uint8)
+    item_bytes = 4 * cfg.image_size ** 2 * getattr(cfg, "channels", 3) if vision else 0
     return SubjectSpec(float(sum(p.numel() for p in model.parameters())), int(cfg.d_model), int(cfg.n_layers),
-                       tokens_per_item=int(getattr(cfg, "n_tokens", 1)))
+                       tokens_per_item=int(getattr(cfg, "n_tokens", 1)), item_bytes=item_bytes)
 
 
 def _build(chapter: str, P: Mapping[str, Any], *, spec: SubjectSpec, harvested: float, evaluated: float,
@@ -244,9 +248,11 @@ def _vision(P: Mapping[str, Any], spec: SubjectSpec) -> Plan:
     # prompt adaptation: forward and backward (3 forwards) per shot image and epoch, both tasks, each seed
     prompt_flops = (2 * 3 * 2 * spec.params * per_image * float(P["shots"]) * classes * int(P["prompt_epochs"])
                     * len(P["prompt_seeds"]))
-    # the SAE's training, statistics and masking activations stay in CPU memory (float32)
-    held = 4.0 * spec.d_model * per_image * (float(P["sae_images"]) + float(P["eval_images"])
-                                             + float(P["mask_images"]))
+    # the SAE's training, statistics and masking activations stay in CPU memory (float32), and so
+    # do those images and both tasks' training and test images
+    held_images = (float(P["sae_images"]) + float(P["eval_images"]) + float(P["mask_images"]))
+    task_images = 2 * classes * (float(P["shots"]) + float(P["task_test_images"]))
+    held = 4.0 * spec.d_model * per_image * held_images + spec.item_bytes * (held_images + task_images)
     return _build("vision", P, spec=spec, harvested=float(P["sae_images"]) * per_image,
                   evaluated=(images - float(P["sae_images"])) * per_image, saes=[(tokens, width, True)],
                   extra_flops=prompt_flops, held_bytes=held)
