@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 
 from saelib import SAE, SAEConfig, TrainConfig, evaluate, train_saes
 from saelib.core import seeding
+from saelib.core.devices import native_bfloat16
 from saelib.core.training import stepper
 
 
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"threads {torch.get_num_threads()}  fp32 matmul {gflops:.1f} GFLOP/s  "
           f"encoder-bound roofline {roofline:,.0f} tokens/s  (d={a.d}, d_sae={a.d_sae}, k={a.k}, batch={a.batch})")
     print("load average (1, 5, 15 min) before: " + ", ".join(f"{v:.2f}" for v in load_before)
-          + "; after: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+          + "; after: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+          + "; bfloat16 " + ("in hardware" if native_bfloat16() else "emulated (no AVX-512 BF16 or AMX)"))
     print(f"{'rule':16s} {'encoder':>8s} {'ranks':>5s} {'step ms':>8s} {'tokens/s':>10s} {'of roofline':>12s} "
           f"{'vs topk step':>13s}")
     for r in rows:
