@@ -143,10 +143,10 @@ def test_glue_stores_plain_values_that_myst_nb_formats(tmp_path):
     cell = nbformat.v4.new_code_cell(
         "import numpy as np, torch\nfrom saelib.book import prose\n"
         "prose.glue({'share': np.float64(0.8073), 'n': np.int64(610), 'loss': torch.tensor(3.96),"
-        " 'trend': 'closes', 'holds': np.bool_(True)});")
+        " 'trend': 'closes', 'holds': np.bool_(True)})")  # last in its cell, no semicolon
     nb = nbclient.NotebookClient(nbformat.v4.new_notebook(cells=[cell]), kernel_name="python3").execute()
     glued = {key: out.data["text/plain"] for key, out in extract_glue_data_cell(nb.cells[0])}
-    assert nb.cells[0].outputs == [], "a glued value showed in the cell's output"
+    assert nb.cells[0].outputs == [], "a glued value (or glue's return value) showed in the cell's output"
     assert format_plain_text(glued["share"], ".1%") == "80.7%"
     assert format_plain_text(glued["n"], ",d") == "610"
     assert format_plain_text(glued["loss"], ".2f") == "3.96"

@@ -31,16 +31,13 @@ def plain(value: Any) -> Any:
     raise TypeError(f"only numbers and strings are glued into prose, not {type(value).__name__}")
 
 
-def glue(values: Mapping[str, Any]) -> dict[str, Any]:
+def glue(values: Mapping[str, Any]) -> None:
     """Glue each value under its name for the chapter's markdown, without showing it in the cell's
-    output. Names are Python identifiers (a role's ``:`` starts its format spec). Returns the plain
-    values glued."""
+    output: it returns nothing, so a cell that ends with it shows nothing either. Names are Python
+    identifiers (a role's ``:`` starts its format spec)."""
     from myst_nb import glue as myst_glue
 
-    glued = {}
     for name, value in values.items():
         if not NAME.match(name):
             raise ValueError(f"glue name {name!r} is not an identifier")
-        glued[name] = plain(value)
-        myst_glue(name, glued[name], display=False)
-    return glued
+        myst_glue(name, plain(value), display=False)
