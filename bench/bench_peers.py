@@ -43,11 +43,10 @@ import statistics
 import time
 
 import torch
-from bench_train import gaussian_plus_sparse, matmul_gflops
+from bench_train import bfloat16_line, gaussian_plus_sparse, matmul_gflops
 from torch import Tensor
 
 from saelib import SAEConfig, TrainConfig, train_saes
-from saelib.core.devices import native_bfloat16
 from saelib.core.metrics import per_token_error
 from saelib.core.sae import geometric_median
 from saelib.core.training import batch_indices
@@ -180,9 +179,8 @@ def run_sparsify(x: Tensor, held: Tensor, a: argparse.Namespace, optimizer: str)
 
 def machine_line() -> str:
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    bf16 = "in hardware" if native_bfloat16() else "emulated (no AVX-512 BF16 or AMX)"
     return (f"load average {load}; {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}; "
-            f"bfloat16 {bf16}")
+            + bfloat16_line())
 
 
 def _runners(a: argparse.Namespace) -> list:

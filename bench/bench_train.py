@@ -39,6 +39,11 @@ from saelib.core.devices import native_bfloat16
 from saelib.core.training import stepper
 
 
+def bfloat16_line() -> str:
+    """How this machine computes bfloat16 products, for a benchmark's header."""
+    return "bfloat16 " + ("in hardware" if native_bfloat16() else "emulated (no AVX-512 BF16 or AMX)")
+
+
 def gemm_operands(batch: int, d: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs and a preallocated output for the encoder-shaped product (so page faults of a fresh
     75 MB output do not count against the machine), warmed up twice."""
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"encoder-bound roofline {roofline:,.0f} tokens/s  (d={a.d}, d_sae={a.d_sae}, k={a.k}, batch={a.batch})")
     print("load average (1, 5, 15 min) before: " + ", ".join(f"{v:.2f}" for v in load_before)
           + "; after: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
-          + "; bfloat16 " + ("in hardware" if native_bfloat16() else "emulated (no AVX-512 BF16 or AMX)"))
+          + "; " + bfloat16_line())
     print(f"{'rule':16s} {'encoder':>8s} {'ranks':>5s} {'step ms':>8s} {'tokens/s':>10s} {'of roofline':>12s} "
           f"{'vs topk step':>13s}")
     for r in rows:

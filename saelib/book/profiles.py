@@ -482,7 +482,7 @@ def resolve(chapter: str, profile: str | None = None, **overrides: Any) -> Param
 
 def _machine_precision(chapter: str, profile: str, requested: str) -> str:
     """A profile's bfloat16 becomes float32 on a machine without bfloat16 hardware, where it would
-    be several times slower than float32 (``saelib.core.devices.native_bfloat16``); said once."""
+    be several times slower than float32 (``saelib.core.devices.native_bfloat16``), and a line says so."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     chosen = machine_precision(requested, device)
     if chosen != requested:

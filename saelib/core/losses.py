@@ -67,25 +67,42 @@ def zipf_shortfall_weights(sae: SAE) -> Tensor:
     return torch.where((density == 0) & warming_up, torch.zeros_like(shortfall), shortfall)
 
 
-def aux_residual_loss(sae: SAE, out: SAEOutput, weights: Tensor) -> Tensor:
-    """NMSE of the main reconstruction's residual, rebuilt from the k_aux top weighted features."""
+def aux_weights(sae: SAE) -> Tensor | None:
+    """Each feature's weight in the SAE's auxiliary loss (``cfg.aux``): dead features for aux_k,
+    Zipf shortfalls for aux_zipf; None without an auxiliary loss."""
+    if sae.cfg.aux == "aux_k":
+        return dead_weights(sae)
+    if sae.cfg.aux == "aux_zipf":
+        return zipf_shortfall_weights(sae)
+    return None
+
+
+def aux_slots(z: Tensor, weights: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """(rows, cols) of the auxiliary reconstruction's entries: for each token the k_aux features of
+    positive weight with the largest weighted pre-activations, kept where the pre-activation is
+    positive (rows ascending)."""
     eligible = torch.nonzero(weights > 0).squeeze(1)
     if eligible.numel() == 0:
-        return out.x_norm.new_zeros(())
-    z = out.preacts
+        empty = torch.zeros(0, dtype=torch.long, device=z.device)
+        return empty, empty
     scores = z[:, eligible] * weights[eligible]
-    k_aux = min(sae.cfg.k_aux, eligible.numel())
+    k_aux = min(k_aux, eligible.numel())
     top = scores.topk(k_aux, dim=1, sorted=False).indices
-    n_tokens = z.shape[0]
-    rows = torch.arange(n_tokens, device=z.device).repeat_interleave(k_aux)
+    rows = torch.arange(z.shape[0], device=z.device).repeat_interleave(k_aux)
     cols = eligible[top.flatten()]
     positive = z[rows, cols] > 0
-    rows, cols = rows[positive], cols[positive]
+    return rows[positive], cols[positive]
+
+
+def aux_residual_loss(sae: SAE, out: SAEOutput, weights: Tensor) -> Tensor:
+    """NMSE of the main reconstruction's residual, rebuilt from the k_aux top weighted features."""
+    z = out.preacts
+    rows, cols = aux_slots(z, weights, sae.cfg.k_aux)
     if rows.numel() == 0:
         return out.x_norm.new_zeros(())
     values = sae.kept_values(out.x_norm, z, out.preact_bias, rows, cols)
     residual = (out.x_norm - out.x_hat_norm).detach()
-    return nmse(residual, decode_sparse(rows, cols, values, sae.decoder, n_tokens))
+    return nmse(residual, decode_sparse(rows, cols, values, sae.decoder, z.shape[0]))
 
 
 @dataclass
@@ -107,11 +124,7 @@ def sae_loss(sae: SAE, out: SAEOutput) -> LossTerms:
     cfg = sae.cfg
     recon = nmse(out.x_norm, out.x_hat_norm)
     sparsity = l1(out)
-    if cfg.aux == "aux_k":
-        aux = aux_residual_loss(sae, out, dead_weights(sae))
-    elif cfg.aux == "aux_zipf":
-        aux = aux_residual_loss(sae, out, zipf_shortfall_weights(sae))
-    else:
-        aux = recon.new_zeros(())
+    weights = aux_weights(sae)
+    aux = recon.new_zeros(()) if weights is None else aux_residual_loss(sae, out, weights)
     total = recon + cfg.l1_coeff * sparsity + cfg.aux_coeff * aux
     return LossTerms(total, recon, sparsity, aux)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from saelib.core.allocation import AllocationContext
 from saelib.core.devices import to_device_of
-from saelib.core.losses import dead_weights, zipf_shortfall_weights
+from saelib.core.losses import aux_slots, aux_weights, dead_weights
 from saelib.core.sae import SAE
 
 
@@ -60,18 +60,10 @@ def dead_feature_traces(sae: SAE, x: Tensor) -> dict[str, float]:
 
 
 def _aux_slots_to_dead(sae: SAE, z: Tensor, dead: Tensor) -> float:
-    """Share of the filled auxiliary slots (positive entries among each token's k_aux best
-    weighted scores, as ``saelib.core.losses.aux_residual_loss`` picks them) held by dead features."""
-    if sae.cfg.aux == "none":
+    """Share of the filled auxiliary slots (``saelib.core.losses.aux_slots``, as the aux loss picks
+    them) held by dead features."""
+    weights = aux_weights(sae)
+    if weights is None:
         return float("nan")
-    weights = dead_weights(sae) if sae.cfg.aux == "aux_k" else zipf_shortfall_weights(sae)
-    eligible = torch.nonzero(weights > 0).squeeze(1)
-    if eligible.numel() == 0:
-        return float("nan")
-    scores = z[:, eligible] * weights[eligible]
-    top = scores.topk(min(sae.cfg.k_aux, eligible.numel()), dim=1).indices
-    cols = eligible[top]
-    filled = torch.gather(z, 1, cols) > 0
-    if not bool(filled.any()):
-        return float("nan")
-    return float(dead[cols[filled]].float().mean())
+    _, cols = aux_slots(z, weights, sae.cfg.k_aux)
+    return float(dead[cols].float().mean()) if cols.numel() else float("nan")
