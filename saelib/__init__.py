@@ -15,7 +15,15 @@ The names below are the public API for training and evaluating SAEs::
 
 __version__ = "0.1.0"
 
+import os
 import warnings
+
+# PyTorch's CPU allocator backs each large tensor with transparent huge pages when this is set
+# (read once, at the first allocation of 2 MB or more). An SAE step allocates its 75 MB
+# pre-activation matrix afresh, and with 4 KB pages the kernel's zeroing of them cost 6% of a
+# TopK step (23k page faults a step, 2k with huge pages; bench/bench_train.py). Set it to 0
+# before importing saelib to keep 4 KB pages.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 # tqdm.auto (saelib.core.progress) falls back to text bars where ipywidgets is missing (e.g. papermill); that is fine.
 warnings.filterwarnings("ignore", message="IProgress not found")

@@ -7,6 +7,7 @@ from saelib.core.allocation import (
     RULES,
     AllocationContext,
     get_rule,
+    row_topk,
     top_n_indices,
     uniform_capacities,
     zipf_capacities,
@@ -53,6 +54,26 @@ def test_topk_keeps_exactly_k_per_row_and_they_are_the_largest():
     assert (mask.sum(1) == K).all()
     kth = z.topk(K, dim=1).values[:, -1:]
     assert torch.equal(mask, z >= kth)
+
+
+@pytest.mark.parametrize("n, k", [(4608, 32), (36_864, 32), (4608, 128), (96, 5), (99, 7), (64, 60)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_topk_selects_the_k_largest_values_of_every_row(n, k, dtype):
+    """The blocked selection (taken for most shapes here; 99 columns and k 60 of 64 fall back to
+    torch.topk) picks k distinct columns whose values are torch.topk's, bfloat16 ties included."""
+    gen = torch.Generator().manual_seed(n + k)
+    z = torch.randn(48, n, generator=gen).to(dtype)
+    if dtype == torch.bfloat16:  # coarse values: many rows tie at their k-th largest
+        z = (z * 4).round() / 4
+    got = row_topk(z, k)
+    assert got.shape == (48, k)
+    assert (got.sort(1).values.diff(dim=1) > 0).all(), "a column was picked twice"
+    assert torch.equal(z.gather(1, got).sort(1).values, z.topk(k, dim=1).values.sort(1).values)
+
+
+def test_row_topk_reads_a_transposed_view_as_it_is():
+    z = torch.randn(4608, 40, generator=torch.Generator().manual_seed(1)).T
+    assert torch.equal(z.gather(1, row_topk(z, 8)).sort(1).values, z.topk(8, dim=1).values.sort(1).values)
 
 
 def test_mutual_choice_keeps_exactly_k_times_batch_and_they_are_the_largest():
@@ -219,14 +240,16 @@ def test_saelens_architecture_follows_each_rules_inference_mode():
 
 
 def test_a_rule_revised_under_its_name_gets_a_new_cache_key(monkeypatch):
-    """feature_choice changed its capacities under an unchanged name (revision 1): SAEs cached before
-    must not load, and rules never revised keep their keys."""
+    """feature_choice changed its capacities under an unchanged name (revision 1), topk its tie
+    picks (revision 1, the blocked selection): SAEs cached before must not load; a rule never
+    revised adds nothing to its key."""
     import dataclasses
 
     from saelib.core import training
     from saelib.core.sae import SAEConfig
 
-    assert RULES["feature_choice"].revision == 1 and RULES["topk"].revision == 0
+    assert RULES["feature_choice"].revision == 1 and RULES["topk"].revision == 1
+    assert RULES["relu"].revision == 0
     out_dirs = []
     monkeypatch.setattr(training, "train_saes", lambda *a, out_dir, **kw: out_dirs.append(out_dir))
 
@@ -240,4 +263,7 @@ def test_a_rule_revised_under_its_name_gets_a_new_cache_key(monkeypatch):
     assert cached("feature_choice") != revised
     topk = cached("topk")
     monkeypatch.setitem(RULES, "topk", dataclasses.replace(RULES["topk"], revision=0))
-    assert cached("topk") == topk
+    assert cached("topk") != topk
+    relu = cached("relu")
+    monkeypatch.setitem(RULES, "relu", dataclasses.replace(RULES["relu"], revision=0))
+    assert cached("relu") == relu

@@ -96,3 +96,24 @@ def test_evaluate_with_the_sae_on_the_gpu_matches_the_cpu():
     on_cpu, on_gpu = evaluate(sae, x), evaluate(sae.to("cuda"), x)
     assert on_gpu.density.device.type == "cpu"
     assert abs(on_cpu.nmse - on_gpu.nmse) < 1e-4 and torch.equal(on_cpu.l0_per_token, on_gpu.l0_per_token)
+
+
+def test_importing_saelib_backs_large_tensors_with_huge_pages():
+    """A fresh 64 MB tensor after ``import saelib`` takes far fewer page faults than its 16,384
+    pages of 4 KB: PyTorch's allocator asked for transparent huge pages (THP_MEM_ALLOC_ENABLE)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("this kernel has transparent huge pages off")
+    code = ("import resource, saelib, torch, os; before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; "
+            "torch.empty(16 * 2**20).fill_(1); "
+            "print(os.environ['THP_MEM_ALLOC_ENABLE'], resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    flag, faults = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                  check=True).stdout.split()
+    assert flag == "1"
+    assert int(faults) < 16_384 // 4, f"{faults} page faults for 64 MB: huge pages were not used"

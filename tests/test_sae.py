@@ -6,7 +6,7 @@ import torch
 from saelib.core import seeding
 from saelib.core.allocation import RULES
 from saelib.core.losses import sae_loss
-from saelib.core.sae import SAE, SAEConfig, positive_mass
+from saelib.core.sae import SAE, SAEConfig, decode_sparse, positive_mass
 
 D, F, K = 16, 64, 4
 
@@ -39,6 +39,33 @@ def test_gradients_equal_dense_autograd_through_kept_entries_only(rule):
     assert not mask[:, :3].any()
     assert (sae.encoder.grad[:3] == 0).all(), "a feature that kept no entry got an encoder gradient"
     assert (sae.b_enc.grad[:3] == 0).all()
+
+
+@pytest.mark.parametrize("decoder_grad", [True, False])
+def test_sparse_decode_gradients_equal_the_dense_product(decoder_grad):
+    """The sparse decoder's own backward against autograd through a dense codes @ decoder, at a
+    density where the sparse kernels run; tokens 3 and 7 (and the last) keep no entry."""
+    gen = torch.Generator().manual_seed(4)
+    n_tokens, n_features, d = 40, 500, 24
+    keep = torch.rand(n_tokens, n_features, generator=gen) < 0.02
+    keep[[3, 7, -1]] = False
+    rows, cols = keep.nonzero(as_tuple=True)
+    values = torch.rand(rows.numel(), generator=gen).requires_grad_()
+    decoder = torch.randn(n_features, d, generator=gen).requires_grad_(decoder_grad)
+    out = decode_sparse(rows, cols, values, decoder, n_tokens)
+    grad = torch.randn(n_tokens, d, generator=gen)
+    out.backward(grad)
+    ref_values = values.detach().clone().requires_grad_()
+    ref_decoder = decoder.detach().clone().requires_grad_(decoder_grad)
+    dense = torch.zeros(n_tokens, n_features).index_put((rows, cols), ref_values)
+    ref = dense @ ref_decoder
+    ref.backward(grad)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(values.grad, ref_values.grad)
+    assert (decoder.grad is None) == (not decoder_grad)
+    if decoder_grad:
+        torch.testing.assert_close(decoder.grad, ref_decoder.grad)
+    assert (out[[3, 7, -1]] == 0).all()
 
 
 def test_positive_mass_equals_the_clamped_row_sums_exactly():

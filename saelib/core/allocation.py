@@ -27,6 +27,7 @@ one process does, so it keeps exactly k * B entries even with bfloat16 ties).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -113,11 +114,32 @@ def relu(z: Tensor, ctx: AllocationContext) -> Tensor:
     return torch.nonzero(z.flatten() > 0).squeeze(1)
 
 
-@register("topk", label="TopK", color="#1f77b4")
+def row_topk(z: Tensor, k: int) -> Tensor:
+    """Column indices [rows, k] of the k largest entries of each row of ``z``, unordered: the values
+    ``torch.topk`` selects (where the k-th value ties, other columns of that value may be picked).
+
+    On a CPU, ``torch.topk`` over a wide row costs about a sixth of an SAE step (4608 features). A
+    blocked selection is up to 2x faster: split each row into n / c strided blocks of c entries,
+    keep the k blocks with the largest maxima, and select among their k * c entries. It is exact:
+    a block holding one of the row's k largest entries has a maximum at least the k-th largest
+    value, and at most k blocks have one (each such maximum is itself among the k largest)."""
+    n_rows, n = z.shape
+    # Block size: the fastest of 4-64 measured on 2 cores (4608 or 36,864 features, k 16-128).
+    c = 2 ** max(0, int(math.log2(math.sqrt(n / max(k, 1)) / 1.5)))
+    if z.device.type != "cpu" or not z.is_contiguous() or c < 2 or n % c or n // c < k:
+        return z.topk(k, dim=1, sorted=False).indices
+    n_blocks = n // c
+    block_max = z.view(n_rows, c, n_blocks).amax(1)  # block j holds columns j, j + n_blocks, ...
+    blocks = block_max.topk(k, dim=1, sorted=False).indices
+    cols = (blocks[:, :, None] + n_blocks * torch.arange(c, device=z.device)).view(n_rows, k * c)
+    return cols.gather(1, z.gather(1, cols).topk(k, dim=1, sorted=False).indices)
+
+
+@register("topk", label="TopK", color="#1f77b4", revision=1)
 def topk(z: Tensor, ctx: AllocationContext) -> Tensor:
     """Each token keeps its k largest pre-activations (Gao et al. 2024)."""
     n_tokens, n_features = z.shape
-    idx = z.topk(ctx.k, dim=1, sorted=False).indices
+    idx = row_topk(z, ctx.k)
     flat = (idx + torch.arange(n_tokens, device=z.device)[:, None] * n_features).flatten()
     return _positive(z.flatten(), flat)
 

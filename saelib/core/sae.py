@@ -209,13 +209,39 @@ def positive_mass(rows: Tensor, chunk: int = 256) -> Tensor:
     return out
 
 
+class _SparseDecode(torch.autograd.Function):
+    """x_hat[t] = sum over kept (t, i) of values * decoder[i] (rows sorted ascending), with a
+    backward that reads only the kept entries. The decoder's gradient, grad decoder[i] = sum over
+    kept (t, i) of values * grad[t], is the same bag sum with tokens and features swapped, about 2x
+    faster on a CPU than embedding_bag's own weight gradient (which sorts and scatters)."""
+
+    @staticmethod
+    def forward(ctx, values, decoder, rows, cols, n_tokens):  # type: ignore[override]
+        offsets = torch.searchsorted(rows, torch.arange(n_tokens, device=rows.device))
+        ctx.save_for_backward(values, decoder, rows, cols, offsets)
+        return F.embedding_bag(cols, decoder, offsets, mode="sum", per_sample_weights=values)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        values, decoder, rows, cols, offsets = ctx.saved_tensors
+        grad, grad_values, grad_decoder = grad.contiguous(), None, None
+        if ctx.needs_input_grad[0]:  # <grad[t], decoder[i]> per kept entry: embedding_bag's own kernel
+            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad, decoder, cols, offsets, rows, 0, -1)
+        if ctx.needs_input_grad[1]:
+            order = torch.argsort(cols)
+            by_feature = torch.searchsorted(cols[order], torch.arange(decoder.shape[0], device=cols.device))
+            grad_decoder = F.embedding_bag(rows[order], grad, by_feature, mode="sum",
+                                           per_sample_weights=values[order])
+        return grad_values, grad_decoder, None, None, None
+
+
 def decode_sparse(rows: Tensor, cols: Tensor, values: Tensor, decoder: Tensor, n_tokens: int) -> Tensor:
     """sum over kept (t, i) of values * decoder[i], per token t (rows sorted ascending)."""
     if rows.numel() > SPARSE_MAX_DENSITY * n_tokens * decoder.shape[0]:
         dense = values.new_zeros(n_tokens, decoder.shape[0]).index_put((rows, cols), values)
         return dense @ decoder
-    offsets = torch.searchsorted(rows, torch.arange(n_tokens, device=rows.device))
-    return F.embedding_bag(cols, decoder, offsets, mode="sum", per_sample_weights=values)
+    return _SparseDecode.apply(values, decoder, rows, cols, n_tokens)
 
 
 def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-8) -> Tensor:
